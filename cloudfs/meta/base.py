@@ -1,0 +1,437 @@
+"""The MetaStore interface and the domain logic shared by every SQL engine.
+
+An engine supplies only connections that run SQL (`Conn`) and the way to begin, commit
+and roll back; every domain operation (entries, attributes, extents, refcounts,
+versions) is written here once, in SQL both SQLite and MySQL accept. All work happens
+inside `async with meta.transaction() as tx:`, never relying on "no await, so atomic".
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, fields
+
+from cloudfs.errors import MetadataMismatch, UnsupportedFormat
+from cloudfs.meta import schema
+from cloudfs.meta.schema import BLOCK_PENDING, BLOCK_STORED, LIVE, ROOT_INODE
+
+_INODE_COLUMNS = (
+    "id", "mode", "uid", "gid", "nlink", "size", "rdev",
+    "atime_ns", "mtime_ns", "ctime_ns", "version", "flags",
+)  # fmt: skip
+
+
+@dataclass
+class InodeAttrs:
+    """One row of `inodes`."""
+
+    id: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    rdev: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    version: int
+    flags: int
+
+
+@dataclass(frozen=True)
+class Extent:
+    """File bytes [offset, offset+length) are bytes [0, length) of block `block`."""
+
+    offset: int
+    length: int
+    block: bytes
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass(frozen=True)
+class BlockRow:
+    id: bytes
+    size: int
+    stored_size: int | None
+    refcount: int
+    state: int
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    inode: int
+    version: int
+    size: int
+    mtime_ns: int
+    committed_ns: int
+    origin: str
+    flags: int
+
+
+@dataclass(frozen=True)
+class FsStats:
+    inodes: int
+    files: int
+    logical_bytes: int
+    blocks: int
+    block_bytes: int  # plaintext bytes of all distinct blocks
+    referenced_bytes: int  # plaintext bytes that live extents refer to (before dedup)
+    stored_bytes: int  # object bytes of stored blocks
+    stored_plain_bytes: int  # plaintext bytes of the stored blocks
+    pending_blocks: int
+    pending_bytes: int
+
+
+class Conn(abc.ABC):
+    """An engine's connection inside one transaction: SQL with `?` placeholders."""
+
+    @abc.abstractmethod
+    async def execute(self, sql: str, params: Sequence[object] = ()) -> int:
+        """Run a statement; return the number of rows it changed."""
+
+    @abc.abstractmethod
+    async def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> None: ...
+
+    @abc.abstractmethod
+    async def insert(self, sql: str, params: Sequence[object] = ()) -> int:
+        """Run an INSERT; return the new row's auto-increment id."""
+
+    @abc.abstractmethod
+    async def query(self, sql: str, params: Sequence[object] = ()) -> list[tuple]: ...
+
+    async def query_one(self, sql: str, params: Sequence[object] = ()) -> tuple | None:
+        rows = await self.query(sql, params)
+        return rows[0] if rows else None
+
+
+def _inode(row: tuple) -> InodeAttrs:
+    return InodeAttrs(*row)
+
+
+_INODE_SELECT = "SELECT " + ", ".join(_INODE_COLUMNS) + " FROM inodes"
+_SETTABLE = {f.name for f in fields(InodeAttrs)} - {"id"}
+
+
+class Txn:
+    """Domain operations inside one transaction."""
+
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+
+    # --- filesystem properties ---------------------------------------------------------
+
+    async def get_info(self, name: str) -> str | None:
+        row = await self.conn.query_one("SELECT value FROM meta_info WHERE name = ?", (name,))
+        return row[0] if row else None
+
+    async def set_info(self, name: str, value: str) -> None:
+        if not await self.conn.execute("UPDATE meta_info SET value = ? WHERE name = ?", (value, name)):
+            await self.conn.execute("INSERT INTO meta_info (name, value) VALUES (?, ?)", (name, value))
+
+    # --- inodes ---------------------------------------------------------------------------
+
+    async def get_inode(self, ino: int) -> InodeAttrs | None:
+        row = await self.conn.query_one(_INODE_SELECT + " WHERE id = ?", (ino,))
+        return _inode(row) if row else None
+
+    async def create_inode(
+        self, *, mode: int, uid: int, gid: int, nlink: int, now_ns: int, rdev: int = 0, size: int = 0
+    ) -> InodeAttrs:
+        ino = await self.conn.insert(
+            "INSERT INTO inodes (mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns,"
+            " version, flags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0)",
+            (mode, uid, gid, nlink, size, rdev, now_ns, now_ns, now_ns),
+        )
+        return InodeAttrs(ino, mode, uid, gid, nlink, size, rdev, now_ns, now_ns, now_ns, 0, 0)
+
+    async def update_inode(self, ino: int, **changes: int) -> None:
+        """Set the given columns of inode `ino`."""
+        if not changes:
+            return
+        bad = set(changes) - _SETTABLE
+        if bad:
+            raise ValueError(f"not inode columns: {sorted(bad)}")
+        cols = ", ".join(f"{name} = ?" for name in changes)
+        await self.conn.execute(f"UPDATE inodes SET {cols} WHERE id = ?", (*changes.values(), ino))
+
+    async def add_nlink(self, ino: int, delta: int, ctime_ns: int) -> None:
+        await self.conn.execute(
+            "UPDATE inodes SET nlink = nlink + ?, ctime_ns = ? WHERE id = ?", (delta, ctime_ns, ino)
+        )
+
+    async def free_inode(self, ino: int, now_ns: int) -> None:
+        """Remove inode `ino` and everything it owns; its blocks lose their references."""
+        refs = await self.conn.query(
+            "SELECT block, COUNT(*) FROM extents WHERE inode = ? GROUP BY block", (ino,)
+        )
+        await self.conn.executemany(
+            # unref_ns first: MySQL evaluates SET assignments left to right on the new row
+            "UPDATE blocks SET unref_ns = CASE WHEN refcount = ? THEN ? ELSE unref_ns END,"
+            " refcount = refcount - ? WHERE id = ?",
+            [(count, now_ns, count, block) for block, count in refs],
+        )
+        for table, col in (
+            ("extents", "inode"), ("versions", "inode"), ("xattrs", "inode"),
+            ("symlinks", "inode"), ("inodes", "id"),
+        ):  # fmt: skip
+            await self.conn.execute(f"DELETE FROM {table} WHERE {col} = ?", (ino,))
+
+    async def orphan_inodes(self) -> list[int]:
+        """Inodes no dentry names (open-unlinked files left by a crash)."""
+        rows = await self.conn.query("SELECT id FROM inodes WHERE nlink = 0 AND id <> ?", (ROOT_INODE,))
+        return [r[0] for r in rows]
+
+    # --- directory entries ----------------------------------------------------------------
+
+    async def lookup(self, parent: int, name: bytes) -> int | None:
+        row = await self.conn.query_one(
+            "SELECT inode FROM dentries WHERE parent = ? AND name = ?", (parent, name)
+        )
+        return row[0] if row else None
+
+    async def add_dentry(self, parent: int, name: bytes, ino: int) -> None:
+        await self.conn.execute(
+            "INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino)
+        )
+
+    async def remove_dentry(self, parent: int, name: bytes) -> bool:
+        n = await self.conn.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name))
+        return n > 0
+
+    async def set_dentry_inode(self, parent: int, name: bytes, ino: int) -> None:
+        await self.conn.execute(
+            "UPDATE dentries SET inode = ? WHERE parent = ? AND name = ?", (ino, parent, name)
+        )
+
+    async def readdir(self, parent: int, after_id: int, limit: int) -> list[tuple[int, bytes, int]]:
+        """Entries of `parent` with id > after_id, by id: (id, name, inode)."""
+        rows = await self.conn.query(
+            "SELECT id, name, inode FROM dentries WHERE parent = ? AND id > ? ORDER BY id LIMIT ?",
+            (parent, after_id, limit),
+        )
+        return [(i, bytes(n), ino) for i, n, ino in rows]
+
+    async def has_entries(self, parent: int) -> bool:
+        return await self.conn.query_one("SELECT 1 FROM dentries WHERE parent = ? LIMIT 1", (parent,)) is not None
+
+    async def parent_of(self, ino: int) -> int | None:
+        """The directory holding directory `ino` (a directory has one dentry)."""
+        row = await self.conn.query_one("SELECT parent FROM dentries WHERE inode = ? LIMIT 1", (ino,))
+        return row[0] if row else None
+
+    # --- symlinks and xattrs ------------------------------------------------------------
+
+    async def set_symlink(self, ino: int, target: bytes) -> None:
+        await self.conn.execute("INSERT INTO symlinks (inode, target) VALUES (?, ?)", (ino, target))
+
+    async def get_symlink(self, ino: int) -> bytes | None:
+        row = await self.conn.query_one("SELECT target FROM symlinks WHERE inode = ?", (ino,))
+        return bytes(row[0]) if row else None
+
+    async def get_xattr(self, ino: int, name: bytes) -> bytes | None:
+        row = await self.conn.query_one("SELECT value FROM xattrs WHERE inode = ? AND name = ?", (ino, name))
+        return bytes(row[0]) if row else None
+
+    async def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
+        if not await self.conn.execute(
+            "UPDATE xattrs SET value = ? WHERE inode = ? AND name = ?", (value, ino, name)
+        ):
+            await self.conn.execute("INSERT INTO xattrs (inode, name, value) VALUES (?, ?, ?)", (ino, name, value))
+
+    async def remove_xattr(self, ino: int, name: bytes) -> bool:
+        return await self.conn.execute("DELETE FROM xattrs WHERE inode = ? AND name = ?", (ino, name)) > 0
+
+    async def list_xattrs(self, ino: int) -> list[bytes]:
+        rows = await self.conn.query("SELECT name FROM xattrs WHERE inode = ? ORDER BY name", (ino,))
+        return [bytes(r[0]) for r in rows]
+
+    # --- extents and versions ---------------------------------------------------------
+
+    async def live_extents(self, ino: int, start: int = 0, end: int = LIVE) -> list[Extent]:
+        """Live extents of `ino` that overlap [start, end), by offset."""
+        rows = await self.conn.query(
+            "SELECT offset, length, block FROM extents WHERE inode = ? AND v_to = ?"
+            " AND offset < ? AND offset + length > ? ORDER BY offset",
+            (ino, LIVE, end, start),
+        )
+        return [Extent(o, n, bytes(b)) for o, n, b in rows]
+
+    async def version_extents(self, ino: int, version: int) -> list[Extent]:
+        """Extents of `ino` as of `version`, by offset."""
+        rows = await self.conn.query(
+            "SELECT offset, length, block FROM extents WHERE inode = ? AND v_from <= ? AND v_to > ?"
+            " ORDER BY offset",
+            (ino, version, version),
+        )
+        return [Extent(o, n, bytes(b)) for o, n, b in rows]
+
+    async def close_extents(self, ino: int, version: int, offsets: Iterable[int]) -> None:
+        """End the live extents of `ino` at `offsets`: they belong to history from `version` on.
+
+        Refcounts do not change: a closed row still names its block."""
+        await self.conn.executemany(
+            "UPDATE extents SET v_to = ? WHERE inode = ? AND v_to = ? AND offset = ?",
+            [(version, ino, LIVE, off) for off in offsets],
+        )
+
+    async def add_extents(self, ino: int, version: int, extents: Sequence[Extent]) -> None:
+        """Add live extents from `version` on; each names a block that already has a row
+        (see `add_block_refs`, which counts the reference)."""
+        await self.conn.executemany(
+            "INSERT INTO extents (inode, v_to, offset, length, block, v_from) VALUES (?, ?, ?, ?, ?, ?)",
+            [(ino, LIVE, e.offset, e.length, e.block, version) for e in extents],
+        )
+
+    async def add_version(
+        self, ino: int, version: int, *, size: int, mtime_ns: int, origin: str, flags: int = 0
+    ) -> None:
+        await self.conn.execute(
+            "INSERT INTO versions (inode, version, size, mtime_ns, committed_ns, origin, flags)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (ino, version, size, mtime_ns, time.time_ns(), origin, flags),
+        )
+
+    async def versions(self, ino: int) -> list[VersionRow]:
+        rows = await self.conn.query(
+            "SELECT inode, version, size, mtime_ns, committed_ns, origin, flags FROM versions"
+            " WHERE inode = ? ORDER BY version",
+            (ino,),
+        )
+        return [VersionRow(*r) for r in rows]
+
+    # --- blocks -----------------------------------------------------------------------
+
+    async def add_block_refs(self, refs: dict[bytes, tuple[int, int]], now_ns: int) -> list[bytes]:
+        """Count `n` more references to each block {id: (size, n)}; blocks without a row get
+        one in state `pending` (their plaintext must already be sealed in the cache dir).
+        Return the ids that were new."""
+        new: list[bytes] = []
+        for block_id, (size, n) in refs.items():
+            if not await self.conn.execute(
+                "UPDATE blocks SET refcount = refcount + ? WHERE id = ?", (n, block_id)
+            ):
+                await self.conn.execute(
+                    "INSERT INTO blocks (id, size, stored_size, refcount, state, created_ns, unref_ns)"
+                    " VALUES (?, ?, NULL, ?, ?, ?, NULL)",
+                    (block_id, size, n, BLOCK_PENDING, now_ns),
+                )
+                new.append(block_id)
+        return new
+
+    async def known_blocks(self, ids: Sequence[bytes]) -> set[bytes]:
+        """Those of `ids` that have a row."""
+        found: set[bytes] = set()
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            marks = ", ".join("?" * len(part))
+            rows = await self.conn.query(f"SELECT id FROM blocks WHERE id IN ({marks})", part)
+            found.update(bytes(r[0]) for r in rows)
+        return found
+
+    async def get_block(self, block_id: bytes) -> BlockRow | None:
+        row = await self.conn.query_one(
+            "SELECT id, size, stored_size, refcount, state FROM blocks WHERE id = ?", (block_id,)
+        )
+        return BlockRow(bytes(row[0]), *row[1:]) if row else None
+
+    async def pending_blocks(self, limit: int, after: bytes = b"") -> list[tuple[bytes, int]]:
+        """Blocks waiting for upload, by id: (id, size)."""
+        rows = await self.conn.query(
+            "SELECT id, size FROM blocks WHERE state = ? AND id > ? ORDER BY id LIMIT ?",
+            (BLOCK_PENDING, after, limit),
+        )
+        return [(bytes(i), s) for i, s in rows]
+
+    async def mark_stored(self, block_id: bytes, stored_size: int) -> None:
+        await self.conn.execute(
+            "UPDATE blocks SET state = ?, stored_size = ? WHERE id = ? AND state = ?",
+            (BLOCK_STORED, stored_size, block_id, BLOCK_PENDING),
+        )
+
+    async def pending_summary(self) -> tuple[int, int]:
+        """(number, plaintext bytes) of blocks not yet stored."""
+        row = await self.conn.query_one(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM blocks WHERE state = ?", (BLOCK_PENDING,)
+        )
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    async def stats(self) -> FsStats:
+        n_inodes, n_files, logical = await self._one(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN mode & 61440 = 32768 THEN 1 ELSE 0 END), 0),"
+            " COALESCE(SUM(CASE WHEN mode & 61440 = 32768 THEN size ELSE 0 END), 0) FROM inodes"
+        )
+        n_blocks, block_bytes, stored, stored_plain = await self._one(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(SUM(stored_size), 0),"
+            " COALESCE(SUM(CASE WHEN state = 1 THEN size ELSE 0 END), 0) FROM blocks"
+        )
+        (referenced,) = await self._one(
+            "SELECT COALESCE(SUM(length), 0) FROM extents WHERE v_to = ?", (LIVE,)
+        )
+        pending, pending_bytes = await self.pending_summary()
+        return FsStats(
+            n_inodes, n_files, logical, n_blocks, block_bytes, referenced,
+            stored, stored_plain, pending, pending_bytes,
+        )  # fmt: skip
+
+    async def _one(self, sql: str, params: Sequence[object] = ()) -> tuple[int, ...]:
+        row = await self.conn.query_one(sql, params)
+        assert row is not None
+        return tuple(int(v) for v in row)
+
+
+class MetaStore(abc.ABC):
+    """A metadata database. Engines implement `_transaction` and `close`."""
+
+    dialect: schema.Dialect
+
+    @abc.abstractmethod
+    def _transaction(self, durable: bool, write: bool) -> AsyncIterator[Conn]:
+        """An async context manager: a connection inside BEGIN … COMMIT (ROLLBACK on error).
+
+        `durable`: the commit reaches stable storage before it returns (fsync).
+        `write`: the transaction may write (takes the write lock at once)."""
+
+    @asynccontextmanager
+    async def transaction(self, *, durable: bool = False, write: bool = True) -> AsyncIterator[Txn]:
+        async with self._transaction(durable, write) as conn:  # type: ignore[attr-defined]
+            yield Txn(conn)
+
+    def reading(self) -> AsyncIterator[Txn]:
+        """A read-only transaction: a consistent view, no write lock."""
+        return self.transaction(write=False)  # type: ignore[return-value]
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def is_initialized(self) -> bool: ...
+
+    async def initialize(self, fs_uuid: str, *, uid: int, gid: int, now_ns: int | None = None) -> None:
+        """Create the schema and the root directory of a new filesystem."""
+        now = now_ns if now_ns is not None else time.time_ns()
+        async with self.transaction(durable=True) as tx:
+            for stmt in schema.ddl(self.dialect):
+                await tx.conn.execute(stmt)
+            await tx.set_info("schema_version", str(schema.SCHEMA_VERSION))
+            await tx.set_info("fs_uuid", fs_uuid)
+            root = await tx.create_inode(mode=0o40755, uid=uid, gid=gid, nlink=2, now_ns=now)
+            if root.id != ROOT_INODE:
+                raise RuntimeError(f"root inode got id {root.id}")
+
+    async def check(self, fs_uuid: str) -> None:
+        """Refuse a database of another filesystem or of a newer schema."""
+        async with self.transaction() as tx:
+            found = await tx.get_info("fs_uuid")
+            version = int(await tx.get_info("schema_version") or 0)
+        if found != fs_uuid:
+            raise MetadataMismatch(f"it holds filesystem {found}, not {fs_uuid}")
+        if version > schema.SCHEMA_VERSION:
+            raise UnsupportedFormat(f"metadata schema {version} is newer than {schema.SCHEMA_VERSION}")
