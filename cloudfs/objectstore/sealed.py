@@ -1,0 +1,70 @@
+"""SealedStore: blocks in, blocks out. Puts a block's plaintext into any ObjectStore as
+a sealed object (zstd, AES-256-GCM, see cloudfs.codec.framing) under its block key,
+and gets it back verified.
+
+Sealing and opening are CPU work; they run in a worker thread (native zstd and
+OpenSSL release the GIL) so the trio thread stays free for I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import trio
+
+from cloudfs.codec.crypto import Keys
+from cloudfs.codec.framing import BLOCK_SIZE_LIMIT, block_key, open_block, seal_block
+from cloudfs.objectstore.base import ObjectStore
+
+
+class SealedStore:
+    """Blocks of one filesystem in `inner`. `max_size` is the filesystem's chunker max
+    size: no block opened here can grow larger (decompression bombs)."""
+
+    def __init__(
+        self,
+        inner: ObjectStore,
+        keys: Keys,
+        *,
+        encrypt: bool,
+        level: int,
+        max_size: int = BLOCK_SIZE_LIMIT,
+    ) -> None:
+        self.inner = inner
+        self.keys = keys
+        self.encrypt = encrypt
+        self.level = level
+        self.max_size = max_size
+        self.url = inner.url
+
+    async def put_block(self, block_id: bytes, plaintext: bytes) -> int:
+        """Seal and store the block; the stored object's size in bytes."""
+        body = await trio.to_thread.run_sync(self._seal, block_id, plaintext)
+        await self.inner.put(block_key(block_id), body)
+        return len(body)
+
+    async def get_block(self, block_id: bytes) -> bytes:
+        """The block's verified plaintext; ObjectNotFound if it is not stored,
+        CorruptBlock if the stored object is not exactly this block."""
+        body = await self.inner.get(block_key(block_id))
+        return await trio.to_thread.run_sync(self._open, block_id, body)
+
+    async def has_block(self, block_id: bytes) -> bool:
+        """True when an object exists under the block's key (not verified)."""
+        return await self.inner.head(block_key(block_id)) is not None
+
+    async def delete_blocks(self, block_ids: Iterable[bytes]) -> None:
+        """Delete the blocks' objects; missing ones are not an error."""
+        await self.inner.delete_many([block_key(block_id) for block_id in block_ids])
+
+    def _seal(self, block_id: bytes, plaintext: bytes) -> bytes:
+        return seal_block(self.keys, block_id, plaintext, encrypt=self.encrypt, level=self.level)
+
+    def _open(self, block_id: bytes, body: bytes) -> bytes:
+        return open_block(self.keys, block_id, body, max_size=self.max_size)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    def __repr__(self) -> str:
+        return f"<SealedStore {self.url}>"
