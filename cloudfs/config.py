@@ -259,6 +259,12 @@ def _master_key(sb: Superblock, passphrase: bytes | None) -> bytes:
     return unwrap_key(wrapping_key, sb.wrapped_key, _key_aad(sb.uuid))
 
 
+def unlock_master(sb: Superblock, passphrase: bytes | None) -> bytes:
+    """The master key itself (for handing to cloudfsd through a pipe); WrongPassphrase
+    if `passphrase` does not open it. Runs the KDF: async callers use a thread."""
+    return _master_key(sb, passphrase)
+
+
 def unlock(sb: Superblock, passphrase: bytes | None) -> Keys:
     """The filesystem's keys; WrongPassphrase if `passphrase` does not open the
     wrapped key. Runs the KDF (slow by design): async callers use a worker thread.

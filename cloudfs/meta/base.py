@@ -49,6 +49,7 @@ class Extent:
     offset: int
     length: int
     block: bytes
+    v_from: int = 0  # first version the extent belongs to
 
     @property
     def end(self) -> int:
@@ -168,15 +169,8 @@ class Txn:
 
     async def free_inode(self, ino: int, now_ns: int) -> None:
         """Remove inode `ino` and everything it owns; its blocks lose their references."""
-        refs = await self.conn.query(
-            "SELECT block, COUNT(*) FROM extents WHERE inode = ? GROUP BY block", (ino,)
-        )
-        await self.conn.executemany(
-            # unref_ns first: MySQL evaluates SET assignments left to right on the new row
-            "UPDATE blocks SET unref_ns = CASE WHEN refcount = ? THEN ? ELSE unref_ns END,"
-            " refcount = refcount - ? WHERE id = ?",
-            [(count, now_ns, count, block) for block, count in refs],
-        )
+        rows = await self.conn.query("SELECT block FROM extents WHERE inode = ?", (ino,))
+        await self.unref_blocks([bytes(r[0]) for r in rows], now_ns)
         for table, col in (
             ("extents", "inode"), ("versions", "inode"), ("xattrs", "inode"),
             ("symlinks", "inode"), ("inodes", "id"),
@@ -257,20 +251,20 @@ class Txn:
     async def live_extents(self, ino: int, start: int = 0, end: int = LIVE) -> list[Extent]:
         """Live extents of `ino` that overlap [start, end), by offset."""
         rows = await self.conn.query(
-            "SELECT offset, length, block FROM extents WHERE inode = ? AND v_to = ?"
+            "SELECT offset, length, block, v_from FROM extents WHERE inode = ? AND v_to = ?"
             " AND offset < ? AND offset + length > ? ORDER BY offset",
             (ino, LIVE, end, start),
         )
-        return [Extent(o, n, bytes(b)) for o, n, b in rows]
+        return [Extent(o, n, bytes(b), v) for o, n, b, v in rows]
 
     async def version_extents(self, ino: int, version: int) -> list[Extent]:
         """Extents of `ino` as of `version`, by offset."""
         rows = await self.conn.query(
-            "SELECT offset, length, block FROM extents WHERE inode = ? AND v_from <= ? AND v_to > ?"
-            " ORDER BY offset",
+            "SELECT offset, length, block, v_from FROM extents WHERE inode = ? AND v_from <= ?"
+            " AND v_to > ? ORDER BY offset",
             (ino, version, version),
         )
-        return [Extent(o, n, bytes(b)) for o, n, b in rows]
+        return [Extent(o, n, bytes(b), v) for o, n, b, v in rows]
 
     async def close_extents(self, ino: int, version: int, offsets: Iterable[int]) -> None:
         """End the live extents of `ino` at `offsets`: they belong to history from `version` on.
@@ -279,6 +273,27 @@ class Txn:
         await self.conn.executemany(
             "UPDATE extents SET v_to = ? WHERE inode = ? AND v_to = ? AND offset = ?",
             [(version, ino, LIVE, off) for off in offsets],
+        )
+
+    async def drop_extents(self, ino: int, extents: Sequence[Extent], now_ns: int) -> None:
+        """Delete live extents outright (they were never part of a published version)
+        and take their references off their blocks."""
+        await self.conn.executemany(
+            "DELETE FROM extents WHERE inode = ? AND v_to = ? AND offset = ?",
+            [(ino, LIVE, e.offset) for e in extents],
+        )
+        await self.unref_blocks([e.block for e in extents], now_ns)
+
+    async def unref_blocks(self, block_ids: Sequence[bytes], now_ns: int) -> None:
+        """One reference less for each id listed (an id listed twice loses two)."""
+        counts: dict[bytes, int] = {}
+        for b in block_ids:
+            counts[b] = counts.get(b, 0) + 1
+        await self.conn.executemany(
+            # unref_ns first: MySQL evaluates SET assignments left to right on the new row
+            "UPDATE blocks SET unref_ns = CASE WHEN refcount = ? THEN ? ELSE unref_ns END,"
+            " refcount = refcount - ? WHERE id = ?",
+            [(n, now_ns, n, b) for b, n in counts.items()],
         )
 
     async def add_extents(self, ino: int, version: int, extents: Sequence[Extent]) -> None:

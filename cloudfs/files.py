@@ -1,0 +1,463 @@
+"""File contents: reads, writes into dirty overlays, and sealing them into blocks.
+
+Seal (DESIGN §4): from the start of the extent holding the first changed byte, run
+content-defined chunking over overlay + old data; past the changed range, stop as soon
+as a new cut point equals an old extent boundary (POSIX writes never shift data, so
+cuts realign within about one block). Each new chunk is named by its keyed hash; a
+chunk of zeros becomes a hole; a chunk whose block file is not cached is written to
+the cache dir. One metadata transaction then replaces the extents and counts the
+references. The daemon uploads blocks left `pending`.
+
+Versions: a seal on fsync, last close or idle *publishes* a version (a `versions` row).
+A seal forced by the dirty-bytes limit while a file is still being written amends the
+unpublished working version instead, so a 10 GiB copy is one version, not 160.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from cloudfs import _native
+from cloudfs.cache import BlockFiles, CacheDir
+from cloudfs.chunking import ChunkerParams
+from cloudfs.errors import FSOpError
+from cloudfs.meta.base import Extent, FsStats, MetaStore
+from cloudfs.overlay import DirtyOverlay
+
+log = logging.getLogger(__name__)
+
+#: unsealed bytes of one file that trigger a seal while it is still being written
+DIRTY_LIMIT = 64 << 20
+#: a dirty file idle for this long is sealed and published
+IDLE_SEAL_S = 5.0
+#: bytes of merged data handed to the chunker at a time
+PIECE = 4 << 20
+#: blocks fetched ahead of a sequential reader
+READAHEAD_BLOCKS = 4
+
+FetchBlocks = Callable[[list[bytes]], Awaitable[None]]
+
+
+@dataclass
+class FileState:
+    """What the mount knows of one file beyond its metadata row."""
+
+    ino: int
+    size: int  # logical size now (sealed or not)
+    sealed_size: int  # size in the metadata row
+    #: bytes of the old extents at or past this offset are gone (the file was truncated
+    #: below them since the last seal); equals sealed_size when nothing was cut
+    keep_below: int
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    opens: int = 0
+    overlay: DirtyOverlay | None = None
+    extents: list[Extent] | None = None  # live extents, loaded on demand
+    mtime_ns: int | None = None  # unsealed data change time
+    working_version: int | None = None  # amended by unpublished seals
+    last_change: float = 0.0  # monotonic time of the last write or truncate
+    sealing: bool = False
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.overlay and self.overlay.ranges) or self.size != self.sealed_size or (
+            self.keep_below < self.sealed_size
+        )
+
+
+@dataclass
+class _SealPlan:
+    start: int  # first byte re-chunked
+    size: int  # file size to seal
+    keep_below: int
+    last_changed: float  # past this offset, a cut on an old boundary ends the seal
+    old: list[Extent]  # live extents at or past `start`
+    hold_tail: bool  # leave the bytes after the last cut dirty (still being appended)
+
+
+@dataclass
+class _SealResult:
+    extents: list[Extent]  # new extents (holes skipped)
+    stop: int  # old extents at or past this offset are kept
+    tail: int | None  # offset of the held-back tail still dirty, if any
+    written: list[bytes]  # block files this seal put in the cache
+
+
+class FileStore:
+    def __init__(
+        self,
+        meta: MetaStore,
+        cache: CacheDir,
+        *,
+        id_key: bytes,
+        gear_key: bytes,
+        chunker: ChunkerParams,
+        fetch: FetchBlocks,
+        on_sealed: Callable[[], None],
+        origin: str,
+    ) -> None:
+        self.meta = meta
+        self.cache = cache
+        self.id_key = id_key
+        self.gear_key = gear_key
+        self.chunker = chunker
+        self._fetch = fetch
+        self._on_sealed = on_sealed
+        self.origin = origin
+        self.blockfiles = BlockFiles(cache)
+        self.states: dict[int, FileState] = {}
+        self._stats: tuple[float, FsStats] | None = None
+
+    # --- state ----------------------------------------------------------------------
+
+    async def state(self, ino: int) -> FileState:
+        st = self.states.get(ino)
+        if st is None:
+            async with self.meta.reading() as tx:
+                attrs = await tx.get_inode(ino)
+            if attrs is None:
+                raise FSOpError(2, f"inode {ino}")
+            st = FileState(ino=ino, size=attrs.size, sealed_size=attrs.size, keep_below=attrs.size)
+            self.states[ino] = st
+        return st
+
+    def current(self, ino: int) -> FileState | None:
+        """The in-memory state of `ino`, if it has any (size and times not yet sealed)."""
+        return self.states.get(ino)
+
+    async def _extents(self, st: FileState) -> list[Extent]:
+        if st.extents is None:
+            async with self.meta.reading() as tx:
+                st.extents = await tx.live_extents(st.ino)
+        return st.extents
+
+    def _forget_if_idle(self, st: FileState) -> None:
+        if st.opens == 0 and not st.dirty and not st.sealing:
+            if st.overlay:
+                st.overlay.close()
+                st.overlay = None
+            self.states.pop(st.ino, None)
+
+    async def stats(self) -> FsStats:
+        """Filesystem totals, recomputed at most every few seconds (statfs is frequent)."""
+        now = time.monotonic()
+        if self._stats is None or now - self._stats[0] > 5.0:
+            async with self.meta.reading() as tx:
+                self._stats = (now, await tx.stats())
+        return self._stats[1]
+
+    # --- open / close ---------------------------------------------------------------
+
+    async def open(self, ino: int) -> FileState:
+        st = await self.state(ino)
+        st.opens += 1
+        return st
+
+    async def release(self, ino: int) -> int:
+        """Close one handle; seal and publish on the last close. Returns opens left."""
+        st = self.states.get(ino)
+        if st is None:
+            return 0
+        st.opens -= 1
+        if st.opens == 0:
+            await self.seal(ino, publish=True)
+            self._forget_if_idle(st)
+        return st.opens
+
+    def drop(self, ino: int) -> None:
+        """Forget a freed inode's unsealed state."""
+        st = self.states.pop(ino, None)
+        if st and st.overlay:
+            st.overlay.close()
+
+    # --- read -----------------------------------------------------------------------
+
+    async def read(self, ino: int, offset: int, size: int) -> bytes:
+        st = await self.state(ino)
+        end = min(offset + size, st.size)
+        if offset >= end:
+            return b""
+        buf = bytearray(end - offset)
+        old_end = min(end, st.keep_below)
+        if offset < old_end:
+            extents = await self._extents(st)
+            i = _first_overlap(extents, offset)
+            while i < len(extents) and extents[i].offset < old_end:
+                ext = extents[i]
+                a, b = max(ext.offset, offset), min(ext.end, old_end)
+                data = await self._block_bytes(ext, a - ext.offset, b - a, extents, i)
+                buf[a - offset : b - offset] = data
+                i += 1
+        if st.overlay is not None:
+            st.overlay.read_into(buf, offset, end)
+        return bytes(buf)
+
+    async def _block_bytes(
+        self, ext: Extent, start: int, length: int, extents: list[Extent] | None = None, index: int = 0
+    ) -> bytes:
+        """Bytes of an extent's block, fetched through the daemon when not cached."""
+        try:
+            data = self.blockfiles.pread(ext.block, length, start)
+        except FileNotFoundError:
+            wanted = [ext.block]
+            # a miss while reading a file: fetch the blocks that follow too
+            for nxt in (extents or [])[index + 1 : index + 1 + READAHEAD_BLOCKS]:
+                if not self.cache.has_block(nxt.block):
+                    wanted.append(nxt.block)
+            await self._fetch(wanted)
+            data = self.blockfiles.pread(ext.block, length, start)
+        if len(data) != length:
+            raise FSOpError(5, f"block {ext.block.hex()} is shorter than its extent")
+        return data
+
+    # --- write and truncate ----------------------------------------------------------
+
+    async def write(self, ino: int, offset: int, data: bytes) -> int:
+        st = await self.state(ino)
+        async with st.lock:
+            if st.overlay is None:
+                st.overlay = DirtyOverlay(self.cache.dirty / str(ino))
+            st.overlay.write(offset, data)
+            st.size = max(st.size, offset + len(data))
+            st.mtime_ns = time.time_ns()
+            st.last_change = time.monotonic()
+            over_limit = st.overlay.ranges.total >= DIRTY_LIMIT
+        if over_limit:
+            await self.seal(ino, publish=False)
+        return len(data)
+
+    async def truncate(self, ino: int, size: int) -> None:
+        st = await self.state(ino)
+        async with st.lock:
+            if st.overlay is not None:
+                st.overlay.truncate(size)
+            st.size = size
+            st.keep_below = min(st.keep_below, size)
+            st.mtime_ns = time.time_ns()
+            st.last_change = time.monotonic()
+        if st.opens == 0:
+            await self.seal(ino, publish=True)
+            self._forget_if_idle(st)
+
+    # --- seal -------------------------------------------------------------------------
+
+    async def fsync(self, ino: int) -> None:
+        if ino in self.states:
+            await self.seal(ino, publish=True, durable=True)
+
+    async def seal_idle(self, idle_s: float = IDLE_SEAL_S) -> None:
+        now = time.monotonic()
+        for st in list(self.states.values()):
+            if st.dirty and not st.sealing and now - st.last_change >= idle_s:
+                await self.seal(st.ino, publish=True)
+                self._forget_if_idle(st)
+
+    async def seal_all(self) -> None:
+        for st in list(self.states.values()):
+            await self.seal(st.ino, publish=True)
+            self._forget_if_idle(st)
+
+    async def seal(self, ino: int, *, publish: bool, durable: bool = False) -> None:
+        st = self.states.get(ino)
+        if st is None:
+            return
+        async with st.lock:
+            st.sealing = True
+            try:
+                await self._seal_locked(st, publish=publish, durable=durable)
+            finally:
+                st.sealing = False
+
+    async def _seal_locked(self, st: FileState, *, publish: bool, durable: bool) -> None:
+        if not st.dirty:
+            if publish and st.working_version is not None:
+                await self._commit(st, [], [], publish=True, durable=durable, size=st.size)
+            elif durable:
+                async with self.meta.transaction(durable=True):
+                    pass  # syncs the WAL: earlier commits of this file become durable
+            return
+        extents = await self._extents(st)
+        plan = self._plan(st, extents, hold_tail=not publish)
+        result = await trio.to_thread.run_sync(self._rechunk, st, plan, durable, abandon_on_cancel=False)
+        if durable and result.written:
+            await trio.to_thread.run_sync(self.cache.sync_block_dirs, result.written)
+        replaced = [e for e in plan.old if e.offset < result.stop or e.offset >= plan.size]
+        size = st.size
+        await self._commit(st, replaced, result.extents, publish=publish, durable=durable, size=size)
+        # the overlay's sealed part is now in blocks
+        if st.overlay is not None:
+            if result.tail is not None:
+                st.overlay.keep_from(result.tail)
+            else:
+                st.overlay.clear()
+        st.sealed_size = size
+        st.keep_below = size
+        self._on_sealed()
+
+    def _plan(self, st: FileState, extents: list[Extent], *, hold_tail: bool) -> _SealPlan:
+        changed: list[int] = []
+        if st.overlay is not None and st.overlay.ranges:
+            changed.append(st.overlay.ranges.first)
+        truncated = st.keep_below < st.sealed_size
+        if truncated:
+            changed.append(st.keep_below)
+        if st.size > st.sealed_size:
+            changed.append(st.sealed_size)  # grown: maybe only a hole, which costs nothing
+        first = min(changed) if changed else st.size
+        start = first
+        i = _first_overlap(extents, first)
+        if i < len(extents) and extents[i].offset <= first:
+            start = extents[i].offset
+        elif first >= st.sealed_size and extents and extents[-1].end == st.sealed_size and not truncated:
+            # appending: re-chunk the last block too, it was cut by the old end of file
+            start = extents[-1].offset
+        if truncated:
+            last_changed: float = float("inf")
+        else:
+            last_changed = st.overlay.ranges.last if st.overlay and st.overlay.ranges else 0
+        old = [e for e in extents if e.offset >= start]
+        # holding the tail back is only sound where nothing old lies under it
+        hold = hold_tail and not truncated and (not old or old[-1].end <= start)
+        return _SealPlan(start, st.size, st.keep_below, last_changed, old, hold)
+
+    def _rechunk(self, st: FileState, plan: _SealPlan, durable: bool) -> _SealResult:
+        """Chunk, hash and cache the changed range (runs in a worker thread)."""
+        old_ends = {e.end for e in plan.old if e.end <= plan.keep_below}
+        runs = _data_runs(plan, st)
+        new: list[Extent] = []
+        written: list[bytes] = []
+        chunker = _native.Chunker(self.gear_key, self.chunker.min_size, self.chunker.avg_size, self.chunker.max_size)
+
+        def emit(chunk: bytes | bytearray, at: int) -> None:
+            if _native.is_zero(chunk):
+                return  # a hole: costs nothing in the store
+            block_id = _native.block_id(self.id_key, chunk)
+            if not self.cache.has_block(block_id):
+                self.cache.write_block(block_id, chunk, durable=durable)
+                written.append(block_id)
+            new.append(Extent(at, len(chunk), block_id))
+
+        stop = plan.size
+        tail: int | None = None
+        for run_no, (rs, re) in enumerate(runs):
+            if rs >= plan.last_changed and rs in {e.offset for e in plan.old}:
+                stop = rs  # nothing changed from here on
+                break
+            chunker.reset()
+            pos = rs
+            pending = bytearray()
+            done = False
+            for piece in range(rs, re, PIECE):
+                data = self._merged(st, plan, piece, min(piece + PIECE, re))
+                pending += data
+                for length in chunker.feed(data):
+                    emit(pending[:length], pos)
+                    del pending[:length]
+                    pos += length
+                    if pos >= plan.last_changed and pos in old_ends:
+                        stop, done = pos, True
+                        break
+                if done:
+                    break
+            if done:
+                break
+            chunker.finish()
+            if pending:
+                last_run = run_no == len(runs) - 1
+                if plan.hold_tail and last_run and re == plan.size:
+                    tail = pos
+                    stop = plan.size
+                else:
+                    emit(pending, pos)
+        return _SealResult(new, stop, tail, written)
+
+    def _merged(self, st: FileState, plan: _SealPlan, start: int, end: int) -> bytearray:
+        """File bytes [start, end) as the seal sees them: overlay over old blocks."""
+        buf = bytearray(end - start)
+        old_end = min(end, plan.keep_below)
+        for ext in plan.old:
+            if ext.offset >= old_end:
+                break
+            a, b = max(ext.offset, start), min(ext.end, old_end)
+            if a < b:
+                try:
+                    data = self.blockfiles.pread(ext.block, b - a, a - ext.offset)
+                except FileNotFoundError:
+                    trio.from_thread.run(self._fetch, [ext.block])
+                    data = self.blockfiles.pread(ext.block, b - a, a - ext.offset)
+                buf[a - start : b - start] = data
+        if st.overlay is not None:
+            st.overlay.read_into(buf, start, end)
+        return buf
+
+    async def _commit(
+        self, st: FileState, replaced: list[Extent], new: list[Extent], *, publish: bool, durable: bool, size: int
+    ) -> None:
+        now = time.time_ns()
+        refs: dict[bytes, tuple[int, int]] = {}
+        for e in new:
+            _, n = refs.get(e.block, (0, 0))
+            refs[e.block] = (e.length, n + 1)
+        async with self.meta.transaction(durable=durable) as tx:
+            attrs = await tx.get_inode(st.ino)
+            if attrs is None:
+                return  # freed meanwhile
+            version = st.working_version or attrs.version + 1
+            # rows born in the unpublished working version are no one's history
+            born_now = [e for e in replaced if e.v_from == version]
+            await tx.drop_extents(st.ino, born_now, now)
+            await tx.close_extents(st.ino, version, [e.offset for e in replaced if e.v_from != version])
+            # a block's size is its chunk's length (a block may back shorter extents later)
+            await tx.add_block_refs(refs, now)
+            await tx.add_extents(st.ino, version, new)
+            mtime = st.mtime_ns or attrs.mtime_ns
+            await tx.update_inode(st.ino, size=size, mtime_ns=mtime, ctime_ns=max(mtime, attrs.ctime_ns), version=version)
+            if publish:
+                await tx.add_version(st.ino, version, size=size, mtime_ns=mtime, origin=self.origin)
+            st.extents = await tx.live_extents(st.ino)
+        st.working_version = None if publish else version
+        st.mtime_ns = None
+
+
+def _first_overlap(extents: list[Extent], offset: int) -> int:
+    """Index of the first extent ending after `offset`."""
+    lo, hi = 0, len(extents)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if extents[mid].end <= offset:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _data_runs(plan: _SealPlan, st: FileState) -> list[tuple[int, int]]:
+    """Maximal ranges within [plan.start, plan.size) that hold data (old or dirty);
+    the gaps between them are holes and are not chunked."""
+    spans: list[tuple[int, int]] = []
+    limit = min(plan.size, plan.keep_below)
+    for e in plan.old:
+        a, b = max(e.offset, plan.start), min(e.end, limit)
+        if a < b:
+            spans.append((a, b))
+    if st.overlay is not None:
+        spans.extend(st.overlay.ranges.overlapping(plan.start, plan.size))
+    spans.sort()
+    runs: list[tuple[int, int]] = []
+    for a, b in spans:
+        if runs and a <= runs[-1][1]:
+            runs[-1] = (runs[-1][0], max(runs[-1][1], b))
+        else:
+            runs.append((a, b))
+    return runs
+
+
+def clear_stale_overlays(cache: CacheDir) -> None:
+    """Remove overlays a crashed mount left behind (never acknowledged by fsync)."""
+    for p in cache.dirty.iterdir():
+        os.unlink(p)

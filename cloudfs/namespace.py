@@ -1,0 +1,438 @@
+"""The namespace: POSIX rules for names, links and attributes, over the MetaStore.
+
+Every method checks the rules a local filesystem enforces (which errno for which
+case) and changes the metadata in one transaction. File contents belong to
+`cloudfs.files`; this module only asks it for unsealed sizes and to truncate.
+Inodes with no name left stay until the last open handle is closed and the kernel
+has forgotten them (open-unlinked files keep working).
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from cloudfs.errors import FSOpError
+from cloudfs.files import FileStore
+from cloudfs.meta.base import InodeAttrs, MetaStore, Txn
+from cloudfs.meta.schema import ROOT_INODE
+
+NAME_MAX = 255
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+#: readdir cookies 1 and 2 are "." and ".."; entry cookies are dentry ids + 2
+_DOT_COOKIES = 2
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks: the requesting process's credentials."""
+
+    uid: int
+    gid: int
+    umask: int = 0o022
+
+
+def _err(code: int, detail: str | None = None) -> FSOpError:
+    return FSOpError(code, detail)
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise _err(errno.ENAMETOOLONG)
+    if not name or b"/" in name or b"\0" in name:
+        raise _err(errno.EINVAL)
+
+
+class Namespace:
+    def __init__(self, meta: MetaStore, files: FileStore) -> None:
+        self.meta = meta
+        self.files = files
+        #: kernel lookup counts: an inode with no name stays until they reach 0
+        self.kernel_refs: dict[int, int] = {}
+
+    # --- attributes -------------------------------------------------------------------
+
+    def _live(self, attrs: InodeAttrs) -> InodeAttrs:
+        """Attributes with the unsealed size and mtime of an open file."""
+        st = self.files.current(attrs.id)
+        if st is None:
+            return attrs
+        changes: dict[str, int] = {"size": st.size}
+        if st.mtime_ns is not None:
+            changes["mtime_ns"] = st.mtime_ns
+            changes["ctime_ns"] = max(st.mtime_ns, attrs.ctime_ns)
+        return replace(attrs, **changes)
+
+    async def _get(self, tx: Txn, ino: int) -> InodeAttrs:
+        attrs = await tx.get_inode(ino)
+        if attrs is None:
+            raise _err(errno.ENOENT)
+        return attrs
+
+    async def getattr(self, ino: int) -> InodeAttrs:
+        async with self.meta.reading() as tx:
+            return self._live(await self._get(tx, ino))
+
+    async def lookup(self, parent: int, name: bytes) -> InodeAttrs:
+        if len(name) > NAME_MAX:
+            raise _err(errno.ENAMETOOLONG)
+        async with self.meta.reading() as tx:
+            if name == b".":
+                ino: int | None = parent
+            elif name == b"..":
+                ino = ROOT_INODE if parent == ROOT_INODE else await tx.parent_of(parent)
+            else:
+                ino = await tx.lookup(parent, name)
+            if ino is None:
+                raise _err(errno.ENOENT)
+            return self._live(await self._get(tx, ino))
+
+    async def setattr(
+        self,
+        ino: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        ctime_ns: int | None = None,
+    ) -> InodeAttrs:
+        now = time.time_ns()
+        if size is not None:
+            async with self.meta.reading() as tx:
+                attrs = await self._get(tx, ino)
+            if stat.S_ISDIR(attrs.mode):
+                raise _err(errno.EISDIR)
+            if not stat.S_ISREG(attrs.mode):
+                raise _err(errno.EINVAL)
+            await self.files.truncate(ino, size)
+        async with self.meta.transaction() as tx:
+            attrs = await self._get(tx, ino)
+            changes: dict[str, int] = {"ctime_ns": ctime_ns if ctime_ns is not None else now}
+            if mode is not None:
+                changes["mode"] = (attrs.mode & ~0o7777) | (mode & 0o7777)
+            if uid is not None and uid != attrs.uid or gid is not None and gid != attrs.gid:
+                if uid is not None:
+                    changes["uid"] = uid
+                if gid is not None:
+                    changes["gid"] = gid
+                # chown clears setuid, and setgid when group-executable (as Linux does)
+                if not stat.S_ISDIR(attrs.mode):
+                    m = changes.get("mode", attrs.mode)
+                    m &= ~stat.S_ISUID
+                    if m & stat.S_IXGRP:
+                        m &= ~stat.S_ISGID
+                    changes["mode"] = m
+            if atime_ns is not None:
+                changes["atime_ns"] = atime_ns
+            if mtime_ns is not None:
+                changes["mtime_ns"] = mtime_ns
+                st = self.files.current(ino)
+                if st is not None:
+                    st.mtime_ns = None  # an explicit time wins over the pending write time
+            await tx.update_inode(ino, **changes)
+            return self._live(replace(attrs, **changes))
+
+    # --- creating -----------------------------------------------------------------------
+
+    async def _new_inode(
+        self, tx: Txn, parent: int, name: bytes, mode: int, caller: Caller, *, rdev: int = 0
+    ) -> InodeAttrs:
+        _check_name(name)
+        pattrs = await self._get(tx, parent)
+        if not stat.S_ISDIR(pattrs.mode):
+            raise _err(errno.ENOTDIR)
+        if pattrs.nlink == 0:
+            raise _err(errno.ENOENT)  # the directory was removed
+        if await tx.lookup(parent, name) is not None:
+            raise _err(errno.EEXIST)
+        now = time.time_ns()
+        gid = caller.gid
+        if pattrs.mode & stat.S_ISGID:
+            gid = pattrs.gid  # setgid directory: new entries take its group
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        is_dir = stat.S_ISDIR(mode)
+        attrs = await tx.create_inode(
+            mode=mode, uid=caller.uid, gid=gid, nlink=2 if is_dir else 1, now_ns=now, rdev=rdev
+        )
+        await tx.add_dentry(parent, name, attrs.id)
+        await tx.update_inode(
+            parent, mtime_ns=now, ctime_ns=now, nlink=pattrs.nlink + (1 if is_dir else 0)
+        )
+        return attrs
+
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> InodeAttrs:
+        if stat.S_IFMT(mode) == 0:
+            mode |= stat.S_IFREG
+        async with self.meta.transaction() as tx:
+            return await self._new_inode(tx, parent, name, mode, caller, rdev=rdev)
+
+    async def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> InodeAttrs:
+        async with self.meta.transaction() as tx:
+            return await self._new_inode(tx, parent, name, stat.S_IFDIR | (mode & 0o7777), caller)
+
+    async def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> InodeAttrs:
+        async with self.meta.transaction() as tx:
+            attrs = await self._new_inode(tx, parent, name, stat.S_IFLNK | 0o777, caller)
+            await tx.set_symlink(attrs.id, target)
+            await tx.update_inode(attrs.id, size=len(target))
+            return replace(attrs, size=len(target))
+
+    async def readlink(self, ino: int) -> bytes:
+        async with self.meta.reading() as tx:
+            target = await tx.get_symlink(ino)
+        if target is None:
+            raise _err(errno.EINVAL)
+        return target
+
+    async def link(self, ino: int, new_parent: int, new_name: bytes) -> InodeAttrs:
+        _check_name(new_name)
+        now = time.time_ns()
+        async with self.meta.transaction() as tx:
+            attrs = await self._get(tx, ino)
+            if stat.S_ISDIR(attrs.mode):
+                raise _err(errno.EPERM)
+            pattrs = await self._get(tx, new_parent)
+            if not stat.S_ISDIR(pattrs.mode):
+                raise _err(errno.ENOTDIR)
+            if await tx.lookup(new_parent, new_name) is not None:
+                raise _err(errno.EEXIST)
+            await tx.add_dentry(new_parent, new_name, ino)
+            await tx.update_inode(ino, nlink=attrs.nlink + 1, ctime_ns=now)
+            await tx.update_inode(new_parent, mtime_ns=now, ctime_ns=now)
+            return self._live(replace(attrs, nlink=attrs.nlink + 1, ctime_ns=now))
+
+    # --- removing -----------------------------------------------------------------------
+
+    async def _drop_name(self, tx: Txn, parent: int, name: bytes, ino: int, now: int) -> None:
+        """Remove one name of `ino` (already checked); the inode loses a link."""
+        attrs = await self._get(tx, ino)
+        await tx.remove_dentry(parent, name)
+        if stat.S_ISDIR(attrs.mode):
+            await tx.update_inode(ino, nlink=0, ctime_ns=now)
+            pattrs = await self._get(tx, parent)
+            await tx.update_inode(parent, nlink=pattrs.nlink - 1)
+        else:
+            await tx.update_inode(ino, nlink=attrs.nlink - 1, ctime_ns=now)
+
+    async def unlink(self, parent: int, name: bytes) -> None:
+        now = time.time_ns()
+        async with self.meta.transaction() as tx:
+            ino = await tx.lookup(parent, name)
+            if ino is None:
+                raise _err(errno.ENAMETOOLONG if len(name) > NAME_MAX else errno.ENOENT)
+            attrs = await self._get(tx, ino)
+            if stat.S_ISDIR(attrs.mode):
+                raise _err(errno.EISDIR)
+            await self._drop_name(tx, parent, name, ino, now)
+            await tx.update_inode(parent, mtime_ns=now, ctime_ns=now)
+        await self.maybe_free(ino)
+
+    async def rmdir(self, parent: int, name: bytes) -> None:
+        now = time.time_ns()
+        if name == b".":
+            raise _err(errno.EINVAL)
+        if name == b"..":
+            raise _err(errno.ENOTEMPTY)
+        async with self.meta.transaction() as tx:
+            ino = await tx.lookup(parent, name)
+            if ino is None:
+                raise _err(errno.ENAMETOOLONG if len(name) > NAME_MAX else errno.ENOENT)
+            attrs = await self._get(tx, ino)
+            if not stat.S_ISDIR(attrs.mode):
+                raise _err(errno.ENOTDIR)
+            if await tx.has_entries(ino):
+                raise _err(errno.ENOTEMPTY)
+            await self._drop_name(tx, parent, name, ino, now)
+            await tx.update_inode(parent, mtime_ns=now, ctime_ns=now)
+        await self.maybe_free(ino)
+
+    async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int = 0) -> None:
+        _check_name(new_name)
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise _err(errno.EINVAL)
+        now = time.time_ns()
+        replaced: int | None = None
+        async with self.meta.transaction() as tx:
+            src = await tx.lookup(old_parent, old_name)
+            if src is None:
+                raise _err(errno.ENOENT)
+            sattrs = await self._get(tx, src)
+            npattrs = await self._get(tx, new_parent)
+            if not stat.S_ISDIR(npattrs.mode):
+                raise _err(errno.ENOTDIR)
+            if stat.S_ISDIR(sattrs.mode) and await self._is_ancestor(tx, src, new_parent):
+                raise _err(errno.EINVAL)  # a directory cannot move into its own subtree
+            dst = await tx.lookup(new_parent, new_name)
+            if flags & RENAME_EXCHANGE:
+                if dst is None:
+                    raise _err(errno.ENOENT)
+                dattrs = await self._get(tx, dst)
+                if stat.S_ISDIR(dattrs.mode) and await self._is_ancestor(tx, dst, old_parent):
+                    raise _err(errno.EINVAL)
+                await tx.set_dentry_inode(old_parent, old_name, dst)
+                await tx.set_dentry_inode(new_parent, new_name, src)
+                if old_parent != new_parent:
+                    delta = int(stat.S_ISDIR(sattrs.mode)) - int(stat.S_ISDIR(dattrs.mode))
+                    await self._touch_dir(tx, old_parent, now, -delta)
+                    await self._touch_dir(tx, new_parent, now, delta)
+                else:
+                    await self._touch_dir(tx, old_parent, now, 0)
+                await tx.update_inode(src, ctime_ns=now)
+                await tx.update_inode(dst, ctime_ns=now)
+                return
+            if dst is not None:
+                if flags & RENAME_NOREPLACE:
+                    raise _err(errno.EEXIST)
+                if dst == src:
+                    return  # two names of one inode: POSIX says do nothing
+                dattrs = await self._get(tx, dst)
+                if stat.S_ISDIR(sattrs.mode):
+                    if not stat.S_ISDIR(dattrs.mode):
+                        raise _err(errno.ENOTDIR)
+                    if await tx.has_entries(dst):
+                        raise _err(errno.ENOTEMPTY)
+                elif stat.S_ISDIR(dattrs.mode):
+                    raise _err(errno.EISDIR)
+                await self._drop_name(tx, new_parent, new_name, dst, now)
+                replaced = dst
+            await tx.remove_dentry(old_parent, old_name)
+            await tx.add_dentry(new_parent, new_name, src)
+            is_dir = stat.S_ISDIR(sattrs.mode)
+            if old_parent != new_parent:
+                await self._touch_dir(tx, old_parent, now, -1 if is_dir else 0)
+                await self._touch_dir(tx, new_parent, now, 1 if is_dir else 0)
+            else:
+                await self._touch_dir(tx, old_parent, now, 0)
+            await tx.update_inode(src, ctime_ns=now)
+        if replaced is not None:
+            await self.maybe_free(replaced)
+
+    async def _touch_dir(self, tx: Txn, ino: int, now: int, nlink_delta: int) -> None:
+        attrs = await self._get(tx, ino)
+        await tx.update_inode(ino, mtime_ns=now, ctime_ns=now, nlink=attrs.nlink + nlink_delta)
+
+    async def _is_ancestor(self, tx: Txn, ancestor: int, ino: int) -> bool:
+        """Is directory `ancestor` equal to `ino` or above it?"""
+        seen = 0
+        while True:
+            if ino == ancestor:
+                return True
+            if ino == ROOT_INODE:
+                return False
+            parent = await tx.parent_of(ino)
+            if parent is None:
+                return False
+            ino = parent
+            seen += 1
+            if seen > 100_000:
+                raise _err(errno.ELOOP)
+
+    # --- lifetime of nameless inodes -------------------------------------------------------
+
+    def remember(self, ino: int, n: int = 1) -> None:
+        """The kernel learned about `ino` (lookup, create, ...)."""
+        self.kernel_refs[ino] = self.kernel_refs.get(ino, 0) + n
+
+    async def forget(self, items: Sequence[tuple[int, int]]) -> None:
+        for ino, n in items:
+            left = self.kernel_refs.get(ino, 0) - n
+            if left > 0:
+                self.kernel_refs[ino] = left
+            else:
+                self.kernel_refs.pop(ino, None)
+                await self.maybe_free(ino)
+
+    async def maybe_free(self, ino: int) -> None:
+        """Free `ino` if no name, no open handle and no kernel reference is left."""
+        st = self.files.current(ino)
+        if st is not None and st.opens > 0:
+            return
+        if self.kernel_refs.get(ino, 0) > 0:
+            return
+        async with self.meta.transaction() as tx:
+            attrs = await tx.get_inode(ino)
+            if attrs is None or attrs.nlink > 0 or ino == ROOT_INODE:
+                return
+            await tx.free_inode(ino, time.time_ns())
+        self.files.drop(ino)
+
+    async def free_orphans(self) -> int:
+        """Free inodes a crashed mount left without names (open-unlinked at the crash)."""
+        async with self.meta.reading() as tx:
+            orphans = await tx.orphan_inodes()
+        for ino in orphans:
+            await self.maybe_free(ino)
+        return len(orphans)
+
+    # --- directories --------------------------------------------------------------------
+
+    async def opendir(self, ino: int) -> None:
+        async with self.meta.reading() as tx:
+            attrs = await self._get(tx, ino)
+        if not stat.S_ISDIR(attrs.mode):
+            raise _err(errno.ENOTDIR)
+
+    async def readdir(self, ino: int, cookie: int, limit: int = 256) -> list[tuple[bytes, InodeAttrs, int]]:
+        """Entries after `cookie`: (name, attrs, next cookie); "." and ".." first."""
+        out: list[tuple[bytes, InodeAttrs, int]] = []
+        async with self.meta.reading() as tx:
+            if cookie < 1:
+                out.append((b".", await self._get(tx, ino), 1))
+            if cookie < 2:
+                parent = ROOT_INODE if ino == ROOT_INODE else (await tx.parent_of(ino) or ROOT_INODE)
+                out.append((b"..", await self._get(tx, parent), 2))
+            after = max(cookie - _DOT_COOKIES, 0)
+            for dentry_id, name, child in await tx.readdir(ino, after, limit):
+                attrs = await tx.get_inode(child)
+                if attrs is not None:
+                    out.append((name, self._live(attrs), dentry_id + _DOT_COOKIES))
+        return out
+
+    # --- extended attributes ------------------------------------------------------------
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        async with self.meta.reading() as tx:
+            await self._get(tx, ino)
+            value = await tx.get_xattr(ino, name)
+        if value is None:
+            raise _err(errno.ENODATA)
+        return value
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        if len(name) > XATTR_NAME_MAX or not name:
+            raise _err(errno.ERANGE)
+        if len(value) > XATTR_SIZE_MAX:
+            raise _err(errno.E2BIG)
+        async with self.meta.transaction() as tx:
+            await self._get(tx, ino)
+            exists = await tx.get_xattr(ino, name) is not None
+            if flags & XATTR_CREATE and exists:
+                raise _err(errno.EEXIST)
+            if flags & XATTR_REPLACE and not exists:
+                raise _err(errno.ENODATA)
+            await tx.set_xattr(ino, name, value)
+            await tx.update_inode(ino, ctime_ns=time.time_ns())
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        async with self.meta.reading() as tx:
+            await self._get(tx, ino)
+            return await tx.list_xattrs(ino)
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        async with self.meta.transaction() as tx:
+            await self._get(tx, ino)
+            if not await tx.remove_xattr(ino, name):
+                raise _err(errno.ENODATA)
+            await tx.update_inode(ino, ctime_ns=time.time_ns())

@@ -1,0 +1,258 @@
+"""mount.cloudfs: check everything, start the daemon, mount, serve until unmounted.
+
+Every check that can fail on bad input (storage, passphrase, metadata, mount point)
+runs before the process goes to the background, so the user sees one clear line and
+a non-zero exit. The background child reports "mounted" or its error through a pipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from cloudfs import config
+from cloudfs.cache import CacheConfig, CacheDir
+from cloudfs.chunking import ChunkerParams
+from cloudfs.codec.crypto import Keys
+from cloudfs.daemon.control import DaemonClient, ensure_daemon
+from cloudfs.errors import CloudfsError, DaemonError, MetadataMissing, MountpointError
+from cloudfs.files import FileStore, clear_stale_overlays
+from cloudfs.meta import open_meta
+from cloudfs.meta.base import MetaStore
+from cloudfs.mount.operations import Operations
+from cloudfs.mount.options import MountOptions, parse
+from cloudfs.namespace import Namespace
+from cloudfs.objectstore import open_store
+from cloudfs.tools._cli import run_cli
+
+log = logging.getLogger("cloudfs.mount")
+
+
+@dataclass
+class Prepared:
+    """What the checks produced: everything the serving process needs."""
+
+    opts: MountOptions
+    sb: config.Superblock
+    master: bytes
+    keys: Keys
+    cache: CacheDir
+
+
+def check_mountpoint(path: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise MountpointError(f"{path} does not exist")
+    if not p.is_dir():
+        raise MountpointError(f"{path} is not a directory")
+    if os.path.ismount(p):
+        raise MountpointError(f"{path} is already a mount point")
+
+
+async def prepare(opts: MountOptions) -> Prepared:
+    check_mountpoint(opts.mountpoint)
+    store = open_store(opts.storage)
+    try:
+        sb = await config.read_superblock(store)
+    finally:
+        await store.aclose()
+    passphrase = config.read_passphrase(opts.passphrase_file, confirm=False) if sb.encryption else None
+    master = await trio.to_thread.run_sync(config.unlock_master, sb, passphrase)
+    cache = CacheDir(opts.cachedir or config.default_cachedir(sb.uuid))
+    if not cache.meta_path.exists():
+        raise MetadataMissing(f"{cache.meta_path} does not exist (was the filesystem made on this machine?)")
+    cache.create()
+    cache.write_config(CacheConfig(storage=store.url, metadata=str(cache.meta_path), uuid=sb.uuid))
+    meta = open_meta(str(cache.meta_path))
+    try:
+        await meta.check(sb.uuid)
+    finally:
+        await meta.close()
+    return Prepared(opts, sb, master, Keys.from_master(master), cache)
+
+
+class DaemonLink:
+    """The mount's connection to cloudfsd; restarts the daemon if it died."""
+
+    def __init__(self, cache: CacheDir, master: bytes) -> None:
+        self.cache = cache
+        self._master = master
+        self._client: DaemonClient | None = None
+        self._kick = trio.Event()
+        self._lock = trio.Lock()
+
+    async def _connected(self) -> DaemonClient:
+        async with self._lock:
+            if self._client is None:
+                await ensure_daemon(self.cache, self._master)
+                self._client = await DaemonClient.connect(self.cache, role="mount")
+            return self._client
+
+    async def _call(self, op: str, *args: object) -> None:
+        for attempt in range(3):
+            client = await self._connected()
+            try:
+                await getattr(client, op)(*args)
+                return
+            except DaemonError as exc:
+                log.warning("daemon connection lost (%s); reconnecting", exc.message)
+                if self._client is client:
+                    self._client = None
+                    await client.aclose()
+                if attempt == 2:
+                    raise
+
+    async def fetch(self, block_ids: list[bytes]) -> None:
+        await self._call("fetch", block_ids)
+
+    def kick_soon(self) -> None:
+        self._kick.set()
+
+    async def run_kicker(self) -> None:
+        """Tell the daemon about new pending blocks, coalescing bursts of seals."""
+        while True:
+            await self._kick.wait()
+            self._kick = trio.Event()
+            try:
+                await self._call("kick")
+            except CloudfsError as exc:
+                log.warning("cannot reach the daemon: %s (uploads resume when it runs)", exc.message)
+            await trio.sleep(0.05)
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+async def serve(prep: Prepared, ready: "os.PathLike[str] | int | None") -> None:
+    opts, sb, cache = prep.opts, prep.sb, prep.cache
+    meta: MetaStore = open_meta(str(cache.meta_path))
+    link = DaemonLink(cache, prep.master)
+    await link._connected()
+    clear_stale_overlays(cache)
+    files = FileStore(
+        meta,
+        cache,
+        id_key=prep.keys.id_key,
+        gear_key=prep.keys.gear_key,
+        chunker=ChunkerParams(sb.chunker["min"], sb.chunker["avg"], sb.chunker["max"]),
+        fetch=link.fetch,
+        on_sealed=link.kick_soon,
+        origin=socket.gethostname(),
+    )
+    ns = Namespace(meta, files)
+    freed = await ns.free_orphans()
+    if freed:
+        log.info("freed %d inodes left open-unlinked by an earlier crash", freed)
+    ops = Operations(ns, files)
+    fuse_opts = set(pyfuse3.default_options) | opts.fuse_options | {"fsname=cloudfs", "subtype=cloudfs"}
+    if opts.debug:
+        fuse_opts.add("debug")
+    pyfuse3.init(ops, opts.mountpoint, fuse_opts)
+    log.info("mounted %s on %s", opts.storage, opts.mountpoint)
+    unmounted = False
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(link.run_kicker)
+            nursery.start_soon(_seal_idle_files, files, opts.idle_seal_s)
+            nursery.start_soon(_stop_on_signals)
+            if ready is not None:
+                _report_ready(ready, "ok")
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+        await files.seal_all()
+    finally:
+        try:
+            pyfuse3.close(unmount=True)
+            unmounted = True
+        except Exception as exc:  # noqa: BLE001 - unmount must be attempted whatever failed
+            log.error("unmount failed: %s", exc)
+        files.blockfiles.close()
+        await meta.close()
+        await link.aclose()
+    log.info("unmounted %s (clean=%s)", opts.mountpoint, unmounted)
+
+
+async def _seal_idle_files(files: FileStore, idle_s: float) -> None:
+    while True:
+        await trio.sleep(1.0)
+        try:
+            await files.seal_idle(idle_s)
+        except CloudfsError as exc:
+            log.error("sealing idle files failed: %s", exc.message)
+
+
+async def _stop_on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("got signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+def _report_ready(fd: "os.PathLike[str] | int", message: str) -> None:
+    assert isinstance(fd, int)
+    try:
+        os.write(fd, message.encode() + b"\n")
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _setup_logging(cache: CacheDir, foreground: bool, debug: bool) -> None:
+    level = logging.DEBUG if debug else logging.INFO
+    fmt = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
+    if foreground:
+        logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    else:
+        logging.basicConfig(level=level, format=fmt, filename=str(cache.root / "mount.log"), force=True)
+
+
+def _mount(argv: list[str]) -> int:
+    opts = parse(argv)
+    logging.basicConfig(level=logging.WARNING, format="mount.cloudfs: %(message)s")
+    prep = trio.run(prepare, opts)
+    if opts.foreground:
+        _setup_logging(prep.cache, True, opts.debug)
+        trio.run(serve, prep, None)
+        return 0
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as r:
+            answer = r.readline().decode().strip()
+        if answer == "ok":
+            return 0
+        raise MountpointError(answer or "the mount process died; see its log in the cache dir")
+    # child: detach from the terminal and serve
+    os.close(read_fd)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    _setup_logging(prep.cache, False, opts.debug)
+    try:
+        trio.run(serve, prep, write_fd)
+    except BaseException as exc:  # report to the waiting parent, whatever it is
+        msg = exc.message if isinstance(exc, CloudfsError) else f"{type(exc).__name__}: {exc}"
+        log.error("mount failed: %s", msg)
+        _report_ready(write_fd, msg)
+        os._exit(1)
+    os._exit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("mount.cloudfs", lambda: _mount(sys.argv[1:] if argv is None else argv))
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""The FUSE adapter: pyfuse3 requests in, core calls out.
+
+Each handler translates arguments, calls the namespace or the file store, and turns
+the result into pyfuse3 types. Domain errors become `FUSEError(errno)` here and
+nowhere else; an unexpected exception is logged once with its traceback and answered
+with EIO, so the kernel always gets an errno.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from cloudfs.errors import CloudfsError, CorruptBlock, FSOpError
+from cloudfs.files import FileStore
+from cloudfs.meta.base import InodeAttrs
+from cloudfs.namespace import Caller, Namespace
+from cloudfs.tools.cloudfs import XATTR_CACHEDIR, XATTR_COMMAND
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: how long the kernel may trust names and attributes without asking again; a
+#: single mount sees every change itself, so this only bounds staleness for tools
+#: that change the metadata directly
+ENTRY_TIMEOUT = 5.0
+ATTR_TIMEOUT = 5.0
+BLOCK_SIZE = 4096
+
+
+def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Answer every failure of a handler with an errno."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except FSOpError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except CorruptBlock as exc:
+            log.error("%s: %s", fn.__name__, exc.message)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except CloudfsError as exc:
+            log.error("%s failed: %s", fn.__name__, exc.message)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            log.error("%s failed: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _caller(ctx: pyfuse3.RequestContext) -> Caller:
+    return Caller(uid=ctx.uid, gid=ctx.gid, umask=ctx.umask)
+
+
+class Operations(pyfuse3.Operations):
+    def __init__(self, namespace: Namespace, files: FileStore) -> None:
+        super().__init__()
+        self.ns = namespace
+        self.files = files
+        self._handles: dict[int, int] = {}  # file handle -> inode
+        self._next_fh = 1
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def _entry(self, attrs: InodeAttrs) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = attrs.id
+        e.generation = 0
+        e.entry_timeout = ENTRY_TIMEOUT
+        e.attr_timeout = ATTR_TIMEOUT
+        e.st_mode = attrs.mode
+        e.st_nlink = attrs.nlink
+        e.st_uid = attrs.uid
+        e.st_gid = attrs.gid
+        e.st_rdev = attrs.rdev
+        e.st_size = attrs.size
+        e.st_blksize = BLOCK_SIZE
+        e.st_blocks = (attrs.size + 511) // 512
+        e.st_atime_ns = attrs.atime_ns
+        e.st_mtime_ns = attrs.mtime_ns
+        e.st_ctime_ns = attrs.ctime_ns
+        return e
+
+    def _known(self, attrs: InodeAttrs) -> pyfuse3.EntryAttributes:
+        """An entry reply: the kernel now holds one more lookup reference."""
+        self.ns.remember(attrs.id)
+        return self._entry(attrs)
+
+    def _new_handle(self, ino: int) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = ino
+        return fh
+
+    def _ino(self, fh: int) -> int:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+
+    # --- names --------------------------------------------------------------------------
+
+    @fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._known(await self.ns.lookup(parent_inode, name))
+
+    @fuse_errors
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        await self.ns.forget(inode_list)
+
+    @fuse_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(await self.ns.getattr(inode))
+
+    @fuse_errors
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:  # fmt: skip
+        attrs = await self.ns.setattr(
+            inode,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
+        )
+        return self._entry(attrs)
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return await self.ns.readlink(inode)
+
+    @fuse_errors
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._known(await self.ns.mknod(parent_inode, name, mode, rdev, _caller(ctx)))
+
+    @fuse_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._known(await self.ns.mkdir(parent_inode, name, mode, _caller(ctx)))
+
+    @fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.ns.unlink(parent_inode, name)
+
+    @fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.ns.rmdir(parent_inode, name)
+
+    @fuse_errors
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._known(await self.ns.symlink(parent_inode, name, target, _caller(ctx)))
+
+    @fuse_errors
+    async def rename(
+        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:  # fmt: skip
+        await self.ns.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @fuse_errors
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._known(await self.ns.link(inode, new_parent_inode, new_name))
+
+    # --- files ----------------------------------------------------------------------------
+
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        attrs = await self.ns.getattr(inode)
+        if stat.S_ISDIR(attrs.mode):
+            raise FSOpError(errno.EISDIR)
+        await self.files.open(inode)
+        if flags & os.O_TRUNC and attrs.size:
+            await self.files.truncate(inode, 0)
+        # the kernel's page cache stays valid across opens: every change passes through it
+        return pyfuse3.FileInfo(fh=self._new_handle(inode), keep_cache=True)
+
+    @fuse_errors
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        attrs = await self.ns.mknod(parent_inode, name, stat.S_IFREG | (mode & 0o7777), 0, _caller(ctx))
+        await self.files.open(attrs.id)
+        return pyfuse3.FileInfo(fh=self._new_handle(attrs.id), keep_cache=True), self._known(attrs)
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.files.read(self._ino(fh), off, size)
+
+    @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self.files.write(self._ino(fh), off, buf)
+
+    @fuse_errors
+    async def flush(self, fh: int) -> None:
+        self._ino(fh)
+
+    @fuse_errors
+    async def release(self, fh: int) -> None:
+        ino = self._handles.pop(fh, None)
+        if ino is None:
+            return
+        if await self.files.release(ino) == 0:
+            await self.ns.maybe_free(ino)
+
+    @fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.files.fsync(self._ino(fh))
+
+    # --- directories ------------------------------------------------------------------
+
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        await self.ns.opendir(inode)
+        return inode
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        cookie = start_id
+        while True:
+            entries = await self.ns.readdir(fh, cookie)
+            if not entries:
+                return
+            for name, attrs, next_cookie in entries:
+                if not pyfuse3.readdir_reply(token, name, self._entry(attrs), next_cookie):
+                    return
+                cookie = next_cookie
+
+    @fuse_errors
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @fuse_errors
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await self.files.fsync(fh)
+
+    @fuse_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        stats = await self.files.stats()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = BLOCK_SIZE
+        s.f_frsize = BLOCK_SIZE
+        # object storage has no fixed capacity: report 1 PiB, minus what is used
+        total = (1 << 50) // BLOCK_SIZE
+        used = (stats.block_bytes + BLOCK_SIZE - 1) // BLOCK_SIZE
+        s.f_blocks = total
+        s.f_bfree = s.f_bavail = max(total - used, 0)
+        s.f_files = 1 << 32
+        s.f_ffree = s.f_favail = max((1 << 32) - stats.inodes, 0)
+        s.f_namemax = 255
+        return s
+
+    # --- extended attributes ----------------------------------------------------------
+
+    @fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if inode == pyfuse3.ROOT_INODE and name == XATTR_COMMAND:
+            await self._command(value)
+            return
+        await self.ns.setxattr(inode, name, value)
+
+    @fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode == pyfuse3.ROOT_INODE and name == XATTR_CACHEDIR:
+            return os.fsencode(self.files.cache.root)
+        return await self.ns.getxattr(inode, name)
+
+    async def _command(self, command: bytes) -> None:
+        """Commands of the admin tool, sent as a virtual xattr of the root."""
+        if command == b"seal":
+            await self.files.seal_all()
+        else:
+            raise FSOpError(errno.EINVAL)
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        return await self.ns.listxattr(inode)
+
+    @fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.ns.removexattr(inode, name)

@@ -1,0 +1,85 @@
+"""Command line of mount.cloudfs, also as called by mount(8) and /etc/fstab."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+from cloudfs.errors import UsageError
+
+#: options mount(8) passes along that concern it, not the filesystem
+_MOUNT8_OPTIONS = {"rw", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail", "defaults",
+                   "exec", "noexec", "suid", "nosuid", "dev", "nodev", "async", "atime", "noatime",
+                   "relatime", "strictatime", "x-systemd.automount"}  # fmt: skip
+#: options handed to the kernel FUSE mount as they are
+_FUSE_OPTIONS = {"allow_other", "allow_root", "default_permissions", "ro"}
+
+
+@dataclass
+class MountOptions:
+    storage: str
+    mountpoint: str
+    foreground: bool = False
+    cachedir: str | None = None
+    passphrase_file: str | None = None
+    debug: bool = False
+    fuse_options: set[str] = field(default_factory=set)
+    idle_seal_s: float = 5.0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mount.cloudfs",
+        description="Mount a cloudfs filesystem.",
+    )
+    p.add_argument("storage", help="where the filesystem lives: local:///path or a directory")
+    p.add_argument("mountpoint", help="an empty directory to mount it on")
+    p.add_argument("-o", dest="options", action="append", default=[],
+                   help="comma-separated mount options: allow_other, default_permissions, ro, "
+                        "cachedir=DIR, passphrase_file=FILE, fg, debug")  # fmt: skip
+    p.add_argument("-f", "--fg", "--foreground", dest="fg", action="store_true",
+                   help="stay in the foreground")  # fmt: skip
+    p.add_argument("--cachedir", help="cache dir (default ~/.cache/cloudfs/<fs uuid>)")
+    p.add_argument("--passphrase-file", help="read the passphrase from this file")
+    p.add_argument("--debug", action="store_true", help="log debug messages")
+    # mount(8) helpers get these; they are accepted and ignored
+    p.add_argument("-n", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("-s", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("-v", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def parse(argv: list[str]) -> MountOptions:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:
+        if exc.code == 0:
+            raise
+        raise UsageError("see mount.cloudfs --help") from None
+    opts = MountOptions(
+        storage=args.storage,
+        mountpoint=args.mountpoint,
+        foreground=args.fg,
+        cachedir=args.cachedir,
+        passphrase_file=args.passphrase_file,
+        debug=args.debug,
+        fuse_options={"default_permissions"},
+    )
+    for group in args.options:
+        for item in filter(None, group.split(",")):
+            name, _, value = item.partition("=")
+            if name in _FUSE_OPTIONS:
+                opts.fuse_options.add(name)
+            elif name == "cachedir":
+                opts.cachedir = value
+            elif name == "passphrase_file":
+                opts.passphrase_file = value
+            elif name in ("fg", "foreground"):
+                opts.foreground = True
+            elif name == "debug":
+                opts.debug = True
+            elif name in _MOUNT8_OPTIONS:
+                continue
+            else:
+                raise UsageError(f"unknown mount option: {name}")
+    return opts

@@ -1,0 +1,188 @@
+"""The file store called directly: writes, truncates and seals against a bytearray
+model, on a real SQLite metadata store and a real cache dir (small chunk sizes so that
+files of a few KiB span many blocks)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cloudfs.cache import CacheDir
+from cloudfs.chunking import ChunkerParams
+from cloudfs.files import FileStore
+from cloudfs.meta.base import LIVE
+from cloudfs.meta.sqlite import SqliteMetaStore
+from cloudfs.namespace import Caller, Namespace
+
+PARAMS = ChunkerParams(64, 256, 1024)
+_unique = itertools.count()
+CALLER = Caller(uid=0, gid=0)
+
+
+class Env:
+    def __init__(self, root: Path) -> None:
+        self.cache = CacheDir(root / "cache")
+        self.cache.create()
+        self.meta = SqliteMetaStore(self.cache.meta_path)
+        self.fetches: list[bytes] = []
+
+        async def fetch(ids: list[bytes]) -> None:
+            self.fetches.extend(ids)
+            raise AssertionError("every block of these tests is in the cache")
+
+        self.files = FileStore(
+            self.meta, self.cache, id_key=b"i" * 32, gear_key=b"g" * 32, chunker=PARAMS,
+            fetch=fetch, on_sealed=lambda: None, origin="test",
+        )  # fmt: skip
+        self.ns = Namespace(self.meta, self.files)
+
+    async def setup(self) -> int:
+        if not await self.meta.is_initialized():
+            await self.meta.initialize("00000000-0000-0000-0000-000000000000", uid=0, gid=0)
+        attrs = await self.ns.mknod(1, b"f%d" % next(_unique), 0o100644, 0, CALLER)
+        return attrs.id
+
+    async def check_invariants(self, ino: int) -> None:
+        async with self.meta.reading() as tx:
+            attrs = await tx.get_inode(ino)
+            ext = await tx.live_extents(ino)
+            refs = await tx.conn.query(
+                "SELECT b.id, b.refcount, (SELECT COUNT(*) FROM extents e WHERE e.block = b.id) FROM blocks b"
+            )
+        assert attrs is not None
+        pos = 0
+        for e in ext:
+            assert e.offset >= pos, "extents overlap"
+            assert e.end <= attrs.size, "extent past end of file"
+            pos = e.end
+        for block, refcount, rows in refs:
+            assert refcount == rows, f"refcount of {bytes(block).hex()[:8]}"
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    return Env(tmp_path)
+
+
+async def read_all(env: Env, ino: int) -> bytes:
+    st_ = await env.files.state(ino)
+    return await env.files.read(ino, 0, st_.size + 10)
+
+
+async def test_write_seal_read(env: Env) -> None:
+    ino = await env.setup()
+    data = os.urandom(10_000)
+    await env.files.open(ino)
+    await env.files.write(ino, 0, data)
+    assert await read_all(env, ino) == data
+    await env.files.release(ino)
+    assert env.files.current(ino) is None
+    assert await read_all(env, ino) == data
+    await env.check_invariants(ino)
+    async with env.meta.reading() as tx:
+        versions = await tx.versions(ino)
+    assert [v.size for v in versions] == [10_000]
+
+
+async def test_edit_in_middle_reuses_blocks(env: Env) -> None:
+    ino = await env.setup()
+    data = bytearray(os.urandom(50_000))
+    await env.files.open(ino)
+    await env.files.write(ino, 0, bytes(data))
+    await env.files.fsync(ino)
+    async with env.meta.reading() as tx:
+        before = {e.block for e in await tx.live_extents(ino)}
+    data[25_000:25_010] = b"x" * 10
+    await env.files.write(ino, 25_000, b"x" * 10)
+    await env.files.release(ino)
+    assert await read_all(env, ino) == bytes(data)
+    async with env.meta.reading() as tx:
+        after = {e.block for e in await tx.live_extents(ino)}
+        old = await tx.version_extents(ino, 1)
+    assert len(after - before) <= 4, "only the blocks around the edit are new"
+    assert {e.block for e in old} == before, "version 1 still names its blocks"
+    await env.check_invariants(ino)
+
+
+async def test_holes_cost_nothing(env: Env) -> None:
+    ino = await env.setup()
+    await env.files.open(ino)
+    await env.files.write(ino, 1 << 30, b"end")
+    await env.files.write(ino, 0, bytes(5000))
+    await env.files.release(ino)
+    st_ = await env.files.state(ino)
+    assert st_.size == (1 << 30) + 3
+    assert await env.files.read(ino, (1 << 30) - 2, 10) == b"\0\0end"
+    async with env.meta.reading() as tx:
+        ext = await tx.live_extents(ino)
+    assert sum(e.length for e in ext) <= 1024
+
+
+async def test_large_append_amends_one_version(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("cloudfs.files.DIRTY_LIMIT", 4096)
+    ino = await env.setup()
+    data = os.urandom(100_000)
+    await env.files.open(ino)
+    for i in range(0, len(data), 1000):
+        await env.files.write(ino, i, data[i : i + 1000])
+    await env.files.release(ino)
+    assert await read_all(env, ino) == data
+    async with env.meta.reading() as tx:
+        versions = await tx.versions(ino)
+        dead = await tx.conn.query("SELECT COUNT(*) FROM extents WHERE inode = ? AND v_to <> ?", (ino, LIVE))
+    assert len(versions) == 1
+    assert dead[0][0] == 0, "no history rows for an unpublished working version"
+    await env.check_invariants(ino)
+
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("write"), st.integers(0, 6000), st.integers(1, 3000), st.integers(0, 255)),
+        st.tuples(st.just("truncate"), st.integers(0, 8000)),
+        st.tuples(st.just("seal"), st.booleans()),
+        st.tuples(st.just("reopen")),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=ops)
+def test_model(tmp_path: Path, ops: list[tuple]) -> None:
+    """Random writes, truncates and seals agree with a bytearray at every step."""
+
+    async def run() -> None:
+        env = Env(tmp_path / f"m{next(_unique)}")
+        ino = await env.setup()
+        model = bytearray()
+        await env.files.open(ino)
+        for op in ops:
+            if op[0] == "write":
+                _, off, n, fill = op
+                payload = bytes((fill + i * 7) % 256 for i in range(n))
+                await env.files.write(ino, off, payload)
+                if len(model) < off:
+                    model.extend(bytes(off - len(model)))
+                model[off : off + n] = payload
+            elif op[0] == "truncate":
+                await env.files.truncate(ino, op[1])
+                del model[op[1] :]
+                model.extend(bytes(op[1] - len(model)))
+            elif op[0] == "seal":
+                await env.files.seal(ino, publish=op[1])
+            else:
+                await env.files.release(ino)
+                await env.files.open(ino)
+            assert await read_all(env, ino) == bytes(model)
+        await env.files.release(ino)
+        assert await read_all(env, ino) == bytes(model)
+        await env.check_invariants(ino)
+        await env.meta.close()
+
+    trio.run(run)

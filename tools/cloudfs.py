@@ -1,0 +1,139 @@
+"""cloudfs: the admin command (stat, flush, ...) for mounted filesystems."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import trio
+
+from cloudfs.cache import CacheDir
+from cloudfs.errors import DaemonError, NotMounted, UsageError
+from cloudfs.meta import open_meta
+from cloudfs.tools._cli import run_cli, setup_logging
+
+#: virtual extended attributes of a mount's root: where its cache dir is, and a
+#: command channel to the mount process (answered by the mount, never stored)
+XATTR_CACHEDIR = b"user.cloudfs.cachedir"
+XATTR_COMMAND = b"user.cloudfs.command"
+
+
+def cache_of(mountpoint: str) -> CacheDir:
+    """The cache dir of the cloudfs mounted at `mountpoint`."""
+    if not os.path.isdir(mountpoint):
+        raise NotMounted(f"{mountpoint} is not a directory")
+    try:
+        value = os.getxattr(mountpoint, XATTR_CACHEDIR.decode())
+    except OSError:
+        raise NotMounted(mountpoint) from None
+    return CacheDir(Path(os.fsdecode(value)))
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+async def _daemon_status(cache: CacheDir) -> dict | None:
+    from cloudfs.daemon.control import DaemonClient
+
+    try:
+        async with await DaemonClient.connect(cache, role="tool") as client:
+            return await client.status()
+    except DaemonError:
+        return None
+
+
+async def cmd_stat(args: argparse.Namespace) -> int:
+    cache = cache_of(args.mountpoint)
+    meta = open_meta(cache.read_config().metadata)
+    try:
+        async with meta.reading() as tx:
+            s = await tx.stats()
+    finally:
+        await meta.close()
+    daemon = await _daemon_status(cache)
+    dedup = s.referenced_bytes / s.block_bytes if s.block_bytes else 1.0
+    compression = s.stored_plain_bytes / s.stored_bytes if s.stored_bytes else 1.0
+    report = {
+        "files": s.files,
+        "inodes": s.inodes,
+        "logical_bytes": s.logical_bytes,
+        "referenced_bytes": s.referenced_bytes,
+        "block_bytes": s.block_bytes,
+        "stored_bytes": s.stored_bytes,
+        "blocks": s.blocks,
+        "dedup_ratio": round(dedup, 3),
+        "compression_ratio": round(compression, 3),
+        "pending_uploads": s.pending_blocks,
+        "pending_bytes": s.pending_bytes,
+        "daemon": daemon,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    rows = [
+        ("files", f"{s.files}"),
+        ("logical bytes", _human(s.logical_bytes)),
+        ("stored bytes", _human(s.stored_bytes)),
+        ("blocks", f"{s.blocks} ({_human(s.block_bytes)} before compression)"),
+        ("dedup ratio", f"{dedup:.2f}"),
+        ("compression ratio", f"{compression:.2f}"),
+        ("pending uploads", f"{s.pending_blocks} blocks ({_human(s.pending_bytes)})"),
+        ("daemon", "running" if daemon is not None else "not running"),
+    ]
+    if daemon and daemon.get("errors"):
+        rows.append(("upload errors", "; ".join(str(e) for e in daemon["errors"][:5])))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+async def cmd_flush(args: argparse.Namespace) -> int:
+    from cloudfs.daemon.control import DaemonClient
+
+    cache = cache_of(args.mountpoint)
+    # seal what the mount still holds in dirty overlays, then wait for the uploads
+    await trio.to_thread.run_sync(os.setxattr, args.mountpoint, XATTR_COMMAND.decode(), b"seal")
+    async with await DaemonClient.connect(cache, role="tool") as client:
+        await client.flush()
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cloudfs", description="Administer cloudfs filesystems.")
+    p.add_argument("--debug", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("stat", aliases=["status"], help="files, bytes, dedup, pending uploads of a mount")
+    s.add_argument("mountpoint")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_stat)
+    f = sub.add_parser("flush", help="wait until everything written to a mount is in the object store")
+    f.add_argument("mountpoint")
+    f.set_defaults(func=cmd_flush)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body() -> int:
+        try:
+            args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+        except SystemExit as exc:
+            if exc.code:
+                raise UsageError("see cloudfs --help") from None
+            return 0
+        setup_logging(args.debug)
+        return trio.run(args.func, args)
+
+    return run_cli("cloudfs", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
