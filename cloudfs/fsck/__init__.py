@@ -1,0 +1,1 @@
+"""Filesystem check: one method per invariant, run in order."""

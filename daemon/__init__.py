@@ -1,0 +1,1 @@
+"""cloudfsd: the block storage daemon (upload, fetch, eviction, backup)."""

@@ -1,0 +1,1 @@
+"""The admin commands (mkfs.cloudfs, fsck.cloudfs, cloudfs)."""
