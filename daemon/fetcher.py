@@ -1,0 +1,127 @@
+"""The fetcher: brings blocks from the object store into the cache dir on request.
+
+GET → verify, decrypt, decompress (SealedStore.get_block) → cache/blocks (not fsynced:
+a block lost in a crash is fetched again). Requests for a block that is already being
+fetched wait for that one GET instead of starting another, and the GETs run in the
+fetcher's own nursery, so a requester that goes away does not cancel a GET that
+others wait for. At most `fetches` GETs run at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+from cloudfs.cache import CacheDir
+from cloudfs.errors import CloudfsError, CorruptBlock, DaemonError
+from cloudfs.objectstore.sealed import SealedStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Get:
+    """One GET of one block, shared by everybody asking for that block meanwhile."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    error: CloudfsError | None = None
+
+
+class FetchFailed(Exception):
+    """Some blocks of a fetch request failed: {block id: error}, in request order."""
+
+    def __init__(self, failures: dict[bytes, CloudfsError]) -> None:
+        self.failures = failures
+        super().__init__(f"{len(failures)} block(s) failed")
+
+    def first(self) -> CloudfsError:
+        """The error to answer with: a corrupt block above all (the mount must turn
+        it into EIO and never retry it as a transient failure)."""
+        for exc in self.failures.values():
+            if isinstance(exc, CorruptBlock):
+                return exc
+        return next(iter(self.failures.values()))
+
+
+class Fetcher:
+    def __init__(self, cache: CacheDir, store: SealedStore, *, fetches: int = 8) -> None:
+        self.cache = cache
+        self.store = store
+        self._limit = trio.Semaphore(fetches)
+        self._gets: dict[bytes, _Get] = {}
+        self._nursery: trio.Nursery | None = None
+        #: blocks fetched since the daemon started
+        self.fetched = 0
+        self.fetched_bytes = 0
+        #: trio clock of the last completed GET (for the idle timer)
+        self.last_progress = 0.0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._gets)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Host the GETs until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def fetch(self, block_ids: list[bytes]) -> None:
+        """Return once every block is in the cache dir; FetchFailed naming the blocks
+        that could not be fetched (the others are in the cache all the same)."""
+        waits: dict[bytes, _Get] = {}
+        for block_id in dict.fromkeys(block_ids):
+            if self.cache.has_block(block_id):
+                continue
+            get = self._gets.get(block_id)
+            if get is None:
+                if self._nursery is None:
+                    raise DaemonError("the fetcher is not running")
+                get = self._gets[block_id] = _Get()
+                self._nursery.start_soon(self._get, block_id, get)
+            waits[block_id] = get
+        failures: dict[bytes, CloudfsError] = {}
+        for block_id, get in waits.items():
+            await get.done.wait()
+            if get.error is not None:
+                failures[block_id] = get.error
+        if failures:
+            raise FetchFailed(failures)
+
+    async def _get(self, block_id: bytes, get: _Get) -> None:
+        try:
+            async with self._limit:
+                # it may have arrived while we waited for a slot (another process)
+                if not self.cache.has_block(block_id):
+                    plaintext = await self.store.get_block(block_id)
+                    await trio.to_thread.run_sync(self._write, block_id, plaintext)
+                    self.fetched += 1
+                    self.fetched_bytes += len(plaintext)
+        except CloudfsError as exc:
+            get.error = _about_block(exc, block_id)
+            log.warning("fetch of block %s failed: %s", block_id.hex(), exc.message)
+        except Exception as exc:
+            log.exception("fetch of block %s failed", block_id.hex())
+            get.error = DaemonError(f"block {block_id.hex()}: {type(exc).__name__}: {exc}")
+        finally:
+            # a failed GET is forgotten at once: the next request tries again
+            del self._gets[block_id]
+            self.last_progress = trio.current_time()
+            get.done.set()
+
+    def _write(self, block_id: bytes, plaintext: bytes) -> None:
+        self.cache.write_block(block_id, plaintext, durable=False)
+
+
+def _about_block(exc: CloudfsError, block_id: bytes) -> CloudfsError:
+    """The same error class, its detail naming the block."""
+    detail = f"block {block_id.hex()}"
+    if exc.detail:
+        detail += f": {exc.detail}"
+    try:
+        return type(exc)(detail)
+    except TypeError:  # an error class with another constructor
+        return exc

@@ -1,0 +1,215 @@
+"""The daemon's one trio nursery: control socket, uploader, fetcher, idle timer and
+signals, and the order they stop in.
+
+Stopping (shutdown request, SIGTERM/SIGINT, or idle): the listening socket goes first
+(unlinked, so a new `ensure_daemon` does not reach a daemon on its way out), then the
+uploader queues nothing more and its running PUTs are finished and marked stored
+(within `STOP_GRACE_S`; a PUT cut off stays pending and is uploaded by the next
+daemon), then everything else is cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket as pysocket
+from typing import Any
+
+import trio
+from cloudfs.daemon.control import ControlServer, SocketPath
+from cloudfs.daemon.fetcher import Fetcher, FetchFailed
+from cloudfs.daemon.uploader import Uploader
+
+from cloudfs.cache import CacheDir
+from cloudfs.codec.crypto import Keys
+from cloudfs.meta.base import MetaStore
+from cloudfs.objectstore.sealed import SealedStore
+
+log = logging.getLogger(__name__)
+
+#: how long running PUTs may take to finish when the daemon stops
+STOP_GRACE_S = 10.0
+#: how often the idle timer looks
+IDLE_CHECK_S = 0.5
+
+
+async def open_listener(cache: CacheDir) -> trio.SocketListener:
+    """Listen on the cache dir's socket. The caller holds daemon.lock, so an existing
+    socket file is a leftover of a daemon that died: it is replaced."""
+    path = cache.socket_path
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    sock = trio.socket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+    address = SocketPath.open(path)
+    try:
+        old_umask = os.umask(0o077)  # only the owner may talk to the daemon
+        try:
+            await sock.bind(address.address)
+        finally:
+            os.umask(old_umask)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        address.close()
+    return trio.SocketListener(sock)
+
+
+class DaemonService:
+    """One daemon serving one cache dir. Implements control.DaemonOps."""
+
+    def __init__(
+        self,
+        cache: CacheDir,
+        meta: MetaStore,
+        store: SealedStore,
+        keys: Keys,
+        *,
+        uploads: int = 8,
+        fetches: int = 8,
+        idle_exit: float = 10.0,
+    ) -> None:
+        self.cache = cache
+        self.meta = meta
+        self.store = store
+        self.uploader = Uploader(meta, cache, store, keys, uploads=uploads)
+        self.fetcher = Fetcher(cache, store, fetches=fetches)
+        self.control = ControlServer(self)
+        self.idle_exit = idle_exit
+        self.mounts = 0
+        self.stop_reason: str | None = None
+        self._last_request = 0.0
+        self._stop = trio.Event()
+
+    # --- lifetime ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until stopped; `task_status.started()` once the socket accepts."""
+        self._last_request = trio.current_time()
+        listener = await open_listener(self.cache)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.fetcher.run)
+                upload_scope = trio.CancelScope()
+                upload_done = trio.Event()
+
+                async def run_uploader() -> None:
+                    with upload_scope:
+                        await self.uploader.run()
+                    upload_done.set()
+
+                nursery.start_soon(run_uploader)
+                control_scope = trio.CancelScope()
+
+                async def serve_control() -> None:
+                    with control_scope:
+                        await self.control.serve(listener)
+
+                nursery.start_soon(serve_control)
+                nursery.start_soon(self._watch_signals)
+                nursery.start_soon(self._watch_idle)
+                log.info("cloudfsd %d serving %s", os.getpid(), self.cache.root)
+                task_status.started()
+
+                await self._stop.wait()
+                log.info("stopping: %s", self.stop_reason)
+                self.control.stop_accepting()
+                await trio.lowlevel.checkpoint()  # let the accept loop leave first
+                await listener.aclose()
+                self._unlink_socket()
+                self.uploader.stop()
+                with trio.move_on_after(STOP_GRACE_S) as grace:
+                    await upload_done.wait()
+                if grace.cancelled_caught:
+                    log.warning("uploads still running after %.0f s: left pending", STOP_GRACE_S)
+                    upload_scope.cancel()
+                control_scope.cancel()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
+            self._unlink_socket()
+
+    def _unlink_socket(self) -> None:
+        try:
+            self.cache.socket_path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def shutdown(self, reason: str = "shutdown requested") -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self._stop.set()
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                self.shutdown(f"signal {signal.Signals(signum).name}")
+
+    async def _watch_idle(self) -> None:
+        """Exit when no mount is connected, nothing is pending or running, and nothing
+        happened for `idle_exit` seconds (0 or less: never)."""
+        if self.idle_exit <= 0:
+            return
+        while True:
+            await trio.sleep(IDLE_CHECK_S)
+            if self.mounts or self.uploader.busy or self.fetcher.busy:
+                continue
+            last = max(self._last_request, self.uploader.last_progress, self.fetcher.last_progress)
+            if trio.current_time() - last < self.idle_exit:
+                continue
+            try:
+                async with self.meta.transaction(write=False) as tx:
+                    pending, _bytes = await tx.pending_summary()
+            except Exception:
+                log.exception("reading the pending blocks failed")
+                continue
+            if pending == 0:
+                self.shutdown(f"idle for {self.idle_exit:g} s with no mount")
+                return
+
+    # --- control.DaemonOps ---------------------------------------------------------------
+
+    def mount_connected(self, pid: int | None) -> None:
+        self.mounts += 1
+        self.touch()
+        log.info("mount connected (pid %s), %d connected", pid, self.mounts)
+
+    def mount_disconnected(self, pid: int | None) -> None:
+        self.mounts -= 1
+        self.touch()
+        log.info("mount disconnected (pid %s), %d connected", pid, self.mounts)
+
+    def touch(self) -> None:
+        self._last_request = trio.current_time()
+
+    def kick(self) -> None:
+        self.uploader.kick()
+
+    async def fetch(self, block_ids: list[bytes]) -> dict[str, Any]:
+        try:
+            await self.fetcher.fetch(block_ids)
+        except FetchFailed as failed:
+            raise failed.first() from None
+        return {}
+
+    async def flush(self, block_ids: list[bytes] | None) -> dict[str, Any]:
+        await self.uploader.flush(block_ids)
+        return {}
+
+    async def status(self) -> dict[str, Any]:
+        async with self.meta.transaction(write=False) as tx:
+            pending, pending_bytes = await tx.pending_summary()
+        return {
+            "pending": pending,
+            "pending_bytes": pending_bytes,
+            **self.uploader.status(),
+            "fetched": self.fetcher.fetched,
+            "fetched_bytes": self.fetcher.fetched_bytes,
+            "mounts": self.mounts,
+            "pid": os.getpid(),
+        }
