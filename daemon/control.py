@@ -9,7 +9,10 @@ back in any order::
     {"op":"hello","role":"mount","pid":N}  a mount's connection: the daemon does not
                                            exit while one is open
     {"op":"kick"}                          new pending blocks exist: upload now
-    {"op":"fetch","blocks":[hex,...]}      reply once every block is in cache/blocks
+    {"op":"fetch","blocks":[hex,...],"prefetch":[hex,...]}
+                                           reply once every block is in cache/blocks;
+                                           "prefetch" (optional) blocks are fetched
+                                           too, not waited for, failures ignored
     {"op":"flush"} / {"op":"flush","blocks":[hex,...]}
                                            reply once no (listed) block is pending
     {"op":"status"}                        pending, pending_bytes, uploading, uploaded,
@@ -142,22 +145,22 @@ class DaemonOps(Protocol):
         """A request arrived: the daemon is not idle."""
 
     def kick(self) -> None: ...
-    async def fetch(self, block_ids: list[bytes]) -> _Json: ...
+    async def fetch(self, block_ids: list[bytes], prefetch: list[bytes]) -> _Json: ...
     async def flush(self, block_ids: list[bytes] | None) -> _Json: ...
     async def status(self) -> _Json: ...
     def shutdown(self) -> None: ...
 
 
-def _block_ids(msg: _Json) -> list[bytes] | None:
-    raw = msg.get("blocks")
+def _block_ids(msg: _Json, name: str = "blocks") -> list[bytes] | None:
+    raw = msg.get(name)
     if raw is None:
         return None
     if not isinstance(raw, list):
-        raise errors.UsageError('"blocks" must be a list of hex block ids')
+        raise errors.UsageError(f'"{name}" must be a list of hex block ids')
     try:
         ids = [bytes.fromhex(h) for h in raw]
     except (TypeError, ValueError):
-        raise errors.UsageError('"blocks" must be a list of hex block ids') from None
+        raise errors.UsageError(f'"{name}" must be a list of hex block ids') from None
     if any(len(i) != 32 for i in ids):
         raise errors.UsageError("a block id has 32 bytes")
     return ids
@@ -259,7 +262,9 @@ class ControlServer:
                 self.ops.kick()
                 result: _Json = {}
             elif op == "fetch":
-                result = await self.ops.fetch(_block_ids(msg) or [])
+                result = await self.ops.fetch(
+                    _block_ids(msg) or [], _block_ids(msg, "prefetch") or []
+                )
             elif op == "flush":
                 result = await self.ops.flush(_block_ids(msg))
             elif op == "status":
@@ -337,12 +342,17 @@ class DaemonClient:
         client.daemon_pid = pid if isinstance(pid, int) else None
         return client
 
-    async def fetch(self, block_ids: Sequence[bytes]) -> None:
-        """Return once every block is in the cache dir. CorruptBlock when a stored
-        block fails verification; StoreError (ObjectNotFound, ...) when it cannot be
-        read; the first failing block is named in the message."""
-        if block_ids:
-            await self._request("fetch", blocks=[b.hex() for b in block_ids])
+    async def fetch(self, block_ids: Sequence[bytes], prefetch: Sequence[bytes] = ()) -> None:
+        """Return once every block of `block_ids` is in the cache dir. CorruptBlock
+        when a stored block fails verification; StoreError (ObjectNotFound, ...) when
+        it cannot be read; the failing block is named in the message (a corrupt one
+        first). `prefetch`: read-ahead blocks, fetched in the background: not waited
+        for, their failures never raise here."""
+        if block_ids or prefetch:
+            fields: dict[str, Any] = {"blocks": [b.hex() for b in block_ids]}
+            if prefetch:
+                fields["prefetch"] = [b.hex() for b in prefetch]
+            await self._request("fetch", **fields)
 
     async def kick(self) -> None:
         """Tell the uploader that new pending blocks exist."""

@@ -27,6 +27,9 @@ class _Get:
 
     done: trio.Event = field(default_factory=trio.Event)
     error: CloudfsError | None = None
+    #: a prefetch waits in this scope for its turn; a read that needs the block
+    #: cancels the wait (promotes it)
+    queued: trio.CancelScope | None = None
 
 
 class FetchFailed(Exception):
@@ -50,6 +53,9 @@ class Fetcher:
         self.cache = cache
         self.store = store
         self._limit = trio.Semaphore(fetches)
+        # Prefetches may hold at most half the GET slots, so a read that misses the
+        # cache never queues behind a long read-ahead.
+        self._prefetch_limit = trio.Semaphore(max(1, fetches // 2))
         self._gets: dict[bytes, _Get] = {}
         self._nursery: trio.Nursery | None = None
         #: blocks fetched since the daemon started
@@ -69,20 +75,28 @@ class Fetcher:
             task_status.started()
             await trio.sleep_forever()
 
-    async def fetch(self, block_ids: list[bytes]) -> None:
-        """Return once every block is in the cache dir; FetchFailed naming the blocks
-        that could not be fetched (the others are in the cache all the same)."""
+    async def fetch(self, block_ids: list[bytes], prefetch: list[bytes] | None = None) -> None:
+        """Return once every block of `block_ids` is in the cache dir; FetchFailed
+        naming the blocks that could not be fetched (the others are in the cache all
+        the same). `prefetch`: blocks to fetch too, without waiting for them and
+        ignoring their failures (read-ahead)."""
+        if self._nursery is None:
+            raise DaemonError("the fetcher is not running")
         waits: dict[bytes, _Get] = {}
         for block_id in dict.fromkeys(block_ids):
             if self.cache.has_block(block_id):
                 continue
             get = self._gets.get(block_id)
             if get is None:
-                if self._nursery is None:
-                    raise DaemonError("the fetcher is not running")
                 get = self._gets[block_id] = _Get()
                 self._nursery.start_soon(self._get, block_id, get)
+            elif get.queued is not None:
+                get.queued.cancel()  # a read needs it now
             waits[block_id] = get
+        for block_id in dict.fromkeys(prefetch or ()):
+            if block_id not in self._gets and not self.cache.has_block(block_id):
+                get = self._gets[block_id] = _Get(queued=trio.CancelScope())
+                self._nursery.start_soon(self._get, block_id, get)
         failures: dict[bytes, CloudfsError] = {}
         for block_id, get in waits.items():
             await get.done.wait()
@@ -92,7 +106,13 @@ class Fetcher:
             raise FetchFailed(failures)
 
     async def _get(self, block_id: bytes, get: _Get) -> None:
+        prefetch_slot = False
         try:
+            if get.queued is not None:
+                with get.queued:
+                    await self._prefetch_limit.acquire()
+                    prefetch_slot = True
+                get.queued = None
             async with self._limit:
                 # it may have arrived while we waited for a slot (another process)
                 if not self.cache.has_block(block_id):
@@ -107,6 +127,8 @@ class Fetcher:
             log.exception("fetch of block %s failed", block_id.hex())
             get.error = DaemonError(f"block {block_id.hex()}: {type(exc).__name__}: {exc}")
         finally:
+            if prefetch_slot:
+                self._prefetch_limit.release()
             # a failed GET is forgotten at once: the next request tries again
             del self._gets[block_id]
             self.last_progress = trio.current_time()

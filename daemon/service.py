@@ -190,9 +190,9 @@ class DaemonService:
     def kick(self) -> None:
         self.uploader.kick()
 
-    async def fetch(self, block_ids: list[bytes]) -> dict[str, Any]:
+    async def fetch(self, block_ids: list[bytes], prefetch: list[bytes]) -> dict[str, Any]:
         try:
-            await self.fetcher.fetch(block_ids)
+            await self.fetcher.fetch(block_ids, prefetch)
         except FetchFailed as failed:
             raise failed.first() from None
         return {}

@@ -384,6 +384,16 @@ async def test_fetch_of_corrupt_object_raises_corrupt_block(fs: Filesystem) -> N
         unknown = _native.block_id(fs.keys.id_key, b"never stored")
         with pytest.raises(ObjectNotFound):
             await client.fetch([unknown])
+        # read-ahead: not waited for, and its failures are not the reader's
+        for block_id in (ids[0], ids[2]):
+            fs.cache.remove_block(block_id)
+        await client.fetch([ids[0]], prefetch=[bad, ids[2]])
+        assert fs.cache.has_block(ids[0])
+        with trio.fail_after(10):
+            while not fs.cache.has_block(ids[2]):
+                await trio.sleep(0.02)
+        assert fs.cache.block_path(ids[2]).read_bytes() == fs.plaintexts[ids[2]]
+        assert not fs.cache.has_block(bad)
         # the connection is still fine after errors
         assert (await client.status())["pending"] == 0
     finally:
