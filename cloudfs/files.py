@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -41,7 +42,8 @@ PIECE = 4 << 20
 #: blocks fetched ahead of a sequential reader
 READAHEAD_BLOCKS = 4
 
-FetchBlocks = Callable[[list[bytes]], Awaitable[None]]
+#: fetch(blocks, prefetch): returns once `blocks` are cached; `prefetch` is best effort
+FetchBlocks = Callable[[list[bytes], list[bytes]], Awaitable[None]]
 
 
 @dataclass
@@ -62,6 +64,8 @@ class FileState:
     working_version: int | None = None  # amended by unpublished seals
     last_change: float = 0.0  # monotonic time of the last write or truncate
     sealing: bool = False
+    pins: int = 0  # operations holding or waiting for `lock`: the state must stay
+
 
     @property
     def dirty(self) -> bool:
@@ -136,8 +140,19 @@ class FileStore:
                 st.extents = await tx.live_extents(st.ino)
         return st.extents
 
+    @asynccontextmanager
+    async def _locked(self, st: FileState) -> AsyncIterator[FileState]:
+        """Hold `st.lock`; while waiting for it, `st` is pinned, so it cannot be
+        forgotten (and a later state() made afresh) under the waiting task."""
+        st.pins += 1
+        try:
+            async with st.lock:
+                yield st
+        finally:
+            st.pins -= 1
+
     def _forget_if_idle(self, st: FileState) -> None:
-        if st.opens == 0 and not st.dirty and not st.sealing:
+        if st.opens == 0 and not st.dirty and not st.sealing and st.pins == 0:
             if st.overlay:
                 st.overlay.close()
                 st.overlay = None
@@ -158,16 +173,27 @@ class FileStore:
         st.opens += 1
         return st
 
-    async def release(self, ino: int) -> int:
-        """Close one handle; seal and publish on the last close. Returns opens left."""
+    def close_handle(self, ino: int) -> bool:
+        """One handle fewer; True when it was the last (then call `last_close`)."""
         st = self.states.get(ino)
         if st is None:
-            return 0
+            return False
         st.opens -= 1
-        if st.opens == 0:
-            await self.seal(ino, publish=True)
+        return st.opens == 0
+
+    async def last_close(self, ino: int) -> None:
+        """Seal and publish a file nobody has open any more."""
+        st = self.states.get(ino)
+        if st is not None and st.opens == 0:
+            await self._seal_state(st, publish=True)
             self._forget_if_idle(st)
-        return st.opens
+
+    async def release(self, ino: int) -> int:
+        """Close one handle; seal and publish on the last close. Returns opens left."""
+        if self.close_handle(ino):
+            await self.last_close(ino)
+        st = self.states.get(ino)
+        return st.opens if st else 0
 
     def drop(self, ino: int) -> None:
         """Forget a freed inode's unsealed state."""
@@ -204,12 +230,13 @@ class FileStore:
         try:
             data = self.blockfiles.pread(ext.block, length, start)
         except FileNotFoundError:
-            wanted = [ext.block]
-            # a miss while reading a file: fetch the blocks that follow too
-            for nxt in (extents or [])[index + 1 : index + 1 + READAHEAD_BLOCKS]:
-                if not self.cache.has_block(nxt.block):
-                    wanted.append(nxt.block)
-            await self._fetch(wanted)
+            # a miss while reading a file: have the blocks that follow fetched too
+            ahead = [
+                nxt.block
+                for nxt in (extents or [])[index + 1 : index + 1 + READAHEAD_BLOCKS]
+                if not self.cache.has_block(nxt.block)
+            ]
+            await self._fetch([ext.block], ahead)
             data = self.blockfiles.pread(ext.block, length, start)
         if len(data) != length:
             raise FSOpError(5, f"block {ext.block.hex()} is shorter than its extent")
@@ -219,7 +246,7 @@ class FileStore:
 
     async def write(self, ino: int, offset: int, data: bytes) -> int:
         st = await self.state(ino)
-        async with st.lock:
+        async with self._locked(st):
             if st.overlay is None:
                 st.overlay = DirtyOverlay(self.cache.dirty / str(ino))
             st.overlay.write(offset, data)
@@ -228,12 +255,12 @@ class FileStore:
             st.last_change = time.monotonic()
             over_limit = st.overlay.ranges.total >= DIRTY_LIMIT
         if over_limit:
-            await self.seal(ino, publish=False)
+            await self._seal_state(st, publish=False)
         return len(data)
 
     async def truncate(self, ino: int, size: int) -> None:
         st = await self.state(ino)
-        async with st.lock:
+        async with self._locked(st):
             if st.overlay is not None:
                 st.overlay.truncate(size)
             st.size = size
@@ -241,7 +268,7 @@ class FileStore:
             st.mtime_ns = time.time_ns()
             st.last_change = time.monotonic()
         if st.opens == 0:
-            await self.seal(ino, publish=True)
+            await self._seal_state(st, publish=True)
             self._forget_if_idle(st)
 
     # --- seal -------------------------------------------------------------------------
@@ -264,9 +291,11 @@ class FileStore:
 
     async def seal(self, ino: int, *, publish: bool, durable: bool = False) -> None:
         st = self.states.get(ino)
-        if st is None:
-            return
-        async with st.lock:
+        if st is not None:
+            await self._seal_state(st, publish=publish, durable=durable)
+
+    async def _seal_state(self, st: FileState, *, publish: bool, durable: bool = False) -> None:
+        async with self._locked(st):
             st.sealing = True
             try:
                 await self._seal_locked(st, publish=publish, durable=durable)
@@ -388,7 +417,7 @@ class FileStore:
                 try:
                     data = self.blockfiles.pread(ext.block, b - a, a - ext.offset)
                 except FileNotFoundError:
-                    trio.from_thread.run(self._fetch, [ext.block])
+                    trio.from_thread.run(self._fetch, [ext.block], [])
                     data = self.blockfiles.pread(ext.block, b - a, a - ext.offset)
                 buf[a - start : b - start] = data
         if st.overlay is not None:

@@ -7,6 +7,7 @@ a non-zero exit. The background child reports "mounted" or its error through a p
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
@@ -45,6 +46,8 @@ class Prepared:
     master: bytes
     keys: Keys
     cache: CacheDir
+    storage_url: str  # canonical, without credentials
+    lock_fd: int  # flock on the cache dir's mount.lock, held for the mount's life
 
 
 def check_mountpoint(path: str) -> None:
@@ -70,13 +73,34 @@ async def prepare(opts: MountOptions) -> Prepared:
     if not cache.meta_path.exists():
         raise MetadataMissing(f"{cache.meta_path} does not exist (was the filesystem made on this machine?)")
     cache.create()
+    lock_fd = await _lock_cache_dir(cache)
     cache.write_config(CacheConfig(storage=store.url, metadata=str(cache.meta_path), uuid=sb.uuid))
     meta = open_meta(str(cache.meta_path))
     try:
         await meta.check(sb.uuid)
     finally:
         await meta.close()
-    return Prepared(opts, sb, master, Keys.from_master(master), cache)
+    return Prepared(opts, sb, master, Keys.from_master(master), cache, store.url, lock_fd)
+
+
+async def _lock_cache_dir(cache: CacheDir, wait_s: float = 60.0) -> int:
+    """Take the cache dir's mount lock: one mount process per cache dir. A process
+    that was just unmounted may still be sealing the files closed last; wait for it."""
+    path = cache.root / "mount.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    with trio.move_on_after(wait_s):
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                await trio.sleep(0.1)
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+    holder = path.read_text().strip()
+    os.close(fd)
+    raise MountpointError(f"the cache dir {cache.root} is in use by another mount (pid {holder})")
 
 
 class DaemonLink:
@@ -110,8 +134,8 @@ class DaemonLink:
                 if attempt == 2:
                     raise
 
-    async def fetch(self, block_ids: list[bytes]) -> None:
-        await self._call("fetch", block_ids)
+    async def fetch(self, block_ids: list[bytes], prefetch: list[bytes]) -> None:
+        await self._call("fetch", block_ids, prefetch)
 
     def kick_soon(self) -> None:
         self._kick.set()
@@ -154,21 +178,28 @@ async def serve(prep: Prepared, ready: "os.PathLike[str] | int | None") -> None:
     if freed:
         log.info("freed %d inodes left open-unlinked by an earlier crash", freed)
     ops = Operations(ns, files)
-    fuse_opts = set(pyfuse3.default_options) | opts.fuse_options | {"fsname=cloudfs", "subtype=cloudfs"}
+    fuse_opts = set(pyfuse3.default_options) | opts.fuse_options | {
+        f"fsname={prep.storage_url.replace(',', '_')}",
+        "subtype=cloudfs",
+    }
     if opts.debug:
         fuse_opts.add("debug")
     pyfuse3.init(ops, opts.mountpoint, fuse_opts)
     log.info("mounted %s on %s", opts.storage, opts.mountpoint)
     unmounted = False
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(link.run_kicker)
-            nursery.start_soon(_seal_idle_files, files, opts.idle_seal_s)
-            nursery.start_soon(_stop_on_signals)
-            if ready is not None:
-                _report_ready(ready, "ok")
-            await pyfuse3.main()
-            nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as last_closes:
+            ops.background = last_closes
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(link.run_kicker)
+                nursery.start_soon(_seal_idle_files, files, opts.idle_seal_s)
+                nursery.start_soon(_stop_on_signals)
+                if ready is not None:
+                    _report_ready(ready, "ok")
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+            # leaving `last_closes` waits for the seals of files closed at the end
+        ops.background = None
         await files.seal_all()
     finally:
         try:
@@ -229,6 +260,7 @@ def _mount(argv: list[str]) -> int:
     pid = os.fork()
     if pid:
         os.close(write_fd)
+        os.close(prep.lock_fd)  # the child holds the lock from here on
         with os.fdopen(read_fd, "rb") as r:
             answer = r.readline().decode().strip()
         if answer == "ok":
@@ -236,6 +268,7 @@ def _mount(argv: list[str]) -> int:
         raise MountpointError(answer or "the mount process died; see its log in the cache dir")
     # child: detach from the terminal and serve
     os.close(read_fd)
+    os.pwrite(prep.lock_fd, f"{os.getpid()}\n".encode().ljust(16), 0)
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 
 from cloudfs.errors import CloudfsError, CorruptBlock, FSOpError
 from cloudfs.files import FileStore
@@ -74,6 +75,10 @@ class Operations(pyfuse3.Operations):
         self.files = files
         self._handles: dict[int, int] = {}  # file handle -> inode
         self._next_fh = 1
+        #: runs the seal after a last close, so release answers at once (the kernel
+        #: does not wait for it, and at unmount it stops listening for the answer);
+        #: serve() waits for these tasks before it exits
+        self.background: trio.Nursery | None = None
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -221,10 +226,19 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def release(self, fh: int) -> None:
         ino = self._handles.pop(fh, None)
-        if ino is None:
+        if ino is None or not self.files.close_handle(ino):
             return
-        if await self.files.release(ino) == 0:
+        if self.background is not None:
+            self.background.start_soon(self._after_last_close, ino)
+        else:
+            await self._after_last_close(ino)
+
+    async def _after_last_close(self, ino: int) -> None:
+        try:
+            await self.files.last_close(ino)
             await self.ns.maybe_free(ino)
+        except CloudfsError as exc:
+            log.error("sealing inode %d after its last close failed: %s", ino, exc.message)
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, fields
 
 from cloudfs.errors import MetadataMismatch, UnsupportedFormat
@@ -419,9 +419,9 @@ class MetaStore(abc.ABC):
         async with self._transaction(durable, write) as conn:  # type: ignore[attr-defined]
             yield Txn(conn)
 
-    def reading(self) -> AsyncIterator[Txn]:
+    def reading(self) -> AbstractAsyncContextManager[Txn]:
         """A read-only transaction: a consistent view, no write lock."""
-        return self.transaction(write=False)  # type: ignore[return-value]
+        return self.transaction(write=False)
 
     @abc.abstractmethod
     async def close(self) -> None: ...

@@ -32,7 +32,7 @@ class Env:
         self.meta = SqliteMetaStore(self.cache.meta_path)
         self.fetches: list[bytes] = []
 
-        async def fetch(ids: list[bytes]) -> None:
+        async def fetch(ids: list[bytes], prefetch: list[bytes]) -> None:
             self.fetches.extend(ids)
             raise AssertionError("every block of these tests is in the cache")
 
