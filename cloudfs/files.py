@@ -130,6 +130,11 @@ class FileStore:
             self.states[ino] = st
         return st
 
+    def in_use(self, ino: int) -> bool:
+        """Is `ino` open, or is an operation on its contents under way?"""
+        st = self.states.get(ino)
+        return st is not None and (st.opens > 0 or st.pins > 0 or st.sealing)
+
     def current(self, ino: int) -> FileState | None:
         """The in-memory state of `ino`, if it has any (size and times not yet sealed)."""
         return self.states.get(ino)

@@ -356,9 +356,8 @@ class Namespace:
 
     async def maybe_free(self, ino: int) -> None:
         """Free `ino` if no name, no open handle and no kernel reference is left."""
-        st = self.files.current(ino)
-        if st is not None and st.opens > 0:
-            return
+        if self.files.in_use(ino):
+            return  # the last close (or the seal under way) calls again
         if self.kernel_refs.get(ino, 0) > 0:
             return
         async with self.meta.transaction() as tx:

@@ -239,6 +239,8 @@ class Operations(pyfuse3.Operations):
             await self.ns.maybe_free(ino)
         except CloudfsError as exc:
             log.error("sealing inode %d after its last close failed: %s", ino, exc.message)
+        except Exception:  # a bug must not take the whole mount down
+            log.exception("sealing inode %d after its last close failed", ino)
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
