@@ -66,11 +66,12 @@ class FileState:
     sealing: bool = False
     pins: int = 0  # operations holding or waiting for `lock`: the state must stay
 
-
     @property
     def dirty(self) -> bool:
-        return bool(self.overlay and self.overlay.ranges) or self.size != self.sealed_size or (
-            self.keep_below < self.sealed_size
+        return (
+            bool(self.overlay and self.overlay.ranges)
+            or self.size != self.sealed_size
+            or (self.keep_below < self.sealed_size)
         )
 
 
@@ -229,7 +230,12 @@ class FileStore:
         return bytes(buf)
 
     async def _block_bytes(
-        self, ext: Extent, start: int, length: int, extents: list[Extent] | None = None, index: int = 0
+        self,
+        ext: Extent,
+        start: int,
+        length: int,
+        extents: list[Extent] | None = None,
+        index: int = 0,
     ) -> bytes:
         """Bytes of an extent's block, fetched through the daemon when not cached."""
         try:
@@ -317,12 +323,16 @@ class FileStore:
             return
         extents = await self._extents(st)
         plan = self._plan(st, extents, hold_tail=not publish)
-        result = await trio.to_thread.run_sync(self._rechunk, st, plan, durable, abandon_on_cancel=False)
+        result = await trio.to_thread.run_sync(
+            self._rechunk, st, plan, durable, abandon_on_cancel=False
+        )
         if durable and result.written:
             await trio.to_thread.run_sync(self.cache.sync_block_dirs, result.written)
         replaced = [e for e in plan.old if e.offset < result.stop or e.offset >= plan.size]
         size = st.size
-        await self._commit(st, replaced, result.extents, publish=publish, durable=durable, size=size)
+        await self._commit(
+            st, replaced, result.extents, publish=publish, durable=durable, size=size
+        )
         # the overlay's sealed part is now in blocks
         if st.overlay is not None:
             if result.tail is not None:
@@ -347,7 +357,12 @@ class FileStore:
         i = _first_overlap(extents, first)
         if i < len(extents) and extents[i].offset <= first:
             start = extents[i].offset
-        elif first >= st.sealed_size and extents and extents[-1].end == st.sealed_size and not truncated:
+        elif (
+            first >= st.sealed_size
+            and extents
+            and extents[-1].end == st.sealed_size
+            and not truncated
+        ):
             # appending: re-chunk the last block too, it was cut by the old end of file
             start = extents[-1].offset
         if truncated:
@@ -365,7 +380,9 @@ class FileStore:
         runs = _data_runs(plan, st)
         new: list[Extent] = []
         written: list[bytes] = []
-        chunker = _native.Chunker(self.gear_key, self.chunker.min_size, self.chunker.avg_size, self.chunker.max_size)
+        chunker = _native.Chunker(
+            self.gear_key, self.chunker.min_size, self.chunker.avg_size, self.chunker.max_size
+        )
 
         def emit(chunk: bytes | bytearray, at: int) -> None:
             if _native.is_zero(chunk):
@@ -430,7 +447,14 @@ class FileStore:
         return buf
 
     async def _commit(
-        self, st: FileState, replaced: list[Extent], new: list[Extent], *, publish: bool, durable: bool, size: int
+        self,
+        st: FileState,
+        replaced: list[Extent],
+        new: list[Extent],
+        *,
+        publish: bool,
+        durable: bool,
+        size: int,
     ) -> None:
         now = time.time_ns()
         refs: dict[bytes, tuple[int, int]] = {}
@@ -445,12 +469,20 @@ class FileStore:
             # rows born in the unpublished working version are no one's history
             born_now = [e for e in replaced if e.v_from == version]
             await tx.drop_extents(st.ino, born_now, now)
-            await tx.close_extents(st.ino, version, [e.offset for e in replaced if e.v_from != version])
+            await tx.close_extents(
+                st.ino, version, [e.offset for e in replaced if e.v_from != version]
+            )
             # a block's size is its chunk's length (a block may back shorter extents later)
             await tx.add_block_refs(refs, now)
             await tx.add_extents(st.ino, version, new)
             mtime = st.mtime_ns or attrs.mtime_ns
-            await tx.update_inode(st.ino, size=size, mtime_ns=mtime, ctime_ns=max(mtime, attrs.ctime_ns), version=version)
+            await tx.update_inode(
+                st.ino,
+                size=size,
+                mtime_ns=mtime,
+                ctime_ns=max(mtime, attrs.ctime_ns),
+                version=version,
+            )
             if publish:
                 await tx.add_version(st.ino, version, size=size, mtime_ns=mtime, origin=self.origin)
             st.extents = await tx.live_extents(st.ino)

@@ -172,7 +172,9 @@ class Namespace:
         )
         return attrs
 
-    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> InodeAttrs:
+    async def mknod(
+        self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller
+    ) -> InodeAttrs:
         if stat.S_IFMT(mode) == 0:
             mode |= stat.S_IFREG
         async with self.meta.transaction() as tx:
@@ -258,9 +260,14 @@ class Namespace:
             await tx.update_inode(parent, mtime_ns=now, ctime_ns=now)
         await self.maybe_free(ino)
 
-    async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int = 0) -> None:
+    async def rename(
+        self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int = 0
+    ) -> None:
         _check_name(new_name)
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+        if (
+            flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE)
+            or flags == RENAME_NOREPLACE | RENAME_EXCHANGE
+        ):
             raise _err(errno.EINVAL)
         now = time.time_ns()
         replaced: int | None = None
@@ -383,14 +390,18 @@ class Namespace:
         if not stat.S_ISDIR(attrs.mode):
             raise _err(errno.ENOTDIR)
 
-    async def readdir(self, ino: int, cookie: int, limit: int = 256) -> list[tuple[bytes, InodeAttrs, int]]:
+    async def readdir(
+        self, ino: int, cookie: int, limit: int = 256
+    ) -> list[tuple[bytes, InodeAttrs, int]]:
         """Entries after `cookie`: (name, attrs, next cookie); "." and ".." first."""
         out: list[tuple[bytes, InodeAttrs, int]] = []
         async with self.meta.reading() as tx:
             if cookie < 1:
                 out.append((b".", await self._get(tx, ino), 1))
             if cookie < 2:
-                parent = ROOT_INODE if ino == ROOT_INODE else (await tx.parent_of(ino) or ROOT_INODE)
+                parent = (
+                    ROOT_INODE if ino == ROOT_INODE else (await tx.parent_of(ino) or ROOT_INODE)
+                )
                 out.append((b"..", await self._get(tx, parent), 2))
             after = max(cookie - _DOT_COOKIES, 0)
             for dentry_id, name, child in await tx.readdir(ino, after, limit):

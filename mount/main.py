@@ -18,21 +18,21 @@ from pathlib import Path
 
 import pyfuse3
 import trio
+from cloudfs.daemon.control import DaemonClient, ensure_daemon
+from cloudfs.mount.operations import Operations
+from cloudfs.mount.options import MountOptions, parse
+from cloudfs.tools._cli import run_cli
 
 from cloudfs import config
 from cloudfs.cache import CacheConfig, CacheDir
 from cloudfs.chunking import ChunkerParams
 from cloudfs.codec.crypto import Keys
-from cloudfs.daemon.control import DaemonClient, ensure_daemon
 from cloudfs.errors import CloudfsError, DaemonError, MetadataMissing, MountpointError
 from cloudfs.files import FileStore, clear_stale_overlays
 from cloudfs.meta import open_meta
 from cloudfs.meta.base import MetaStore
-from cloudfs.mount.operations import Operations
-from cloudfs.mount.options import MountOptions, parse
 from cloudfs.namespace import Namespace
 from cloudfs.objectstore import open_store
-from cloudfs.tools._cli import run_cli
 
 log = logging.getLogger("cloudfs.mount")
 
@@ -67,11 +67,15 @@ async def prepare(opts: MountOptions) -> Prepared:
         sb = await config.read_superblock(store)
     finally:
         await store.aclose()
-    passphrase = config.read_passphrase(opts.passphrase_file, confirm=False) if sb.encryption else None
+    passphrase = (
+        config.read_passphrase(opts.passphrase_file, confirm=False) if sb.encryption else None
+    )
     master = await trio.to_thread.run_sync(config.unlock_master, sb, passphrase)
     cache = CacheDir(opts.cachedir or config.default_cachedir(sb.uuid))
     if not cache.meta_path.exists():
-        raise MetadataMissing(f"{cache.meta_path} does not exist (was the filesystem made on this machine?)")
+        raise MetadataMissing(
+            f"{cache.meta_path} does not exist (was the filesystem made on this machine?)"
+        )
     cache.create()
     lock_fd = await _lock_cache_dir(cache)
     cache.write_config(CacheConfig(storage=store.url, metadata=str(cache.meta_path), uuid=sb.uuid))
@@ -148,7 +152,9 @@ class DaemonLink:
             try:
                 await self._call("kick")
             except CloudfsError as exc:
-                log.warning("cannot reach the daemon: %s (uploads resume when it runs)", exc.message)
+                log.warning(
+                    "cannot reach the daemon: %s (uploads resume when it runs)", exc.message
+                )
             await trio.sleep(0.05)
 
     async def aclose(self) -> None:
@@ -157,7 +163,7 @@ class DaemonLink:
             self._client = None
 
 
-async def serve(prep: Prepared, ready: "os.PathLike[str] | int | None") -> None:
+async def serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
     opts, sb, cache = prep.opts, prep.sb, prep.cache
     meta: MetaStore = open_meta(str(cache.meta_path))
     link = DaemonLink(cache, prep.master)
@@ -178,10 +184,14 @@ async def serve(prep: Prepared, ready: "os.PathLike[str] | int | None") -> None:
     if freed:
         log.info("freed %d inodes left open-unlinked by an earlier crash", freed)
     ops = Operations(ns, files)
-    fuse_opts = set(pyfuse3.default_options) | opts.fuse_options | {
-        f"fsname={prep.storage_url.replace(',', '_')}",
-        "subtype=cloudfs",
-    }
+    fuse_opts = (
+        set(pyfuse3.default_options)
+        | opts.fuse_options
+        | {
+            f"fsname={prep.storage_url.replace(',', '_')}",
+            "subtype=cloudfs",
+        }
+    )
     if opts.debug:
         fuse_opts.add("debug")
     pyfuse3.init(ops, opts.mountpoint, fuse_opts)
@@ -230,7 +240,7 @@ async def _stop_on_signals() -> None:
             return
 
 
-def _report_ready(fd: "os.PathLike[str] | int", message: str) -> None:
+def _report_ready(fd: os.PathLike[str] | int, message: str) -> None:
     assert isinstance(fd, int)
     try:
         os.write(fd, message.encode() + b"\n")
@@ -245,7 +255,9 @@ def _setup_logging(cache: CacheDir, foreground: bool, debug: bool) -> None:
     if foreground:
         logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
     else:
-        logging.basicConfig(level=level, format=fmt, filename=str(cache.root / "mount.log"), force=True)
+        logging.basicConfig(
+            level=level, format=fmt, filename=str(cache.root / "mount.log"), force=True
+        )
 
 
 def _mount(argv: list[str]) -> int:
@@ -276,7 +288,7 @@ def _mount(argv: list[str]) -> int:
     _setup_logging(prep.cache, False, opts.debug)
     try:
         trio.run(serve, prep, write_fd)
-    except BaseException as exc:  # report to the waiting parent, whatever it is
+    except BaseException as exc:  # noqa: BLE001 - the waiting parent must hear of any failure
         msg = exc.message if isinstance(exc, CloudfsError) else f"{type(exc).__name__}: {exc}"
         log.error("mount failed: %s", msg)
         _report_ready(write_fd, msg)
@@ -286,6 +298,7 @@ def _mount(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     return run_cli("mount.cloudfs", lambda: _mount(sys.argv[1:] if argv is None else argv))
+
 
 if __name__ == "__main__":
     sys.exit(main())

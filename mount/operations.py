@@ -18,12 +18,12 @@ from typing import Any, TypeVar
 
 import pyfuse3
 import trio
+from cloudfs.tools.cloudfs import XATTR_CACHEDIR, XATTR_COMMAND
 
 from cloudfs.errors import CloudfsError, CorruptBlock, FSOpError
 from cloudfs.files import FileStore
 from cloudfs.meta.base import InodeAttrs
 from cloudfs.namespace import Caller, Namespace
-from cloudfs.tools.cloudfs import XATTR_CACHEDIR, XATTR_COMMAND
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,9 @@ class Operations(pyfuse3.Operations):
     # --- names --------------------------------------------------------------------------
 
     @fuse_errors
-    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         return self._known(await self.ns.lookup(parent_inode, name))
 
     @fuse_errors
@@ -160,7 +162,9 @@ class Operations(pyfuse3.Operations):
         return self._known(await self.ns.mknod(parent_inode, name, mode, rdev, _caller(ctx)))
 
     @fuse_errors
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         return self._known(await self.ns.mkdir(parent_inode, name, mode, _caller(ctx)))
 
     @fuse_errors
@@ -207,7 +211,9 @@ class Operations(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        attrs = await self.ns.mknod(parent_inode, name, stat.S_IFREG | (mode & 0o7777), 0, _caller(ctx))
+        attrs = await self.ns.mknod(
+            parent_inode, name, stat.S_IFREG | (mode & 0o7777), 0, _caller(ctx)
+        )
         await self.files.open(attrs.id)
         return pyfuse3.FileInfo(fh=self._new_handle(attrs.id), keep_cache=True), self._known(attrs)
 
@@ -292,7 +298,9 @@ class Operations(pyfuse3.Operations):
     # --- extended attributes ----------------------------------------------------------
 
     @fuse_errors
-    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
         if inode == pyfuse3.ROOT_INODE and name == XATTR_COMMAND:
             await self._command(value)
             return

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import trio
+from cloudfs.tools._cli import run_cli, setup_logging
 
 from cloudfs.cache import CacheDir
 from cloudfs.errors import DaemonError, NotMounted, UsageError
 from cloudfs.meta import open_meta
-from cloudfs.tools._cli import run_cli, setup_logging
 
 #: virtual extended attributes of a mount's root: where its cache dir is, and a
 #: command channel to the mount process (answered by the mount, never stored)
@@ -111,11 +111,15 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cloudfs", description="Administer cloudfs filesystems.")
     p.add_argument("--debug", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("stat", aliases=["status"], help="files, bytes, dedup, pending uploads of a mount")
+    s = sub.add_parser(
+        "stat", aliases=["status"], help="files, bytes, dedup, pending uploads of a mount"
+    )
     s.add_argument("mountpoint")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_stat)
-    f = sub.add_parser("flush", help="wait until everything written to a mount is in the object store")
+    f = sub.add_parser(
+        "flush", help="wait until everything written to a mount is in the object store"
+    )
     f.add_argument("mountpoint")
     f.set_defaults(func=cmd_flush)
     return p

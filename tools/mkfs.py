@@ -8,13 +8,13 @@ import shutil
 import sys
 
 import trio
+from cloudfs.tools._cli import run_cli, setup_logging
 
 from cloudfs import config
 from cloudfs.cache import CacheConfig, CacheDir
 from cloudfs.errors import FilesystemExists, UsageError
 from cloudfs.meta import open_meta
 from cloudfs.objectstore import open_store
-from cloudfs.tools._cli import run_cli, setup_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,9 +22,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("storage", help="where to create it: local:///path or a directory")
     p.add_argument("--cachedir", help="cache dir (default ~/.cache/cloudfs/<fs uuid>)")
     p.add_argument("--passphrase-file", help="read the passphrase from this file")
-    p.add_argument("--no-encryption", action="store_true", help="store blocks unencrypted (ids stay keyed)")
+    p.add_argument(
+        "--no-encryption", action="store_true", help="store blocks unencrypted (ids stay keyed)"
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing filesystem")
-    p.add_argument("--compression-level", type=int, default=config.DEFAULT_LEVEL, help="zstd level (default 3)")
+    p.add_argument(
+        "--compression-level", type=int, default=config.DEFAULT_LEVEL, help="zstd level (default 3)"
+    )
     p.add_argument("--debug", action="store_true")
     return p
 
@@ -51,7 +55,9 @@ async def mkfs(args: argparse.Namespace) -> int:
                 (cache.root / name).unlink(missing_ok=True)
             shutil.rmtree(cache.blocks, ignore_errors=True)
         cache.create()
-        cache.write_config(CacheConfig(storage=store.url, metadata=str(cache.meta_path), uuid=sb.uuid))
+        cache.write_config(
+            CacheConfig(storage=store.url, metadata=str(cache.meta_path), uuid=sb.uuid)
+        )
         meta = open_meta(str(cache.meta_path))
         try:
             await meta.initialize(sb.uuid, uid=os.getuid(), gid=os.getgid())

@@ -133,8 +133,12 @@ class Txn:
         return row[0] if row else None
 
     async def set_info(self, name: str, value: str) -> None:
-        if not await self.conn.execute("UPDATE meta_info SET value = ? WHERE name = ?", (value, name)):
-            await self.conn.execute("INSERT INTO meta_info (name, value) VALUES (?, ?)", (name, value))
+        if not await self.conn.execute(
+            "UPDATE meta_info SET value = ? WHERE name = ?", (value, name)
+        ):
+            await self.conn.execute(
+                "INSERT INTO meta_info (name, value) VALUES (?, ?)", (name, value)
+            )
 
     # --- inodes ---------------------------------------------------------------------------
 
@@ -143,7 +147,15 @@ class Txn:
         return _inode(row) if row else None
 
     async def create_inode(
-        self, *, mode: int, uid: int, gid: int, nlink: int, now_ns: int, rdev: int = 0, size: int = 0
+        self,
+        *,
+        mode: int,
+        uid: int,
+        gid: int,
+        nlink: int,
+        now_ns: int,
+        rdev: int = 0,
+        size: int = 0,
     ) -> InodeAttrs:
         ino = await self.conn.insert(
             "INSERT INTO inodes (mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns,"
@@ -179,7 +191,9 @@ class Txn:
 
     async def orphan_inodes(self) -> list[int]:
         """Inodes no dentry names (open-unlinked files left by a crash)."""
-        rows = await self.conn.query("SELECT id FROM inodes WHERE nlink = 0 AND id <> ?", (ROOT_INODE,))
+        rows = await self.conn.query(
+            "SELECT id FROM inodes WHERE nlink = 0 AND id <> ?", (ROOT_INODE,)
+        )
         return [r[0] for r in rows]
 
     # --- directory entries ----------------------------------------------------------------
@@ -196,7 +210,9 @@ class Txn:
         )
 
     async def remove_dentry(self, parent: int, name: bytes) -> bool:
-        n = await self.conn.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name))
+        n = await self.conn.execute(
+            "DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name)
+        )
         return n > 0
 
     async def set_dentry_inode(self, parent: int, name: bytes, ino: int) -> None:
@@ -213,11 +229,16 @@ class Txn:
         return [(i, bytes(n), ino) for i, n, ino in rows]
 
     async def has_entries(self, parent: int) -> bool:
-        return await self.conn.query_one("SELECT 1 FROM dentries WHERE parent = ? LIMIT 1", (parent,)) is not None
+        return (
+            await self.conn.query_one("SELECT 1 FROM dentries WHERE parent = ? LIMIT 1", (parent,))
+            is not None
+        )
 
     async def parent_of(self, ino: int) -> int | None:
         """The directory holding directory `ino` (a directory has one dentry)."""
-        row = await self.conn.query_one("SELECT parent FROM dentries WHERE inode = ? LIMIT 1", (ino,))
+        row = await self.conn.query_one(
+            "SELECT parent FROM dentries WHERE inode = ? LIMIT 1", (ino,)
+        )
         return row[0] if row else None
 
     # --- symlinks and xattrs ------------------------------------------------------------
@@ -230,20 +251,29 @@ class Txn:
         return bytes(row[0]) if row else None
 
     async def get_xattr(self, ino: int, name: bytes) -> bytes | None:
-        row = await self.conn.query_one("SELECT value FROM xattrs WHERE inode = ? AND name = ?", (ino, name))
+        row = await self.conn.query_one(
+            "SELECT value FROM xattrs WHERE inode = ? AND name = ?", (ino, name)
+        )
         return bytes(row[0]) if row else None
 
     async def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
         if not await self.conn.execute(
             "UPDATE xattrs SET value = ? WHERE inode = ? AND name = ?", (value, ino, name)
         ):
-            await self.conn.execute("INSERT INTO xattrs (inode, name, value) VALUES (?, ?, ?)", (ino, name, value))
+            await self.conn.execute(
+                "INSERT INTO xattrs (inode, name, value) VALUES (?, ?, ?)", (ino, name, value)
+            )
 
     async def remove_xattr(self, ino: int, name: bytes) -> bool:
-        return await self.conn.execute("DELETE FROM xattrs WHERE inode = ? AND name = ?", (ino, name)) > 0
+        return (
+            await self.conn.execute("DELETE FROM xattrs WHERE inode = ? AND name = ?", (ino, name))
+            > 0
+        )
 
     async def list_xattrs(self, ino: int) -> list[bytes]:
-        rows = await self.conn.query("SELECT name FROM xattrs WHERE inode = ? ORDER BY name", (ino,))
+        rows = await self.conn.query(
+            "SELECT name FROM xattrs WHERE inode = ? ORDER BY name", (ino,)
+        )
         return [bytes(r[0]) for r in rows]
 
     # --- extents and versions ---------------------------------------------------------
@@ -429,7 +459,9 @@ class MetaStore(abc.ABC):
     @abc.abstractmethod
     async def is_initialized(self) -> bool: ...
 
-    async def initialize(self, fs_uuid: str, *, uid: int, gid: int, now_ns: int | None = None) -> None:
+    async def initialize(
+        self, fs_uuid: str, *, uid: int, gid: int, now_ns: int | None = None
+    ) -> None:
         """Create the schema and the root directory of a new filesystem."""
         now = now_ns if now_ns is not None else time.time_ns()
         async with self.transaction(durable=True) as tx:
@@ -449,4 +481,6 @@ class MetaStore(abc.ABC):
         if found != fs_uuid:
             raise MetadataMismatch(f"it holds filesystem {found}, not {fs_uuid}")
         if version > schema.SCHEMA_VERSION:
-            raise UnsupportedFormat(f"metadata schema {version} is newer than {schema.SCHEMA_VERSION}")
+            raise UnsupportedFormat(
+                f"metadata schema {version} is newer than {schema.SCHEMA_VERSION}"
+            )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 SCHEMA_VERSION = 1
 
 #: `extents.v_to` of a live extent: the version range is open-ended
-LIVE = (1 << 62)
+LIVE = 1 << 62
 
 ROOT_INODE = 1
 

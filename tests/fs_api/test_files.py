@@ -135,7 +135,9 @@ async def test_large_append_amends_one_version(env: Env, monkeypatch: pytest.Mon
     assert await read_all(env, ino) == data
     async with env.meta.reading() as tx:
         versions = await tx.versions(ino)
-        dead = await tx.conn.query("SELECT COUNT(*) FROM extents WHERE inode = ? AND v_to <> ?", (ino, LIVE))
+        dead = await tx.conn.query(
+            "SELECT COUNT(*) FROM extents WHERE inode = ? AND v_to <> ?", (ino, LIVE)
+        )
     assert len(versions) == 1
     assert dead[0][0] == 0, "no history rows for an unpublished working version"
     await env.check_invariants(ino)
@@ -143,7 +145,9 @@ async def test_large_append_amends_one_version(env: Env, monkeypatch: pytest.Mon
 
 ops = st.lists(
     st.one_of(
-        st.tuples(st.just("write"), st.integers(0, 6000), st.integers(1, 3000), st.integers(0, 255)),
+        st.tuples(
+            st.just("write"), st.integers(0, 6000), st.integers(1, 3000), st.integers(0, 255)
+        ),
         st.tuples(st.just("truncate"), st.integers(0, 8000)),
         st.tuples(st.just("seal"), st.booleans()),
         st.tuples(st.just("reopen")),
@@ -152,7 +156,9 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(ops=ops)
 def test_model(tmp_path: Path, ops: list[tuple]) -> None:
     """Random writes, truncates and seals agree with a bytearray at every step."""
