@@ -80,7 +80,7 @@ class CacheDir:
         """Put a block's plaintext in place atomically (blocking; call from a thread).
 
         `durable`: fsync the file before it is renamed into place (the caller syncs the
-        directories with `sync_block_dirs`)."""
+        directories with `sync_blocks`)."""
         path = self.block_path(block_id)
         tmp = self.tmp / f"{path.name}.{os.getpid()}.{id(data):x}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -95,9 +95,20 @@ class CacheDir:
             os.close(fd)
         os.replace(tmp, path)
 
-    def sync_block_dirs(self, block_ids: list[bytes]) -> None:
-        """fsync the directories that new block files were renamed into."""
-        for sub in sorted({b.hex()[:2] for b in block_ids}):
+    def sync_blocks(self, unsynced: list[bytes], renamed: list[bytes]) -> None:
+        """Make block files durable: fsync the `unsynced` ones (written without fsync),
+        then the directories that they and the `renamed` ones (already fsynced) were
+        renamed into."""
+        for block_id in unsynced:
+            try:
+                fd = os.open(self.block_path(block_id), os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # uploaded and evicted meanwhile: it is in the store
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for sub in sorted({b.hex()[:2] for b in (*unsynced, *renamed)}):
             fd = os.open(self.blocks / sub, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 os.fsync(fd)

@@ -65,6 +65,9 @@ class FileState:
     last_change: float = 0.0  # monotonic time of the last write or truncate
     sealing: bool = False
     pins: int = 0  # operations holding or waiting for `lock`: the state must stay
+    #: block files written by seals that did not sync them; the next durable seal
+    #: (fsync) syncs them, since the file's extents already name them
+    unsynced: list[bytes] = field(default_factory=list)
 
     @property
     def dirty(self) -> bool:
@@ -326,8 +329,11 @@ class FileStore:
         result = await trio.to_thread.run_sync(
             self._rechunk, st, plan, durable, abandon_on_cancel=False
         )
-        if durable and result.written:
-            await trio.to_thread.run_sync(self.cache.sync_block_dirs, result.written)
+        if durable:
+            earlier, st.unsynced = st.unsynced, []
+            await trio.to_thread.run_sync(self.cache.sync_blocks, earlier, result.written)
+        else:
+            st.unsynced.extend(result.written)
         replaced = [e for e in plan.old if e.offset < result.stop or e.offset >= plan.size]
         size = st.size
         await self._commit(
