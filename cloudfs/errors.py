@@ -79,6 +79,24 @@ class MetadataMismatch(CloudfsError):
     exit_code = 8
 
 
+class MetadataOutdated(CloudfsError):
+    """the metadata database has an older schema; run `cloudfs upgrade` first"""
+
+    exit_code = 6
+
+
+class MetadataUnavailable(CloudfsError):
+    """cannot use the metadata database"""
+
+    exit_code = 12
+
+
+class TransactionConflict(CloudfsError):
+    """a metadata transaction kept conflicting with concurrent ones (deadlock or lock wait timeout)"""
+
+    exit_code = 12
+
+
 class DaemonError(CloudfsError):
     """the block storage daemon (cloudfsd) failed"""
 
@@ -106,6 +124,22 @@ class ObjectNotFound(StoreError):
 
 class StorePermanentError(StoreError):
     """the object store refused the request"""
+
+
+class StoreTemporaryError(StoreError):
+    """the object store failed for a passing reason (a retry may succeed)"""
+
+
+class StoreUnreachable(StoreTemporaryError):
+    """cannot reach the object store"""
+
+
+class BucketMissing(StorePermanentError):
+    """the bucket does not exist"""
+
+
+class StoreAccessDenied(StorePermanentError):
+    """access denied by the object store (check the credentials)"""
 
 
 class CorruptBlock(StoreError):
