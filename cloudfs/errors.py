@@ -95,6 +95,8 @@ class TransactionConflict(CloudfsError):
     """a metadata transaction kept conflicting with concurrent ones (deadlock or lock wait timeout)"""
 
     exit_code = 12
+    #: set once a retry loop (MetaStore.run) gave up on it: outer loops do not retry it
+    final: bool = False
 
 
 class DaemonError(CloudfsError):

@@ -9,14 +9,35 @@ inside `async with meta.transaction() as tx:`, never relying on "no await, so at
 from __future__ import annotations
 
 import abc
+import logging
+import random
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, fields
+from typing import ParamSpec, TypeVar
 
-from cloudfs.errors import MetadataMismatch, UnsupportedFormat
+import trio
+
+from cloudfs.errors import (
+    MetadataMismatch,
+    MetadataMissing,
+    MetadataOutdated,
+    TransactionConflict,
+    UnsupportedFormat,
+)
 from cloudfs.meta import schema
 from cloudfs.meta.schema import BLOCK_PENDING, BLOCK_STORED, LIVE, ROOT_INODE
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+#: how often `MetaStore.run` calls a function whose transactions keep conflicting
+RUN_ATTEMPTS = 12
+#: longest pause between two attempts (the pauses grow from about 1 ms)
+RUN_MAX_PAUSE_S = 0.5
 
 _INODE_COLUMNS = (
     "id", "mode", "uid", "gid", "nlink", "size", "rdev",
@@ -281,8 +302,8 @@ class Txn:
     async def live_extents(self, ino: int, start: int = 0, end: int = LIVE) -> list[Extent]:
         """Live extents of `ino` that overlap [start, end), by offset."""
         rows = await self.conn.query(
-            "SELECT offset, length, block, v_from FROM extents WHERE inode = ? AND v_to = ?"
-            " AND offset < ? AND offset + length > ? ORDER BY offset",
+            "SELECT file_offset, length, block, v_from FROM extents WHERE inode = ? AND v_to = ?"
+            " AND file_offset < ? AND file_offset + length > ? ORDER BY file_offset",
             (ino, LIVE, end, start),
         )
         return [Extent(o, n, bytes(b), v) for o, n, b, v in rows]
@@ -290,8 +311,8 @@ class Txn:
     async def version_extents(self, ino: int, version: int) -> list[Extent]:
         """Extents of `ino` as of `version`, by offset."""
         rows = await self.conn.query(
-            "SELECT offset, length, block, v_from FROM extents WHERE inode = ? AND v_from <= ?"
-            " AND v_to > ? ORDER BY offset",
+            "SELECT file_offset, length, block, v_from FROM extents WHERE inode = ? AND v_from <= ?"
+            " AND v_to > ? ORDER BY file_offset",
             (ino, version, version),
         )
         return [Extent(o, n, bytes(b), v) for o, n, b, v in rows]
@@ -301,7 +322,7 @@ class Txn:
 
         Refcounts do not change: a closed row still names its block."""
         await self.conn.executemany(
-            "UPDATE extents SET v_to = ? WHERE inode = ? AND v_to = ? AND offset = ?",
+            "UPDATE extents SET v_to = ? WHERE inode = ? AND v_to = ? AND file_offset = ?",
             [(version, ino, LIVE, off) for off in offsets],
         )
 
@@ -309,7 +330,7 @@ class Txn:
         """Delete live extents outright (they were never part of a published version)
         and take their references off their blocks."""
         await self.conn.executemany(
-            "DELETE FROM extents WHERE inode = ? AND v_to = ? AND offset = ?",
+            "DELETE FROM extents WHERE inode = ? AND v_to = ? AND file_offset = ?",
             [(ino, LIVE, e.offset) for e in extents],
         )
         await self.unref_blocks([e.block for e in extents], now_ns)
@@ -323,14 +344,16 @@ class Txn:
             # unref_ns first: MySQL evaluates SET assignments left to right on the new row
             "UPDATE blocks SET unref_ns = CASE WHEN refcount = ? THEN ? ELSE unref_ns END,"
             " refcount = refcount - ? WHERE id = ?",
-            [(n, now_ns, n, b) for b, n in counts.items()],
+            # by id: every transaction locks block rows in one order, so two never deadlock
+            [(n, now_ns, n, b) for b, n in sorted(counts.items())],
         )
 
     async def add_extents(self, ino: int, version: int, extents: Sequence[Extent]) -> None:
         """Add live extents from `version` on; each names a block that already has a row
         (see `add_block_refs`, which counts the reference)."""
         await self.conn.executemany(
-            "INSERT INTO extents (inode, v_to, offset, length, block, v_from) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO extents (inode, v_to, file_offset, length, block, v_from)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
             [(ino, LIVE, e.offset, e.length, e.block, version) for e in extents],
         )
 
@@ -358,7 +381,7 @@ class Txn:
         one in state `pending` (their plaintext must already be sealed in the cache dir).
         Return the ids that were new."""
         new: list[bytes] = []
-        for block_id, (size, n) in refs.items():
+        for block_id, (size, n) in sorted(refs.items()):  # by id: one lock order (unref_blocks)
             if not await self.conn.execute(
                 "UPDATE blocks SET refcount = refcount + ? WHERE id = ?", (n, block_id)
             ):
@@ -433,9 +456,17 @@ class Txn:
 
 
 class MetaStore(abc.ABC):
-    """A metadata database. Engines implement `_transaction` and `close`."""
+    """A metadata database. Engines implement `_transaction`, `is_initialized` and `close`.
+
+    Conflicts: on an engine where transactions of several processes or machines run at
+    once (MySQL), a transaction can lose a deadlock or time out waiting for a lock; the
+    engine rolls it back and raises TransactionConflict. The body of an `async with
+    meta.transaction()` cannot be run again by the context manager, so work that may
+    conflict goes through `run`, which calls a whole async function again."""
 
     dialect: schema.Dialect
+    #: the database, as shown in messages (never with a password)
+    where: str = "metadata database"
 
     @abc.abstractmethod
     def _transaction(self, durable: bool, write: bool) -> AsyncIterator[Conn]:
@@ -453,16 +484,39 @@ class MetaStore(abc.ABC):
         """A read-only transaction: a consistent view, no write lock."""
         return self.transaction(write=False)
 
+    async def run(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+        """`await fn(*args, **kwargs)`, called again while a transaction of it conflicts
+        with a concurrent one (TransactionConflict; the engine rolled that transaction
+        back), at most RUN_ATTEMPTS times with a growing random pause.
+
+        `fn` must be safe to call again after a conflict: it changes the metadata in one
+        write transaction, and anything before it only reads. A conflict that a nested
+        `run` already gave up on is not retried again."""
+        for attempt in range(1, RUN_ATTEMPTS + 1):
+            try:
+                return await fn(*args, **kwargs)
+            except TransactionConflict as exc:
+                if attempt == RUN_ATTEMPTS or exc.final:
+                    exc.final = True
+                    raise
+                log.debug("transaction conflict (attempt %d): %s", attempt, exc.message)
+            await trio.sleep(random.uniform(0, min(RUN_MAX_PAUSE_S, 0.001 * 2**attempt)))
+        raise AssertionError("unreachable")
+
     @abc.abstractmethod
     async def close(self) -> None: ...
 
     @abc.abstractmethod
-    async def is_initialized(self) -> bool: ...
+    async def is_initialized(self) -> bool:
+        """Does the database hold the schema (of some filesystem)?"""
 
     async def initialize(
         self, fs_uuid: str, *, uid: int, gid: int, now_ns: int | None = None
     ) -> None:
-        """Create the schema and the root directory of a new filesystem."""
+        """Create the schema and the root directory of a new filesystem.
+
+        On MySQL each CREATE TABLE commits at once: a failure halfway leaves tables
+        behind, which `wipe` (mkfs --force) removes."""
         now = now_ns if now_ns is not None else time.time_ns()
         async with self.transaction(durable=True) as tx:
             for stmt in schema.ddl(self.dialect):
@@ -473,14 +527,36 @@ class MetaStore(abc.ABC):
             if root.id != ROOT_INODE:
                 raise RuntimeError(f"root inode got id {root.id}")
 
-    async def check(self, fs_uuid: str) -> None:
-        """Refuse a database of another filesystem or of a newer schema."""
-        async with self.transaction() as tx:
+    async def wipe(self) -> None:
+        """Drop every table of the schema (the filesystem's metadata is gone)."""
+        async with self.transaction(durable=True) as tx:
+            for table in schema.table_names():
+                await tx.conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+    async def schema_info(self) -> tuple[str | None, int]:
+        """(fs uuid, schema version) the database holds; MetadataMissing if it holds no
+        filesystem."""
+        if not await self.is_initialized():
+            raise MetadataMissing(f"{self.where} holds no cloudfs filesystem")
+        async with self.reading() as tx:
             found = await tx.get_info("fs_uuid")
             version = int(await tx.get_info("schema_version") or 0)
+        return found, version
+
+    async def check(self, fs_uuid: str, *, older_ok: bool = False) -> int:
+        """Refuse a database of another filesystem, of a newer schema, or (unless
+        `older_ok`) of an older one that `cloudfs upgrade` must migrate first.
+        Return the database's schema version."""
+        found, version = await self.schema_info()
         if found != fs_uuid:
-            raise MetadataMismatch(f"it holds filesystem {found}, not {fs_uuid}")
+            raise MetadataMismatch(f"{self.where} holds filesystem {found}, not {fs_uuid}")
         if version > schema.SCHEMA_VERSION:
             raise UnsupportedFormat(
-                f"metadata schema {version} is newer than {schema.SCHEMA_VERSION}"
+                f"{self.where} has metadata schema {version}; this cloudfs knows up to"
+                f" {schema.SCHEMA_VERSION}"
             )
+        if version < schema.SCHEMA_VERSION and not older_ok:
+            raise MetadataOutdated(
+                f"{self.where} has schema {version}, this cloudfs needs {schema.SCHEMA_VERSION}"
+            )
+        return version

@@ -5,10 +5,12 @@ Engines differ only in a few type names and clauses; `ddl(dialect)` fills them i
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-#: bump when the DDL changes; `cloudfs upgrade` migrates older databases
-SCHEMA_VERSION = 1
+#: bump when the DDL changes, and add the migration to `cloudfs.meta.migrate`:
+#: `cloudfs upgrade` brings older databases up to it
+SCHEMA_VERSION = 2
 
 #: `extents.v_to` of a live extent: the version range is open-ended
 LIVE = 1 << 62
@@ -113,16 +115,17 @@ CREATE TABLE blocks (
 ){suffix};
 CREATE INDEX blocks_state ON blocks (state);
 
--- File contents: bytes [offset, offset+length) of the file are bytes [0, length) of
--- `block`, in versions v_from <= v < v_to. Live rows have v_to = LIVE. Holes have no row.
+-- File contents: bytes [file_offset, file_offset+length) of the file are bytes
+-- [0, length) of `block`, in versions v_from <= v < v_to. Live rows have v_to = LIVE.
+-- Holes have no row. (Not named `offset`: a reserved word in MariaDB.)
 CREATE TABLE extents (
     inode       BIGINT NOT NULL,
     v_to        BIGINT NOT NULL,
-    offset      BIGINT NOT NULL,
+    file_offset BIGINT NOT NULL,
     length      INTEGER NOT NULL,
     block       {blob_id} NOT NULL,
     v_from      BIGINT NOT NULL,
-    PRIMARY KEY (inode, v_to, offset)
+    PRIMARY KEY (inode, v_to, file_offset)
 ){suffix};
 CREATE INDEX extents_block ON extents (block);
 
@@ -193,3 +196,8 @@ def ddl(dialect: Dialect) -> list[str]:
         if body:
             statements.append(body)
     return statements
+
+
+def table_names() -> list[str]:
+    """Every table of the schema, in the order `ddl` creates them."""
+    return re.findall(r"^CREATE TABLE (\w+)", _TABLES, re.MULTILINE)

@@ -46,6 +46,7 @@ class SqliteMetaStore(MetaStore):
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
+        self.where = str(self.path)
         # autocommit mode: transactions are begun explicitly, IMMEDIATE so that two
         # processes never deadlock upgrading read locks to write locks
         self.db = sqlite3.connect(

@@ -1,0 +1,62 @@
+"""Schema migrations: bring a metadata database of an older schema up to this code's.
+
+`MIGRATIONS[v]` turns a database of schema v-1 into one of schema v. `upgrade` runs
+the missing ones in order, each in its own transaction together with the new
+`schema_version`, so an interrupted upgrade resumes where it stopped. A database
+newer than the code is refused: only a newer cloudfs can read it.
+
+On MySQL a DDL statement commits at once, before the version is written: a migration
+that changes tables there must be safe to run again (IF NOT EXISTS, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+
+from cloudfs.errors import MetadataMismatch, UnsupportedFormat
+from cloudfs.meta import schema
+from cloudfs.meta.base import MetaStore, Txn
+
+log = logging.getLogger(__name__)
+
+Migration = Callable[[Txn], Awaitable[None]]
+
+
+async def _extents_file_offset(tx: Txn) -> None:
+    """extents.offset → extents.file_offset: OFFSET is a reserved word in MariaDB.
+    (Schema 1 was SQLite-only: the MySQL engine arrived with schema 2.)"""
+    await tx.conn.execute("ALTER TABLE extents RENAME COLUMN `offset` TO file_offset")
+
+
+MIGRATIONS: Mapping[int, Migration] = {
+    2: _extents_file_offset,
+}
+
+
+async def upgrade(
+    meta: MetaStore,
+    fs_uuid: str,
+    *,
+    migrations: Mapping[int, Migration] = MIGRATIONS,
+    target: int = schema.SCHEMA_VERSION,
+) -> list[int]:
+    """Migrate `meta` (of filesystem `fs_uuid`) to schema `target`; return the versions
+    applied, in order (empty when it was current). MetadataMismatch for a database of
+    another filesystem, UnsupportedFormat for one newer than `target`."""
+    found, version = await meta.schema_info()
+    if found != fs_uuid:
+        raise MetadataMismatch(f"{meta.where} holds filesystem {found}, not {fs_uuid}")
+    if version > target:
+        raise UnsupportedFormat(f"{meta.where} has metadata schema {version}, newer than {target}")
+    missing = [v for v in range(version + 1, target + 1) if v not in migrations]
+    if missing:
+        raise RuntimeError(f"no migration to schema {missing[0]}")
+    applied: list[int] = []
+    for v in range(version + 1, target + 1):
+        log.info("migrating %s to schema %d", meta.where, v)
+        async with meta.transaction(durable=True) as tx:
+            await migrations[v](tx)
+            await tx.set_info("schema_version", str(v))
+        applied.append(v)
+    return applied
