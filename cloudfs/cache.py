@@ -18,8 +18,9 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cloudfs.errors import MetadataMissing
 
@@ -31,6 +32,9 @@ class CacheConfig:
     storage: str
     metadata: str
     uuid: str
+    #: options for `open_store(storage, **options)` (S3 endpoint, region, addressing
+    #: style); never credentials: the stores accept no option that could hold one
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 class CacheDir:
@@ -124,6 +128,18 @@ class CacheDir:
         except FileNotFoundError:
             return 0
         return size
+
+    def cached_block_ids(self) -> list[bytes]:
+        """Ids of every block file in the cache dir (blocking; call from a thread)."""
+        ids: list[bytes] = []
+        for sub in self.blocks.iterdir():
+            for entry in os.scandir(sub):
+                if len(entry.name) == 64:
+                    try:
+                        ids.append(bytes.fromhex(entry.name))
+                    except ValueError:
+                        continue  # not a block file
+        return ids
 
     def clear_tmp(self) -> None:
         for p in self.tmp.iterdir():

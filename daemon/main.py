@@ -3,6 +3,10 @@ cache dir's lock, unlock the filesystem's keys, detach, and run the service.
 
     cloudfsd --cachedir DIR [--fg] [--passphrase-file F | --key-stdin]
              [--uploads N] [--idle-exit SECONDS]
+             [--s3-endpoint URL] [--s3-region R] [--s3-path-style]
+
+Storage options (S3 endpoint, region, addressing style) come from the cache dir's
+config.json, where the mount put them; the --s3-* options override them.
 
 One daemon per cache dir: DIR/daemon.lock is flock()ed for the daemon's lifetime; a
 second daemon finds it taken and exits 0. Without --fg the daemon detaches (double
@@ -25,11 +29,13 @@ import fcntl
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 from cloudfs.daemon.service import DaemonService
+from cloudfs.tools._cli import add_storage_arguments, storage_options_from_args
 
 from cloudfs.cache import CacheConfig, CacheDir
 from cloudfs.codec.crypto import KEY_SIZE, Keys
@@ -54,6 +60,7 @@ class Options:
     key_stdin: bool
     uploads: int
     idle_exit: float
+    storage_options: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -73,6 +80,7 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--idle-exit", type=float, default=10.0, metavar="SECONDS",
                         help="exit after this long with no mount and nothing to do "
                         "(default 10; 0 = never)")  # fmt: skip
+    add_storage_arguments(parser)
     ns = parser.parse_args(argv)
     if ns.uploads < 1:
         parser.error("--uploads must be at least 1")
@@ -83,6 +91,7 @@ def parse_args(argv: list[str] | None) -> Options:
         key_stdin=ns.key_stdin,
         uploads=ns.uploads,
         idle_exit=ns.idle_exit,
+        storage_options=storage_options_from_args(ns),
     )
 
 
@@ -119,7 +128,7 @@ def _read_key_stdin() -> bytes:
 
 
 async def _fetch_superblock(config: CacheConfig) -> Superblock:
-    store = RetryStore(open_store(config.storage), attempts=4)
+    store = RetryStore(open_store(config.storage, **config.options), attempts=4)
     try:
         return await read_superblock(store)
     finally:
@@ -223,7 +232,7 @@ async def _serve(
     ready: _Readiness,
 ) -> None:  # fmt: skip
     store = SealedStore(
-        RetryStore(open_store(config.storage)),
+        RetryStore(open_store(config.storage, **config.options)),
         keys,
         encrypt=sb.encryption,
         level=sb.level,
@@ -260,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, TypeError) as exc:
         print(f"cloudfsd: cannot read {cache.config_path}: {exc}", file=sys.stderr)
         return MetadataMissing.exit_code
+    config.options = {**config.options, **opts.storage_options}
     lock_fd = _take_lock(cache)
     if lock_fd is None:
         print(f"cloudfsd: a daemon is already running for {cache.root} (pid {_running_pid(cache)})",

@@ -21,7 +21,7 @@ import trio
 from cloudfs.daemon.control import DaemonClient, ensure_daemon
 from cloudfs.mount.operations import Operations
 from cloudfs.mount.options import MountOptions, parse
-from cloudfs.tools._cli import run_cli
+from cloudfs.tools._cli import open_cli_store, run_cli
 
 from cloudfs import config
 from cloudfs.cache import CacheConfig, CacheDir
@@ -32,7 +32,6 @@ from cloudfs.files import FileStore, clear_stale_overlays
 from cloudfs.meta import open_meta
 from cloudfs.meta.base import MetaStore
 from cloudfs.namespace import Namespace
-from cloudfs.objectstore import open_store
 
 log = logging.getLogger("cloudfs.mount")
 
@@ -62,7 +61,7 @@ def check_mountpoint(path: str) -> None:
 
 async def prepare(opts: MountOptions) -> Prepared:
     check_mountpoint(opts.mountpoint)
-    store = open_store(opts.storage)
+    store = open_cli_store(opts.storage, opts.storage_options)
     try:
         sb = await config.read_superblock(store)
     finally:
@@ -78,7 +77,15 @@ async def prepare(opts: MountOptions) -> Prepared:
         )
     cache.create()
     lock_fd = await _lock_cache_dir(cache)
-    cache.write_config(CacheConfig(storage=store.url, metadata=str(cache.meta_path), uuid=sb.uuid))
+    # the daemon opens the store with the same options (config.json, never credentials)
+    cache.write_config(
+        CacheConfig(
+            storage=store.url,
+            metadata=str(cache.meta_path),
+            uuid=sb.uuid,
+            options=opts.storage_options,
+        )
+    )
     meta = open_meta(str(cache.meta_path))
     try:
         await meta.check(sb.uuid)

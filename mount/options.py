@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from typing import Any
+
+from cloudfs.tools._cli import add_storage_arguments, storage_options
 
 from cloudfs.errors import UsageError
 
@@ -25,6 +28,8 @@ class MountOptions:
     debug: bool = False
     fuse_options: set[str] = field(default_factory=set)
     idle_seal_s: float = 5.0
+    #: `open_store` options (S3 endpoint, region, addressing style)
+    storage_options: dict[str, Any] = field(default_factory=dict)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,16 +37,19 @@ def _parser() -> argparse.ArgumentParser:
         prog="mount.cloudfs",
         description="Mount a cloudfs filesystem.",
     )
-    p.add_argument("storage", help="where the filesystem lives: local:///path or a directory")
+    p.add_argument("storage", help="where the filesystem lives: local:///path, a directory, "
+                   "or s3://bucket[/prefix]")  # fmt: skip
     p.add_argument("mountpoint", help="an empty directory to mount it on")
     p.add_argument("-o", dest="options", action="append", default=[],
                    help="comma-separated mount options: allow_other, default_permissions, ro, "
-                        "cachedir=DIR, passphrase_file=FILE, fg, debug")  # fmt: skip
+                        "cachedir=DIR, passphrase_file=FILE, fg, debug, s3_endpoint=URL, "
+                        "s3_region=REGION, s3_path_style")  # fmt: skip
     p.add_argument("-f", "--fg", "--foreground", dest="fg", action="store_true",
                    help="stay in the foreground")  # fmt: skip
     p.add_argument("--cachedir", help="cache dir (default ~/.cache/cloudfs/<fs uuid>)")
     p.add_argument("--passphrase-file", help="read the passphrase from this file")
     p.add_argument("--debug", action="store_true", help="log debug messages")
+    add_storage_arguments(p)
     # mount(8) helpers get these; they are accepted and ignored
     p.add_argument("-n", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-s", action="store_true", help=argparse.SUPPRESS)
@@ -65,6 +73,7 @@ def parse(argv: list[str]) -> MountOptions:
         debug=args.debug,
         fuse_options={"default_permissions"},
     )
+    s3_endpoint, s3_region, s3_path_style = args.s3_endpoint, args.s3_region, args.s3_path_style
     for group in args.options:
         for item in filter(None, group.split(",")):
             name, _, value = item.partition("=")
@@ -78,8 +87,17 @@ def parse(argv: list[str]) -> MountOptions:
                 opts.foreground = True
             elif name == "debug":
                 opts.debug = True
+            elif name == "s3_endpoint":
+                s3_endpoint = value
+            elif name == "s3_region":
+                s3_region = value
+            elif name == "s3_path_style":
+                s3_path_style = True
             elif name in _MOUNT8_OPTIONS:
                 continue
             else:
                 raise UsageError(f"unknown mount option: {name}")
+    opts.storage_options = storage_options(
+        endpoint=s3_endpoint, region=s3_region, path_style=s3_path_style
+    )
     return opts

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable
+from typing import Any
 
-from cloudfs.errors import CloudfsError
+from cloudfs.errors import CloudfsError, UsageError
+from cloudfs.objectstore import ObjectStore, open_store
+from cloudfs.objectstore.retry import RetryStore
 
 log = logging.getLogger("cloudfs")
 
@@ -31,3 +35,54 @@ def setup_logging(debug: bool = False) -> None:
         level=logging.DEBUG if debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+
+
+# --- storage options ----------------------------------------------------------------------
+
+
+def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
+    """--s3-endpoint, --s3-region, --s3-path-style (credentials never: they come from
+    the AWS environment variables, ~/.aws/credentials, AWS_PROFILE or an instance role)."""
+    group = parser.add_argument_group(
+        "S3 storage (s3://bucket[/prefix]; credentials come from the AWS environment "
+        "variables, ~/.aws/credentials, AWS_PROFILE or an instance role)"
+    )
+    group.add_argument("--s3-endpoint", metavar="URL",
+                       help="S3-compatible endpoint (MinIO, Ceph, R2, ...); default: "
+                       "$AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS")  # fmt: skip
+    group.add_argument("--s3-region", metavar="REGION", help="region of the bucket")
+    group.add_argument("--s3-path-style", action="store_true",
+                       help="path-style requests (endpoint/bucket/key), as most "
+                       "self-hosted servers want")  # fmt: skip
+
+
+def storage_options(
+    *, endpoint: str | None = None, region: str | None = None, path_style: bool = False
+) -> dict[str, Any]:
+    """The `open_store` options the storage arguments give (only those set, so a local
+    store, which takes none, still opens when they are absent)."""
+    options: dict[str, Any] = {}
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    if region:
+        options["region"] = region
+    if path_style:
+        options["path_style"] = True
+    return options
+
+
+def storage_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return storage_options(
+        endpoint=args.s3_endpoint, region=args.s3_region, path_style=args.s3_path_style
+    )
+
+
+def open_cli_store(url: str, options: dict[str, Any]) -> ObjectStore:
+    """The store a command line works on: a few quick, quiet retries of temporary
+    failures (a dead endpoint still fails within seconds, with one line)."""
+    if options and not url.startswith("s3://"):
+        raise UsageError("the --s3-* options are for s3:// storage only")
+    return RetryStore(
+        open_store(url, **options), attempts=3, base_delay=0.2, max_delay=1.0,
+        log_level=logging.DEBUG,
+    )  # fmt: skip

@@ -8,18 +8,25 @@ import shutil
 import sys
 
 import trio
-from cloudfs.tools._cli import run_cli, setup_logging
+from cloudfs.tools._cli import (
+    add_storage_arguments,
+    open_cli_store,
+    run_cli,
+    setup_logging,
+    storage_options_from_args,
+)
 
 from cloudfs import config
 from cloudfs.cache import CacheConfig, CacheDir
 from cloudfs.errors import FilesystemExists, UsageError
 from cloudfs.meta import open_meta
-from cloudfs.objectstore import open_store
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mkfs.cloudfs", description="Create a cloudfs filesystem.")
-    p.add_argument("storage", help="where to create it: local:///path or a directory")
+    p.add_argument(
+        "storage", help="where to create it: local:///path, a directory, or s3://bucket[/prefix]"
+    )
     p.add_argument("--cachedir", help="cache dir (default ~/.cache/cloudfs/<fs uuid>)")
     p.add_argument("--passphrase-file", help="read the passphrase from this file")
     p.add_argument(
@@ -30,11 +37,13 @@ def _parser() -> argparse.ArgumentParser:
         "--compression-level", type=int, default=config.DEFAULT_LEVEL, help="zstd level (default 3)"
     )
     p.add_argument("--debug", action="store_true")
+    add_storage_arguments(p)
     return p
 
 
 async def mkfs(args: argparse.Namespace) -> int:
-    store = open_store(args.storage)
+    options = storage_options_from_args(args)
+    store = open_cli_store(args.storage, options)
     try:
         # refuse before asking for a passphrase: nothing is written on this path
         if not args.force and await store.head(config.SUPERBLOCK_KEY) is not None:
@@ -56,7 +65,9 @@ async def mkfs(args: argparse.Namespace) -> int:
             shutil.rmtree(cache.blocks, ignore_errors=True)
         cache.create()
         cache.write_config(
-            CacheConfig(storage=store.url, metadata=str(cache.meta_path), uuid=sb.uuid)
+            CacheConfig(
+                storage=store.url, metadata=str(cache.meta_path), uuid=sb.uuid, options=options
+            )
         )
         meta = open_meta(str(cache.meta_path))
         try:

@@ -25,7 +25,8 @@ _T = TypeVar("_T")
 
 class RetryStore(ObjectStore):
     """Wraps `inner`; each call makes at most `attempts` tries. The wait before try n+1
-    is uniform in [0, min(max_delay, base_delay * 2**(n-1))] seconds."""
+    is uniform in [0, min(max_delay, base_delay * 2**(n-1))] seconds. Each retry is
+    logged at `log_level`."""
 
     def __init__(
         self,
@@ -35,6 +36,7 @@ class RetryStore(ObjectStore):
         max_delay: float = 30.0,
         *,
         rng: random.Random | None = None,
+        log_level: int = logging.WARNING,
     ) -> None:
         if attempts < 1:
             raise ValueError("attempts must be >= 1")
@@ -44,6 +46,9 @@ class RetryStore(ObjectStore):
         self.max_delay = max_delay
         self.url = inner.url
         self._rng = rng or random.Random()
+        # command-line tools retry quietly (their stderr is for the one line that
+        # says what failed); the daemon logs every retry
+        self.log_level = log_level
 
     def delay(self, retry: int) -> float:
         """The wait before retry number `retry` (0 = the first retry)."""
@@ -58,7 +63,8 @@ class RetryStore(ObjectStore):
                 if retry == self.attempts - 1 or not self.inner.is_temp_failure(exc):
                     raise
                 wait = self.delay(retry)
-                log.warning(
+                log.log(
+                    self.log_level,
                     "%s on %s failed (%s), retry %d/%d in %.2fs",
                     what,
                     self.url,

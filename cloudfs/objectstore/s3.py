@@ -7,7 +7,7 @@ setting, else AWS), `region`, `path_style` (path-style addressing, which most
 self-hosted servers want) and `profile`. Credentials come only from boto3's standard
 chain (environment, ~/.aws/credentials and config, AWS_PROFILE or `profile`, container
 and instance roles): a URL or endpoint holding credentials is refused, and botocore's
-request logging is capped at INFO so signed headers never reach a log.
+request logging is capped at WARNING so signed headers never reach a log.
 
 Each blocking boto3 call runs in a worker thread. A `trio.CapacityLimiter` bounds the
 requests in flight, and the connection pool holds as many connections, so no request
@@ -107,10 +107,11 @@ _REGION_CODES = frozenset({
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
 
 # botocore logs whole requests (headers with the access key id and signature) at DEBUG;
-# a mount or daemon run with --debug must not write them to its log.
+# a mount or daemon run with --debug must not write them to its log (nor their INFO
+# chatter to the one line a command-line tool prints).
 for _name in ("botocore", "boto3", "urllib3", "s3transfer"):
     if logging.getLogger(_name).level == logging.NOTSET:
-        logging.getLogger(_name).setLevel(logging.INFO)
+        logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 class TruncatedBody(Exception):
