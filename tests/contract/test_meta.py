@@ -1,0 +1,480 @@
+"""The MetaStore contract (cloudfs.meta.base), run against every metadata engine: SQLite
+and a private MariaDB server (tests/conftest.py). Every Txn method, transactions that
+roll back, concurrent transactions of two stores on one database, and conflicts."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from cloudfs.errors import (
+    MetadataMismatch,
+    MetadataMissing,
+    MetadataOutdated,
+    TransactionConflict,
+    UnsupportedFormat,
+)
+from cloudfs.meta import open_meta, schema
+from cloudfs.meta.base import RUN_ATTEMPTS, Extent, MetaStore
+from cloudfs.meta.schema import BLOCK_PENDING, BLOCK_STORED, ROOT_INODE
+
+FS_UUID = "6f1c3a52-8a5e-4d3b-9a51-0c1d2e3f4a5b"
+OTHER_UUID = "0b2a7c1e-0000-4000-8000-000000000001"
+NOW = 1_700_000_000_000_000_000
+FILE = 0o100644
+DIR = 0o40755
+
+Opener = Callable[[], MetaStore]
+
+
+@pytest.fixture(params=["sqlite", "mysql"])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, Opener]]:
+    """(engine name, a function opening one more store on the same fresh database)."""
+    if request.param == "sqlite":
+        url = str(tmp_path / "meta.db")
+    else:
+        url = request.getfixturevalue("mysql_url")
+    opened: list[MetaStore] = []
+
+    def open_one() -> MetaStore:
+        meta = open_meta(url)
+        opened.append(meta)
+        return meta
+
+    yield request.param, open_one
+    for meta in opened:
+        trio.run(meta.close)
+
+
+@pytest.fixture
+def opener(engine: tuple[str, Opener]) -> Opener:
+    return engine[1]
+
+
+async def fresh(opener: Opener) -> MetaStore:
+    meta = opener()
+    await meta.initialize(FS_UUID, uid=1000, gid=100, now_ns=NOW)
+    return meta
+
+
+def block_id(n: int) -> bytes:
+    return hashlib.sha256(b"block %d" % n).digest()
+
+
+# --- schema, identity, versions --------------------------------------------------------------
+
+
+async def test_initialize_and_check(opener: Opener) -> None:
+    meta = opener()
+    assert not await meta.is_initialized()
+    with pytest.raises(MetadataMissing):
+        await meta.check(FS_UUID)
+    await meta.initialize(FS_UUID, uid=1000, gid=100, now_ns=NOW)
+    assert await meta.is_initialized()
+    assert await meta.check(FS_UUID) == schema.SCHEMA_VERSION
+    with pytest.raises(MetadataMismatch, match=FS_UUID):
+        await meta.check(OTHER_UUID)
+    async with meta.reading() as tx:
+        root = await tx.get_inode(ROOT_INODE)
+        assert await tx.get_info("fs_uuid") == FS_UUID
+    assert root is not None
+    assert (root.mode, root.uid, root.gid, root.nlink, root.mtime_ns) == (DIR, 1000, 100, 2, NOW)
+    # a second store on the same database sees the filesystem
+    assert await opener().check(FS_UUID) == schema.SCHEMA_VERSION
+
+
+async def test_newer_and_older_schema_are_refused(opener: Opener) -> None:
+    meta = await fresh(opener)
+    async with meta.transaction() as tx:
+        await tx.set_info("schema_version", str(schema.SCHEMA_VERSION + 1))
+    with pytest.raises(UnsupportedFormat, match="schema"):
+        await meta.check(FS_UUID)
+    async with meta.transaction() as tx:
+        await tx.set_info("schema_version", str(schema.SCHEMA_VERSION - 1))
+    with pytest.raises(MetadataOutdated):
+        await meta.check(FS_UUID)
+    assert await meta.check(FS_UUID, older_ok=True) == schema.SCHEMA_VERSION - 1
+
+
+async def test_wipe_removes_the_filesystem(opener: Opener) -> None:
+    meta = await fresh(opener)
+    await meta.wipe()
+    assert not await meta.is_initialized()
+    await meta.initialize(OTHER_UUID, uid=0, gid=0)
+    assert await meta.check(OTHER_UUID) == schema.SCHEMA_VERSION
+
+
+async def test_info(opener: Opener) -> None:
+    meta = await fresh(opener)
+    async with meta.transaction() as tx:
+        assert await tx.get_info("retention") is None
+        await tx.set_info("retention", "30d")
+        await tx.set_info("retention", "30d")  # unchanged value: still one row
+        await tx.set_info("retention", "7d")
+    async with meta.reading() as tx:
+        assert await tx.get_info("retention") == "7d"
+
+
+# --- inodes ------------------------------------------------------------------------------
+
+
+async def test_inodes(opener: Opener) -> None:
+    meta = await fresh(opener)
+    async with meta.transaction() as tx:
+        a = await tx.create_inode(mode=FILE, uid=1, gid=2, nlink=1, now_ns=NOW, rdev=0)
+        b = await tx.create_inode(mode=0o20644, uid=1, gid=2, nlink=1, now_ns=NOW, rdev=0x0801)
+    assert a.id != b.id and ROOT_INODE not in (a.id, b.id)
+    async with meta.transaction() as tx:
+        await tx.update_inode(a.id, size=1 << 40, mtime_ns=NOW + 5, mode=0o100600)
+        await tx.update_inode(a.id, uid=1)  # unchanged value
+        await tx.add_nlink(a.id, 2, NOW + 7)
+        with pytest.raises(ValueError):
+            await tx.update_inode(a.id, id=99)
+    async with meta.reading() as tx:
+        got = await tx.get_inode(a.id)
+        dev = await tx.get_inode(b.id)
+        assert await tx.get_inode(10_000) is None
+    assert got is not None and dev is not None
+    assert (got.size, got.mtime_ns, got.ctime_ns, got.mode, got.nlink) == (
+        1 << 40, NOW + 5, NOW + 7, 0o100600, 3,
+    )  # fmt: skip
+    assert dev.rdev == 0x0801
+
+
+async def test_orphans_and_free_inode(opener: Opener) -> None:
+    meta = await fresh(opener)
+    async with meta.transaction() as tx:
+        ino = (await tx.create_inode(mode=FILE, uid=0, gid=0, nlink=1, now_ns=NOW)).id
+        await tx.add_dentry(ROOT_INODE, b"f", ino)
+        await tx.add_block_refs({block_id(1): (100, 1), block_id(2): (50, 1)}, NOW)
+        await tx.add_extents(ino, 1, [Extent(0, 100, block_id(1)), Extent(100, 50, block_id(2))])
+        await tx.add_version(ino, 1, size=150, mtime_ns=NOW, origin="here")
+        await tx.set_xattr(ino, b"user.a", b"1")
+        assert await tx.orphan_inodes() == []
+        await tx.remove_dentry(ROOT_INODE, b"f")
+        await tx.add_nlink(ino, -1, NOW)
+        assert await tx.orphan_inodes() == [ino]
+        await tx.free_inode(ino, NOW + 1)
+    async with meta.reading() as tx:
+        assert await tx.get_inode(ino) is None
+        assert await tx.orphan_inodes() == []
+        assert await tx.live_extents(ino) == []
+        assert await tx.versions(ino) == []
+        assert await tx.list_xattrs(ino) == []
+        b1 = await tx.get_block(block_id(1))
+    assert b1 is not None and b1.refcount == 0
+
+
+# --- directory entries ------------------------------------------------------------------------
+
+# Names that compare equal under some text collation but are different byte strings,
+# names that are not UTF-8, and names of the longest length (255 bytes).
+TRICKY_NAMES = [
+    b"a", b"A", b"a ", b" a", b"\xc3\xa9", b"e\xcc\x81", b"\xff\xfe\x80", b"\x01",
+    b"x" * 255, bytes(range(1, 256)).replace(b"/", b"_"), b"\xf0\x9f\x98\x80", b"%s?%%",
+]  # fmt: skip
+
+
+async def test_binary_names(opener: Opener) -> None:
+    meta = await fresh(opener)
+    assert all(len(n) <= 255 for n in TRICKY_NAMES)
+    async with meta.transaction() as tx:
+        for i, name in enumerate(TRICKY_NAMES):
+            ino = (await tx.create_inode(mode=FILE, uid=0, gid=0, nlink=1, now_ns=NOW + i)).id
+            await tx.add_dentry(ROOT_INODE, name, ino)
+    async with meta.reading() as tx:
+        found = {name: await tx.lookup(ROOT_INODE, name) for name in TRICKY_NAMES}
+        listed = await tx.readdir(ROOT_INODE, 0, 100)
+        assert await tx.lookup(ROOT_INODE, b"a\x00") is None
+        assert await tx.lookup(ROOT_INODE, b"x" * 254) is None
+    assert len(set(found.values())) == len(TRICKY_NAMES), "every name is its own entry"
+    assert [name for _, name, _ in listed] == TRICKY_NAMES, "names come back byte for byte"
+
+
+async def test_dentries(opener: Opener) -> None:
+    meta = await fresh(opener)
+    async with meta.transaction() as tx:
+        d = (await tx.create_inode(mode=DIR, uid=0, gid=0, nlink=2, now_ns=NOW)).id
+        f = (await tx.create_inode(mode=FILE, uid=0, gid=0, nlink=1, now_ns=NOW)).id
+        g = (await tx.create_inode(mode=FILE, uid=0, gid=0, nlink=1, now_ns=NOW)).id
+        await tx.add_dentry(ROOT_INODE, b"d", d)
+        await tx.add_dentry(d, b"f", f)
+        assert await tx.has_entries(d)
+        assert await tx.parent_of(d) == ROOT_INODE
+        await tx.set_dentry_inode(d, b"f", g)
+        assert await tx.lookup(d, b"f") == g
+        assert await tx.remove_dentry(d, b"f")
+        assert not await tx.remove_dentry(d, b"f")
+        assert not await tx.has_entries(d)
+        assert await tx.lookup(d, b"f") is None
+
+
+async def test_readdir_order_and_cookies(opener: Opener) -> None:
+    meta = await fresh(opener)
+    names = [b"z", b"a", b"m%d" % 3, b"\xff", b"b", b"c", b"y", b"x"]
+    async with meta.transaction() as tx:
+        for name in names:
+            ino = (await tx.create_inode(mode=FILE, uid=0, gid=0, nlink=1, now_ns=NOW)).id
+            await tx.add_dentry(ROOT_INODE, name, ino)
+    async with meta.reading() as tx:
+        first = await tx.readdir(ROOT_INODE, 0, 3)
+    assert [n for _, n, _ in first] == names[:3], "creation order, not name order"
+    # entries come and go between two pages: the listing resumes after the cookie
+    async with meta.transaction() as tx:
+        await tx.remove_dentry(ROOT_INODE, b"a")  # already listed
+        await tx.remove_dentry(ROOT_INODE, b"b")  # not yet listed
+        new = (await tx.create_inode(mode=FILE, uid=0, gid=0, nlink=1, now_ns=NOW)).id
+        await tx.add_dentry(ROOT_INODE, b"new", new)
+    async with meta.reading() as tx:
+        rest = await tx.readdir(ROOT_INODE, first[-1][0], 100)
+        assert await tx.readdir(ROOT_INODE, rest[-1][0], 100) == []
+    assert [n for _, n, _ in rest] == [b"\xff", b"c", b"y", b"x", b"new"]
+    ids = [i for i, _, _ in first + rest]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+# --- symlinks and xattrs ----------------------------------------------------------------------
+
+
+async def test_symlinks(opener: Opener) -> None:
+    meta = await fresh(opener)
+    target = b"../\xff\xfe/" + b"t" * 4000
+    async with meta.transaction() as tx:
+        ino = (await tx.create_inode(mode=0o120777, uid=0, gid=0, nlink=1, now_ns=NOW)).id
+        await tx.set_symlink(ino, target)
+    async with meta.reading() as tx:
+        assert await tx.get_symlink(ino) == target
+        assert await tx.get_symlink(ROOT_INODE) is None
+
+
+async def test_xattrs(opener: Opener) -> None:
+    meta = await fresh(opener)
+    big = bytes(range(256)) * 256  # 64 KiB, every byte value
+    async with meta.transaction() as tx:
+        await tx.set_xattr(ROOT_INODE, b"user.b", b"1")
+        await tx.set_xattr(ROOT_INODE, b"user.a", big)
+        await tx.set_xattr(ROOT_INODE, b"user.\xff", b"")
+        await tx.set_xattr(ROOT_INODE, b"user.b", b"2")  # replaces
+        await tx.set_xattr(ROOT_INODE, b"user.b", b"2")  # same value again
+    async with meta.reading() as tx:
+        assert await tx.list_xattrs(ROOT_INODE) == [b"user.a", b"user.b", b"user.\xff"]
+        assert await tx.get_xattr(ROOT_INODE, b"user.a") == big
+        assert await tx.get_xattr(ROOT_INODE, b"user.b") == b"2"
+        assert await tx.get_xattr(ROOT_INODE, b"user.\xff") == b""
+        assert await tx.get_xattr(ROOT_INODE, b"user.B") is None
+    async with meta.transaction() as tx:
+        assert await tx.remove_xattr(ROOT_INODE, b"user.a")
+        assert not await tx.remove_xattr(ROOT_INODE, b"user.a")
+        assert await tx.list_xattrs(ROOT_INODE) == [b"user.b", b"user.\xff"]
+
+
+# --- extents, versions, blocks ----------------------------------------------------------------
+
+
+async def test_extents_and_versions(opener: Opener) -> None:
+    meta = await fresh(opener)
+    b = [block_id(i) for i in range(5)]
+    async with meta.transaction() as tx:
+        ino = (await tx.create_inode(mode=FILE, uid=0, gid=0, nlink=1, now_ns=NOW)).id
+        new = await tx.add_block_refs({b[0]: (100, 1), b[1]: (100, 1), b[2]: (100, 1)}, NOW)
+        assert sorted(new) == sorted(b[:3])
+        v1 = [Extent(0, 100, b[0]), Extent(100, 100, b[1]), Extent(300, 100, b[2])]  # hole
+        await tx.add_extents(ino, 1, v1)
+        await tx.update_inode(ino, size=400, version=1)
+        await tx.add_version(ino, 1, size=400, mtime_ns=NOW, origin="host-a")
+    # version 2 replaces the middle extent; its row stays as history
+    async with meta.transaction() as tx:
+        assert await tx.add_block_refs({b[3]: (100, 1)}, NOW) == [b[3]]
+        await tx.close_extents(ino, 2, [100])
+        await tx.add_extents(ino, 2, [Extent(100, 100, b[3])])
+        await tx.add_version(ino, 2, size=400, mtime_ns=NOW + 1, origin="host-b", flags=1)
+    async with meta.reading() as tx:
+        live = await tx.live_extents(ino)
+        window = await tx.live_extents(ino, 150, 301)
+        v1_rows = await tx.version_extents(ino, 1)
+        v2_rows = await tx.version_extents(ino, 2)
+        versions = await tx.versions(ino)
+    assert [(e.offset, e.block, e.v_from) for e in live] == [
+        (0, b[0], 1), (100, b[3], 2), (300, b[2], 1),
+    ]  # fmt: skip
+    assert [e.offset for e in window] == [100, 300], "overlap with [150, 301)"
+    assert [e.block for e in v1_rows] == [b[0], b[1], b[2]]
+    assert [e.block for e in v2_rows] == [b[0], b[3], b[2]]
+    assert [(v.version, v.size, v.origin, v.flags) for v in versions] == [
+        (1, 400, "host-a", 0), (2, 400, "host-b", 1),
+    ]  # fmt: skip
+    assert versions[1].committed_ns >= versions[0].committed_ns > 0
+    # an unpublished extent is dropped outright and loses its block reference
+    async with meta.transaction() as tx:
+        await tx.add_block_refs({b[4]: (10, 2)}, NOW)  # two extents share b4
+        await tx.add_extents(ino, 3, [Extent(400, 10, b[4]), Extent(410, 10, b[4])])
+        await tx.drop_extents(ino, [Extent(400, 10, b[4]), Extent(410, 10, b[4])], NOW + 9)
+    async with meta.reading() as tx:
+        assert [e.offset for e in await tx.live_extents(ino)] == [0, 100, 300]
+        row = await tx.get_block(b[4])
+        still = await tx.get_block(b[1])
+    assert row is not None and row.refcount == 0
+    assert still is not None and still.refcount == 1, "history keeps its reference"
+
+
+async def test_blocks(opener: Opener) -> None:
+    meta = await fresh(opener)
+    ids = sorted(block_id(i) for i in range(6))
+    async with meta.transaction() as tx:
+        assert await tx.add_block_refs({i: (1000 + n, 1) for n, i in enumerate(ids)}, NOW) == ids
+        assert await tx.add_block_refs({ids[0]: (1000, 2)}, NOW) == []  # known: refs only
+        assert await tx.known_blocks([ids[0], block_id(99), ids[5]]) == {ids[0], ids[5]}
+    async with meta.reading() as tx:
+        page1 = await tx.pending_blocks(4)
+        page2 = await tx.pending_blocks(4, after=page1[-1][0])
+        assert await tx.pending_summary() == (6, sum(1000 + n for n in range(6)))
+    assert [i for i, _ in page1 + page2] == ids, "pending blocks by id, resumable"
+    async with meta.transaction() as tx:
+        await tx.mark_stored(ids[1], 700)
+        await tx.mark_stored(ids[1], 999)  # only a pending block becomes stored
+        await tx.unref_blocks([ids[0], ids[0], ids[2]], NOW + 3)
+    async with meta.reading() as tx:
+        stored = await tx.get_block(ids[1])
+        b0 = await tx.get_block(ids[0])
+        b2 = await tx.get_block(ids[2])
+        assert [i for i, _ in await tx.pending_blocks(10)] == [ids[0], *ids[2:]]
+        assert await tx.get_block(block_id(99)) is None
+    assert stored is not None and (stored.state, stored.stored_size) == (BLOCK_STORED, 700)
+    assert b0 is not None and (b0.refcount, b0.state) == (1, BLOCK_PENDING)
+    assert b2 is not None and b2.refcount == 0
+    async with meta.reading() as tx:
+        unref = await tx.conn.query("SELECT unref_ns FROM blocks WHERE id = ?", (ids[2],))
+        kept = await tx.conn.query("SELECT unref_ns FROM blocks WHERE id = ?", (ids[0],))
+    assert unref[0][0] == NOW + 3, "when the refcount reached 0"
+    assert kept[0][0] is None
+
+
+async def test_known_blocks_many(opener: Opener) -> None:
+    meta = await fresh(opener)
+    ids = [block_id(i) for i in range(1200)]
+    async with meta.transaction() as tx:
+        await tx.add_block_refs({i: (1, 1) for i in ids[::2]}, NOW)
+        assert await tx.known_blocks(ids) == set(ids[::2])
+
+
+async def test_stats(opener: Opener) -> None:
+    meta = await fresh(opener)
+    async with meta.transaction() as tx:
+        f = (await tx.create_inode(mode=FILE, uid=0, gid=0, nlink=1, now_ns=NOW, size=300)).id
+        await tx.create_inode(mode=DIR, uid=0, gid=0, nlink=2, now_ns=NOW)
+        await tx.add_block_refs({block_id(1): (100, 2), block_id(2): (100, 1)}, NOW)
+        await tx.add_extents(
+            f, 1, [Extent(0, 100, block_id(1)), Extent(100, 100, block_id(1)),
+                   Extent(200, 100, block_id(2))],
+        )  # fmt: skip
+        await tx.mark_stored(block_id(2), 40)
+    async with meta.reading() as tx:
+        s = await tx.stats()
+    assert (s.inodes, s.files, s.logical_bytes) == (3, 1, 300)
+    assert (s.blocks, s.block_bytes, s.referenced_bytes) == (2, 200, 300)
+    assert (s.stored_bytes, s.stored_plain_bytes) == (40, 100)
+    assert (s.pending_blocks, s.pending_bytes) == (1, 100)
+
+
+# --- transactions -------------------------------------------------------------------------------
+
+
+class Boom(Exception):
+    pass
+
+
+async def test_exception_rolls_back(opener: Opener) -> None:
+    meta = await fresh(opener)
+    with pytest.raises(Boom):
+        async with meta.transaction() as tx:
+            ino = (await tx.create_inode(mode=FILE, uid=0, gid=0, nlink=1, now_ns=NOW)).id
+            await tx.add_dentry(ROOT_INODE, b"gone", ino)
+            await tx.add_block_refs({block_id(1): (10, 1)}, NOW)
+            raise Boom
+    async with meta.reading() as tx:
+        assert await tx.lookup(ROOT_INODE, b"gone") is None
+        assert await tx.get_inode(ino) is None
+        assert await tx.get_block(block_id(1)) is None
+    # the store is usable afterwards
+    async with meta.transaction() as tx:
+        await tx.add_dentry(ROOT_INODE, b"kept", ROOT_INODE)
+    async with meta.reading() as tx:
+        assert await tx.lookup(ROOT_INODE, b"kept") == ROOT_INODE
+
+
+async def test_duplicate_entry_fails_and_rolls_back(opener: Opener) -> None:
+    meta = await fresh(opener)
+    async with meta.transaction() as tx:
+        await tx.add_dentry(ROOT_INODE, b"dup", 7)
+    with pytest.raises(Exception, match="(?i)unique|duplicate"):
+        async with meta.transaction() as tx:
+            await tx.set_xattr(ROOT_INODE, b"user.x", b"1")
+            await tx.add_dentry(ROOT_INODE, b"dup", 8)
+    async with meta.reading() as tx:
+        assert await tx.lookup(ROOT_INODE, b"dup") == 7
+        assert await tx.get_xattr(ROOT_INODE, b"user.x") is None
+
+
+async def test_cancelled_transaction_rolls_back(opener: Opener) -> None:
+    meta = await fresh(opener)
+    with trio.move_on_after(0.2):
+        async with meta.transaction() as tx:
+            await tx.add_dentry(ROOT_INODE, b"cancelled", ROOT_INODE)
+            await trio.sleep(10)
+    async with meta.transaction() as tx:
+        assert await tx.lookup(ROOT_INODE, b"cancelled") is None
+        await tx.add_dentry(ROOT_INODE, b"after", ROOT_INODE)
+    async with meta.reading() as tx:
+        assert await tx.lookup(ROOT_INODE, b"after") == ROOT_INODE
+
+
+async def test_two_stores_never_lose_an_update(opener: Opener) -> None:
+    """Read-modify-write of one row from two stores (two processes' worth of
+    connections) and many tasks: every increment survives."""
+    a = await fresh(opener)
+    b = opener()
+    async with a.transaction() as tx:
+        ino = (await tx.create_inode(mode=FILE, uid=0, gid=0, nlink=0, now_ns=NOW)).id
+        await tx.add_block_refs({block_id(1): (1, 1)}, NOW)
+
+    async def bump(meta: MetaStore) -> None:
+        async with meta.transaction() as tx:
+            attrs = await tx.get_inode(ino)
+            assert attrs is not None
+            await tx.update_inode(ino, nlink=attrs.nlink + 1)
+            await tx.add_block_refs({block_id(1): (1, 1)}, NOW)
+
+    per_store = 15
+    async with trio.open_nursery() as nursery:
+        for meta in itertools.chain.from_iterable(itertools.repeat((a, b), per_store)):
+            nursery.start_soon(meta.run, bump, meta)
+    async with a.reading() as tx:
+        attrs = await tx.get_inode(ino)
+        row = await tx.get_block(block_id(1))
+    assert attrs is not None and attrs.nlink == 2 * per_store
+    assert row is not None and row.refcount == 1 + 2 * per_store
+
+
+async def test_run_gives_up_after_its_attempts(opener: Opener) -> None:
+    meta = await fresh(opener)
+    calls = 0
+
+    async def always_conflicts() -> None:
+        nonlocal calls
+        calls += 1
+        raise TransactionConflict("simulated")
+
+    with pytest.raises(TransactionConflict) as caught:
+        await meta.run(meta.run, always_conflicts)  # the outer run does not retry again
+    assert calls == RUN_ATTEMPTS
+    assert caught.value.final
+
+    async def returns(x: int, *, y: int) -> int:
+        return x + y
+
+    assert await meta.run(returns, 1, y=2) == 3
