@@ -1,0 +1,536 @@
+"""Real cloudfs filesystems for integration tests: made with `mkfs.cloudfs`, mounted
+with `mount.cloudfs` as a subprocess, and always unmounted and stopped — mount
+process and daemon — however the test ends.
+
+Each filesystem lives in its own tmp dir (store/, cache/, mnt/). While a test runs,
+pytest is a child subreaper (prctl PR_SET_CHILD_SUBREAPER), so the detached mount
+process and its daemon become pytest's children: the fixtures can then wait for
+them and see their exit status ("the mount process exits 0 after fusermount3 -u").
+
+After a test, DIR/mount.log and DIR/daemon.log must hold no ERROR/CRITICAL line and
+no Python traceback; a test that provokes one on purpose says so with
+`@pytest.mark.log_errors_expected(regex, ...)`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+#: the venv's console scripts sit next to the interpreter running pytest
+BIN = Path(sys.executable).parent
+
+PASSPHRASE = "integration test passphrase 8f3a"
+
+#: how long a clean unmount may take (it seals every open file first)
+UNMOUNT_TIMEOUT_S = 120.0
+#: how long a daemon may take to stop on SIGTERM (it finishes running PUTs)
+DAEMON_STOP_TIMEOUT_S = 20.0
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+# a log line at ERROR or CRITICAL level (both processes put the level as a word of
+# its own near the start of the line), or the start of a Python traceback
+_LOG_ERROR_LEVEL = re.compile(r"^(?:\S+ ){1,4}(ERROR|CRITICAL)\b")
+_TRACEBACK = re.compile(r"Traceback \(most recent call last\)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "log_errors_expected(*regex): ERROR lines in mount.log/daemon.log matching one "
+        "of these patterns do not fail the test",
+    )
+
+
+def tool(name: str) -> str:
+    """Absolute path of a cloudfs console script (the venv's, else one on PATH)."""
+    candidate = BIN / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed (looked in {BIN} and on PATH)")
+    return found
+
+
+# --- processes -----------------------------------------------------------------------
+
+
+def _set_subreaper(on: bool) -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [os.fsdecode(a) for a in raw.split(b"\0") if a]
+
+
+def _running(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    state = stat.rpartition(")")[2].split()[0]
+    return state not in ("Z", "X")
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def _mount_processes(mountpoint: Path) -> list[int]:
+    """Running mount.cloudfs processes serving `mountpoint`."""
+    target = str(mountpoint)
+    found = []
+    for pid in _pids():
+        args = _cmdline(pid)
+        if target in args and any(a.endswith("mount.cloudfs") for a in args) and _running(pid):
+            found.append(pid)
+    return found
+
+
+def _daemon_processes(cache: Path) -> list[int]:
+    """Running cloudfsd processes serving the cache dir `cache`."""
+    target = str(cache)
+    found = []
+    for pid in _pids():
+        args = _cmdline(pid)
+        if not any(a.endswith("cloudfsd") or a == "cloudfs.daemon.main" for a in args):
+            continue
+        serves = any(
+            a == "--cachedir" and args[i + 1 : i + 2] == [target] for i, a in enumerate(args)
+        )
+        if serves and _running(pid):
+            found.append(pid)
+    return found
+
+
+def wait_exit(pid: int, timeout: float) -> int | None:
+    """Wait until `pid` has exited. Returns its exit code when it was our child (so
+    we reaped it), None when it was not; raises TimeoutError if it is still running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done == pid:
+                return os.waitstatus_to_exitcode(status)
+        except ChildProcessError:
+            if not _running(pid):
+                return None
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"process {pid} still running after {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def stop_process(
+    pid: int, sig: int = signal.SIGTERM, timeout: float = DAEMON_STOP_TIMEOUT_S
+) -> int | None:
+    """Send `sig`, wait for the exit (SIGKILL after `timeout`); returns the exit code
+    as `wait_exit` does."""
+    try:
+        os.kill(pid, sig)
+        os.kill(pid, signal.SIGCONT)  # a stopped process would never see the signal
+    except ProcessLookupError:
+        pass
+    try:
+        return wait_exit(pid, timeout)
+    except TimeoutError:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return wait_exit(pid, 10.0)
+
+
+def _fuse_mounts_under(base: Path) -> list[Path]:
+    """FUSE mount points at or below `base`, deepest first."""
+    found = []
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        fields = line.split()
+        sep = fields.index("-")
+        fstype = fields[sep + 1]
+        # mountinfo escapes space, tab, newline and backslash as octal
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        if fstype.startswith("fuse") and (point == str(base) or point.startswith(str(base) + "/")):
+            found.append(Path(point))
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+def _fusermount(mountpoint: Path, *, lazy: bool = False) -> subprocess.CompletedProcess[str]:
+    args = ["fusermount3", "-uz" if lazy else "-u", str(mountpoint)]
+    return subprocess.run(args, check=False, capture_output=True, text=True, timeout=60)
+
+
+# --- one filesystem --------------------------------------------------------------------
+
+
+class CloudFS:
+    """One cloudfs filesystem in `root`: store/, cache/, mnt/ and the commands on them."""
+
+    def __init__(self, root: Path, *, encryption: bool = True) -> None:
+        self.root = root
+        self.store = root / "store"
+        self.cache = root / "cache"
+        self.mnt = root / "mnt"
+        self.storage_url = f"local://{self.store}"
+        self.encryption = encryption
+        self.passphrase = PASSPHRASE
+        self.env = {
+            **os.environ,
+            "CLOUDFS_PASSPHRASE": self.passphrase,
+            "CLOUDFS_TEST_FAST_KDF": "1",
+        }
+        #: the mount.cloudfs process serving mnt while mounted
+        self.mount_pid: int | None = None
+        #: exit codes of the mount processes that ended (None: not ours to reap)
+        self.mount_exits: list[int | None] = []
+        self.mnt.mkdir(parents=True, exist_ok=True)
+
+    #: wait for a process (mount or daemon) to exit; see `wait_exit`
+    wait_exit = staticmethod(wait_exit)
+
+    # --- commands ---------------------------------------------------------------------
+
+    def run(
+        self,
+        prog: str,
+        *args: str | Path,
+        env: dict[str, str] | None = None,
+        timeout: float = 300.0,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a cloudfs command line; never raises on a non-zero exit."""
+        return subprocess.run(
+            [tool(prog), *map(str, args)],
+            check=False,
+            env=self.env if env is None else env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
+
+    def check(self, prog: str, *args: str | Path, **kw: object) -> subprocess.CompletedProcess[str]:
+        """Run a command that must succeed."""
+        r = self.run(prog, *args, **kw)  # type: ignore[arg-type]
+        if r.returncode != 0:
+            pytest.fail(
+                f"{prog} {' '.join(map(str, args))} exited {r.returncode}:\n{r.stderr}{r.stdout}"
+            )
+        return r
+
+    def mkfs(self, *extra: str) -> None:
+        args = [self.storage_url, "--cachedir", str(self.cache), *extra]
+        if not self.encryption:
+            args.append("--no-encryption")
+        self.check("mkfs.cloudfs", *args)
+
+    def mount(self, *extra: str, env: dict[str, str] | None = None) -> None:
+        """mount.cloudfs STORE MNT --cachedir CACHE; returns once mounted (the command
+        goes to the background only after the mount is up)."""
+        assert not os.path.ismount(self.mnt), f"{self.mnt} is already mounted"
+        self.check(
+            "mount.cloudfs",
+            self.storage_url,
+            self.mnt,
+            "--cachedir",
+            self.cache,
+            *extra,
+            env=env,
+            timeout=120,
+        )
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(self.mnt):
+            if time.monotonic() > deadline:
+                pytest.fail(f"mount.cloudfs exited 0 but {self.mnt} is not mounted")
+            time.sleep(0.05)
+        pids = _mount_processes(self.mnt)
+        assert len(pids) == 1, f"expected one mount.cloudfs process for {self.mnt}, found {pids}"
+        self.mount_pid = pids[0]
+
+    @property
+    def mounted(self) -> bool:
+        return os.path.ismount(self.mnt)
+
+    def unmount(self) -> int | None:
+        """fusermount3 -u (retried while busy); waits for the mount process and checks
+        that it exits 0. Returns its exit code (None if it was not ours to reap)."""
+        deadline = time.monotonic() + 10
+        while True:
+            r = _fusermount(self.mnt)
+            if r.returncode == 0:
+                break
+            if "busy" not in r.stderr.lower() or time.monotonic() > deadline:
+                pytest.fail(f"fusermount3 -u {self.mnt} failed: {r.stderr.strip()}")
+            time.sleep(0.1)
+        code = None
+        if self.mount_pid is not None:
+            pid, self.mount_pid = self.mount_pid, None
+            try:
+                code = wait_exit(pid, UNMOUNT_TIMEOUT_S)
+            except TimeoutError:
+                pytest.fail(
+                    f"mount.cloudfs (pid {pid}) still running {UNMOUNT_TIMEOUT_S:.0f} s after unmount"
+                )
+            self.mount_exits.append(code)
+            assert code in (0, None), (
+                f"mount.cloudfs exited {code} after a clean unmount (see {self.cache}/mount.log)"
+            )
+        return code
+
+    def remount(self) -> None:
+        self.unmount()
+        self.mount()
+
+    def stat_json(self) -> dict:
+        r = self.check("cloudfs", "stat", "--json", self.mnt, timeout=60)
+        return json.loads(r.stdout)
+
+    def flush(self, timeout: float = 600.0) -> None:
+        """cloudfs flush: seal everything and wait until no upload is pending."""
+        self.check("cloudfs", "flush", self.mnt, timeout=timeout)
+
+    # --- the daemon ---------------------------------------------------------------------
+
+    def daemon_pid(self) -> int | None:
+        """The running daemon's pid per DIR/daemon.pid, or None."""
+        try:
+            pid = int((self.cache / "daemon.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _running(pid) else None
+
+    def kill_daemon(
+        self, sig: int = signal.SIGTERM, timeout: float = DAEMON_STOP_TIMEOUT_S
+    ) -> int | None:
+        """Stop the cache dir's daemon with `sig` (SIGKILL after `timeout`) and wait
+        until it is gone. Returns the pid it had, or None if none ran."""
+        pids = set(_daemon_processes(self.cache))
+        pid = self.daemon_pid()
+        if pid is not None:
+            pids.add(pid)
+        for p in pids:
+            stop_process(p, sig, timeout)
+        return pid
+
+    def wait_daemon_gone(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while _daemon_processes(self.cache):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the daemon of {self.cache} still runs after {timeout:.0f} s")
+            time.sleep(0.1)
+
+    # --- looking at the cache and the store ---------------------------------------------
+
+    def drop_cached_blocks(self) -> int:
+        """Remove the plaintext block copies from the cache dir (unmounted, daemon
+        stopped), so every read must fetch from the store. Returns how many."""
+        assert not self.mounted, "drop_cached_blocks needs the filesystem unmounted"
+        self.kill_daemon()
+        removed = 0
+        for path in (self.cache / "blocks").glob("*/*"):
+            if path.is_file():
+                path.unlink()
+                removed += 1
+        return removed
+
+    def cached_blocks(self) -> list[Path]:
+        return [p for p in (self.cache / "blocks").glob("*/*") if p.is_file()]
+
+    def store_objects(self) -> dict[str, tuple[int, str]]:
+        """Every file under the store: relative path -> (size, sha256)."""
+        result: dict[str, tuple[int, str]] = {}
+        if not self.store.exists():
+            return result
+        for path in sorted(self.store.rglob("*")):
+            if path.is_file():
+                data = path.read_bytes()
+                result[str(path.relative_to(self.store))] = (
+                    len(data),
+                    hashlib.sha256(data).hexdigest(),
+                )
+        return result
+
+    def block_objects(self) -> list[Path]:
+        return sorted(p for p in (self.store / "blocks").glob("*/*") if p.is_file())
+
+    def store_block_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.block_objects())
+
+    def log_problems(self, allowed: list[re.Pattern[str]]) -> list[str]:
+        """ERROR/CRITICAL lines and tracebacks in mount.log and daemon.log."""
+        problems = []
+        for name in ("mount.log", "daemon.log"):
+            path = self.cache / name
+            if not path.exists():
+                continue
+            lines = path.read_text(errors="replace").splitlines()
+            for i, line in enumerate(lines):
+                if not (_LOG_ERROR_LEVEL.search(line) or _TRACEBACK.search(line)):
+                    continue
+                if any(p.search(line) for p in allowed):
+                    continue
+                context = "\n    ".join(lines[i : i + 12])
+                problems.append(f"{path}:{i + 1}:\n    {context}")
+        return problems
+
+    # --- cleanup ------------------------------------------------------------------------
+
+    def cleanup(self) -> list[str]:
+        """Unmount and stop everything of this filesystem, whatever state it is in.
+        Returns what went wrong (for the report); never raises."""
+        notes: list[str] = []
+        lazy = False
+        try:
+            if os.path.ismount(self.mnt):
+                deadline = time.monotonic() + 5
+                while os.path.ismount(self.mnt):
+                    r = _fusermount(self.mnt)
+                    if r.returncode == 0:
+                        break
+                    if time.monotonic() > deadline:
+                        notes.append(
+                            f"fusermount3 -u {self.mnt}: {r.stderr.strip()}; unmounting lazily"
+                        )
+                        _fusermount(self.mnt, lazy=True)
+                        lazy = True
+                        break
+                    time.sleep(0.1)
+            mount_pids = set(_mount_processes(self.mnt))
+            if self.mount_pid is not None:
+                mount_pids.add(self.mount_pid)
+            for pid in mount_pids:
+                code: int | None
+                try:
+                    # a lazily unmounted mount serves its open files until killed
+                    code = wait_exit(pid, 2.0 if lazy else 30.0)
+                except TimeoutError:
+                    notes.append(f"mount.cloudfs {pid} did not exit after unmount; killed")
+                    code = stop_process(pid, signal.SIGTERM, 10.0)
+                if pid == self.mount_pid:
+                    self.mount_exits.append(code)
+            self.mount_pid = None
+            if os.path.ismount(self.mnt):
+                _fusermount(self.mnt, lazy=True)
+            daemons = set(_daemon_processes(self.cache))
+            pid_file = self.daemon_pid()
+            if pid_file is not None:
+                daemons.add(pid_file)
+            for pid in daemons:
+                stop_process(pid, signal.SIGTERM, DAEMON_STOP_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - cleanup must go on and report
+            notes.append(f"cleanup of {self.root} failed: {type(exc).__name__}: {exc}")
+        return notes
+
+
+# --- fixtures ----------------------------------------------------------------------------
+
+
+def _reap_children() -> None:
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+@pytest.fixture
+def make_fs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., CloudFS]]:
+    """A factory: make_fs(name="fs", encryption=True, mkfs=True, mount=True) -> CloudFS.
+    Every filesystem it made is unmounted and stopped at the end of the test, and its
+    logs are checked for errors."""
+    made: list[CloudFS] = []
+    subreaper = _set_subreaper(True)
+
+    def make(
+        name: str = "fs", *, encryption: bool = True, mkfs: bool = True, mount: bool = True
+    ) -> CloudFS:
+        fs = CloudFS(tmp_path / name, encryption=encryption)
+        made.append(fs)
+        if mkfs:
+            fs.mkfs()
+        if mount:
+            fs.mount()
+        return fs
+
+    try:
+        yield make
+    finally:
+        notes = []
+        for fs in reversed(made):
+            notes.extend(fs.cleanup())
+        if subreaper:
+            _set_subreaper(False)
+            _reap_children()
+        marker = request.node.get_closest_marker("log_errors_expected")
+        allowed = [re.compile(p) for p in (marker.args if marker else ())]
+        problems = [p for fs in made for p in fs.log_problems(allowed)]
+        crashed = [
+            f"{fs.root}: mount.cloudfs exited {c}"
+            for fs in made
+            for c in fs.mount_exits
+            if c not in (0, None)
+        ]
+        if notes:
+            print("\n".join(notes), file=sys.stderr)
+        if problems or crashed:
+            pytest.fail(
+                "errors reached the logs or a mount process failed:\n"
+                + "\n".join(crashed + problems),
+                pytrace=False,
+            )
+
+
+@pytest.fixture
+def fs(make_fs: Callable[..., CloudFS]) -> CloudFS:
+    """A fresh encrypted filesystem, mounted."""
+    return make_fs()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_mounts_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Safety net: at the end of the session nothing stays mounted under pytest's tmp
+    dirs and no cloudfs process serves them."""
+    base = tmp_path_factory.getbasetemp()
+    yield
+    for point in _fuse_mounts_under(base):
+        if _fusermount(point).returncode != 0:
+            _fusermount(point, lazy=True)
+        print(f"safety net: unmounted {point}", file=sys.stderr)
+    prefix = str(base) + "/"
+    for pid in _pids():
+        args = _cmdline(pid)
+        is_cloudfs = any(
+            a.endswith(("mount.cloudfs", "cloudfsd")) or a == "cloudfs.daemon.main" for a in args
+        )
+        if is_cloudfs and any(a.startswith(prefix) for a in args) and _running(pid):
+            print(f"safety net: stopping {pid} {' '.join(args)}", file=sys.stderr)
+            stop_process(pid, signal.SIGTERM, 10.0)
