@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Install what the test suite needs on a fresh Debian machine, then run it.
+#
+#   bash tools/test.sh [pytest args...]
+#
+# Installs the missing apt packages (apt-get update first, non-interactive), makes
+# .venv with `python3 -m venv` if there is none (Debian's python3 or pyenv's), runs
+# `pip install -e '.[test]'`, then the whole suite with a per-test timeout
+# (CLOUDFS_TEST_TIMEOUT seconds, default 900). Exits with pytest's status.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+# --- apt packages ----------------------------------------------------------------------
+packages=(fuse3 libfuse3-dev pkg-config libzstd-dev libssl-dev mariadb-server redis-server
+          python3-venv build-essential)
+# Debian's own python3 needs its headers to build the extensions (pyenv's has them)
+if [ "$(command -v python3 || true)" = /usr/bin/python3 ]; then
+    packages+=(python3-dev)
+fi
+missing=()
+for pkg in "${packages[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+        missing+=("$pkg")
+    fi
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    sudo=()
+    if [ "$(id -u)" -ne 0 ]; then
+        sudo=(sudo)
+    fi
+    log "installing apt packages: ${missing[*]}"
+    "${sudo[@]}" apt-get update
+    # no service may start or prompt while installing (containers have no init)
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+        --no-install-recommends "${missing[@]}"
+fi
+
+# --- virtualenv and the package ----------------------------------------------------------
+if [ ! -x .venv/bin/python ]; then
+    log "creating .venv with $(command -v python3) ($(python3 --version 2>&1))"
+    python3 -m venv .venv
+fi
+log "pip install -e '.[test]'"
+.venv/bin/python -m pip install -q -e '.[test]'
+
+# --- tests ------------------------------------------------------------------------------
+if [ ! -c /dev/fuse ]; then
+    log "warning: /dev/fuse is missing: the integration tests (real mounts) will fail"
+fi
+report=$(mktemp "${TMPDIR:-/tmp}/cloudfs-test.XXXXXX")
+trap 'rm -f "$report"' EXIT
+log "python -m pytest --import-mode=importlib -q tests $*"
+set +e
+.venv/bin/python -m pytest --import-mode=importlib -q \
+    --timeout="${CLOUDFS_TEST_TIMEOUT:-900}" tests "$@" 2>&1 | tee "$report"
+status=${PIPESTATUS[0]}
+set -e
+summary=$(grep -E '(passed|failed|error|errors|skipped|no tests ran)( |,|$)' "$report" \
+          | grep -E ' in [0-9.]+s' | tail -n 1 || true)
+echo
+echo "pytest: ${summary:-no summary line (exit status $status)}"
+exit "$status"
