@@ -15,6 +15,7 @@ unpublished working version instead, so a 10 GiB copy is one version, not 160.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -30,6 +31,7 @@ from cloudfs.chunking import ChunkerParams
 from cloudfs.errors import FSOpError
 from cloudfs.meta.base import Extent, FsStats, MetaStore
 from cloudfs.overlay import DirtyOverlay
+from cloudfs.stream import BACKLOG_LIMIT, CUT_BATCH, AppendStream, can_stream
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,9 @@ class FileState:
     #: block files written by seals that did not sync them; the next durable seal
     #: (fsync) syncs them, since the file's extents already name them
     unsynced: list[bytes] = field(default_factory=list)
+    #: sequential writes at the end of the file, chunked as they arrive
+    stream: AppendStream | None = None
+    cut_lock: trio.Lock = field(default_factory=trio.Lock)  # one stream cut at a time
 
     @property
     def dirty(self) -> bool:
@@ -75,6 +80,7 @@ class FileState:
             bool(self.overlay and self.overlay.ranges)
             or self.size != self.sealed_size
             or (self.keep_below < self.sealed_size)
+            or (self.stream is not None and self.stream.uncommitted > 0)
         )
 
 
@@ -120,6 +126,8 @@ class FileStore:
         self.blockfiles = BlockFiles(cache)
         self.states: dict[int, FileState] = {}
         self._stats: tuple[float, FsStats] | None = None
+        #: where append streams cut in the background (None: cut inline)
+        self.nursery: trio.Nursery | None = None
 
     # --- state ----------------------------------------------------------------------
 
@@ -219,8 +227,11 @@ class FileStore:
             return b""
         buf = bytearray(end - offset)
         old_end = min(end, st.keep_below)
+        extents = await self._extents(st) if offset < old_end else []
+        # no await between taking the committed extents and the stream's: a commit
+        # moves extents from the stream to the metadata, never out of both at once
+        streamed = st.stream.read_into(buf, offset, end) if st.stream is not None else []
         if offset < old_end:
-            extents = await self._extents(st)
             i = _first_overlap(extents, offset)
             while i < len(extents) and extents[i].offset < old_end:
                 ext = extents[i]
@@ -228,6 +239,9 @@ class FileStore:
                 data = await self._block_bytes(ext, a - ext.offset, b - a, extents, i)
                 buf[a - offset : b - offset] = data
                 i += 1
+        for ext in streamed:
+            a, b = max(ext.offset, offset), min(ext.end, end)
+            buf[a - offset : b - offset] = await self._block_bytes(ext, a - ext.offset, b - a)
         if st.overlay is not None:
             st.overlay.read_into(buf, offset, end)
         return bytes(buf)
@@ -260,21 +274,69 @@ class FileStore:
 
     async def write(self, ino: int, offset: int, data: bytes) -> int:
         st = await self.state(ino)
+        cut = False
         async with self._locked(st):
-            if st.overlay is None:
-                st.overlay = DirtyOverlay(self.cache.dirty / str(ino))
-            st.overlay.write(offset, data)
+            stream = st.stream
+            if stream is not None and stream.error is not None:
+                await self._end_stream(st)  # raises the background cut's error
+            if stream is None and can_stream(
+                offset,
+                st.size,
+                st.sealed_size,
+                st.keep_below,
+                bool(st.overlay and st.overlay.ranges),
+            ):
+                stream = st.stream = AppendStream(
+                    offset, self.gear_key, self.id_key, self.chunker, self.cache
+                )
+            if stream is not None and offset == stream.end == st.size:
+                stream.append(data)
+                cut = stream.unfed >= CUT_BATCH
+                over_limit = stream.uncommitted >= DIRTY_LIMIT
+            else:
+                if stream is not None:
+                    await self._end_stream(st)  # not an append: the overlay takes over
+                if st.overlay is None:
+                    st.overlay = DirtyOverlay(self.cache.dirty / str(ino))
+                st.overlay.write(offset, data)
+                over_limit = st.overlay.ranges.total >= DIRTY_LIMIT
             st.size = max(st.size, offset + len(data))
             st.mtime_ns = time.time_ns()
             st.last_change = time.monotonic()
-            over_limit = st.overlay.ranges.total >= DIRTY_LIMIT
         if over_limit:
             await self._seal_state(st, publish=False)
+        elif cut and st.stream is not None:
+            if st.stream.unfed >= BACKLOG_LIMIT or self.nursery is None:
+                await self._cut_stream(st, final=False)  # the writer waits: bounded memory
+            elif not st.cut_lock.locked():
+                self.nursery.start_soon(self._cut_in_background, st)
         return len(data)
+
+    async def _cut_stream(self, st: FileState, *, final: bool) -> None:
+        async with st.cut_lock:
+            stream = st.stream
+            if stream is not None and stream.error is None:
+                await trio.to_thread.run_sync(
+                    functools.partial(stream.cut, final=final), abandon_on_cancel=False
+                )
+
+    async def _cut_in_background(self, st: FileState) -> None:
+        try:
+            await self._cut_stream(st, final=False)
+        except Exception as exc:  # noqa: BLE001 - handed to the next writer or seal
+            if st.stream is not None:
+                st.stream.error = exc
+
+    async def _end_stream(self, st: FileState) -> None:
+        """Cut a stream's tail and commit it (st.lock is held); the file leaves
+        stream mode. Raises the error of a failed background cut."""
+        await self._seal_stream(st, publish=False, final=True, durable=False)
 
     async def truncate(self, ino: int, size: int) -> None:
         st = await self.state(ino)
         async with self._locked(st):
+            if st.stream is not None:
+                await self._end_stream(st)
             if st.overlay is not None:
                 st.overlay.truncate(size)
             st.size = size
@@ -317,12 +379,18 @@ class FileStore:
                 st.sealing = False
 
     async def _seal_locked(self, st: FileState, *, publish: bool, durable: bool) -> None:
+        if st.stream is not None:
+            await self._seal_stream(st, publish=publish, final=publish, durable=durable)
+            return
         if not st.dirty:
             if publish and st.working_version is not None:
                 await self._commit(st, [], [], publish=True, durable=durable, size=st.size)
             elif durable:
                 async with self.meta.transaction(durable=True):
                     pass  # syncs the WAL: earlier commits of this file become durable
+            if durable and st.unsynced:
+                earlier, st.unsynced = st.unsynced, []
+                await trio.to_thread.run_sync(self.cache.sync_blocks, earlier, [])
             return
         extents = await self._extents(st)
         plan = self._plan(st, extents, hold_tail=not publish)
@@ -347,6 +415,33 @@ class FileStore:
                 st.overlay.clear()
         st.sealed_size = size
         st.keep_below = size
+        self._on_sealed()
+
+    async def _seal_stream(
+        self, st: FileState, *, publish: bool, final: bool, durable: bool
+    ) -> None:
+        """Commit what an append stream has cut (all of it when `final`)."""
+        stream = st.stream
+        assert stream is not None
+        await self._cut_stream(st, final=final)
+        if stream.error is not None:
+            error, stream.error = stream.error, None
+            st.stream = None  # its uncommitted bytes are lost: the writer is told
+            st.size = st.sealed_size
+            raise error
+        extents, written, boundary = stream.take_extents()
+        size = st.size
+        await self._commit(st, [], extents, publish=publish, durable=durable, size=size)
+        stream.committed(len(extents), boundary)
+        if durable:
+            earlier, st.unsynced = [*st.unsynced, *written], []
+            await trio.to_thread.run_sync(self.cache.sync_blocks, earlier, [])
+        else:
+            st.unsynced.extend(written)
+        st.sealed_size = size
+        st.keep_below = size
+        if final:
+            st.stream = None
         self._on_sealed()
 
     def _plan(self, st: FileState, extents: list[Extent], *, hold_tail: bool) -> _SealPlan:

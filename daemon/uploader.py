@@ -271,8 +271,8 @@ class Uploader:
                 while len(batch) < COMMIT_BATCH:
                     try:
                         batch.append(done.receive_nowait())
-                    except trio.WouldBlock:
-                        break
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break  # EndOfChannel: shutting down; commit what came in
                 await self._commit(batch)
 
     async def _commit(self, batch: list[tuple[bytes, int, int]]) -> None:

@@ -207,6 +207,7 @@ async def serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
     try:
         async with trio.open_nursery() as last_closes:
             ops.background = last_closes
+            files.nursery = last_closes
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(link.run_kicker)
                 nursery.start_soon(_seal_idle_files, files, opts.idle_seal_s)
@@ -217,6 +218,7 @@ async def serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
                 nursery.cancel_scope.cancel()
             # leaving `last_closes` waits for the seals of files closed at the end
         ops.background = None
+        files.nursery = None
         await files.seal_all()
     finally:
         try:

@@ -148,6 +148,7 @@ ops = st.lists(
         st.tuples(
             st.just("write"), st.integers(0, 6000), st.integers(1, 3000), st.integers(0, 255)
         ),
+        st.tuples(st.just("append"), st.integers(1, 2500), st.integers(0, 255)),
         st.tuples(st.just("truncate"), st.integers(0, 8000)),
         st.tuples(st.just("seal"), st.booleans()),
         st.tuples(st.just("reopen")),
@@ -156,12 +157,25 @@ ops = st.lists(
 )
 
 
+@pytest.fixture
+def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Append streams cut every few hundred bytes, so cuts happen between writes."""
+    monkeypatch.setattr("cloudfs.files.CUT_BATCH", 700)
+    monkeypatch.setattr("cloudfs.files.BACKLOG_LIMIT", 2100)
+    monkeypatch.setattr("cloudfs.files.DIRTY_LIMIT", 5000)
+
+
+MODEL_EXAMPLES = int(os.environ.get("CLOUDFS_MODEL_EXAMPLES", "80"))
+
+
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=MODEL_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(ops=ops)
-def test_model(tmp_path: Path, ops: list[tuple]) -> None:
-    """Random writes, truncates and seals agree with a bytearray at every step."""
+def test_model(tmp_path: Path, small_batches: None, ops: list[tuple]) -> None:
+    """Random writes, appends, truncates and seals agree with a bytearray at every step."""
 
     async def run() -> None:
         env = Env(tmp_path / f"m{next(_unique)}")
@@ -176,6 +190,11 @@ def test_model(tmp_path: Path, ops: list[tuple]) -> None:
                 if len(model) < off:
                     model.extend(bytes(off - len(model)))
                 model[off : off + n] = payload
+            elif op[0] == "append":
+                _, n, fill = op
+                payload = bytes((fill * 3 + i) % 256 for i in range(n))
+                await env.files.write(ino, len(model), payload)
+                model += payload
             elif op[0] == "truncate":
                 await env.files.truncate(ino, op[1])
                 del model[op[1] :]

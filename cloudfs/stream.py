@@ -1,0 +1,157 @@
+"""Append streams: a file written sequentially is chunked as its bytes arrive.
+
+`cp`, `dd`, `tar -x` and downloads write a new file front to back. Routing those
+bytes through the dirty overlay would write them to disk twice and read them back
+at the seal. An append stream instead keeps the bytes after the last cut point in
+memory, feeds the streaming chunker as data comes in, and turns each complete chunk
+into a block file at once (on a worker thread, while the next writes arrive). The
+seal then only commits the extents the stream produced.
+
+A stream covers [start, end) of its file: start was the end of the sealed data when
+the stream began, and nothing old lies past it. Any write that is not an append at
+the end of the file, and any truncate, ends the stream first (its tail is cut and its
+extents committed) and then takes the overlay path.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from cloudfs import _native
+from cloudfs.cache import CacheDir
+from cloudfs.chunking import ChunkerParams
+from cloudfs.meta.base import Extent
+
+#: unprocessed bytes that make a write hand the buffer to the chunker
+CUT_BATCH = 4 << 20
+#: unprocessed bytes past which a writer waits for the chunker (memory bound)
+BACKLOG_LIMIT = 4 * CUT_BATCH
+
+
+@dataclass
+class AppendStream:
+    """The unsealed appended bytes of one file: cut extents and the uncut tail."""
+
+    start: int
+    gear_key: bytes
+    id_key: bytes
+    params: ChunkerParams
+    cache: CacheDir
+    #: extents cut but not committed to the metadata yet, in file order
+    extents: list[Extent] = field(default_factory=list)
+    #: block files written by the stream and not fsynced
+    written: list[bytes] = field(default_factory=list)
+    #: bytes after the last cut; buffer[0] is file offset `tail_start`
+    buffer: bytearray = field(default_factory=bytearray)
+    tail_start: int = 0
+    #: bytes of `buffer` already fed to the chunker
+    fed: int = 0
+    #: an error of a background cut, raised to the next writer or seal
+    error: BaseException | None = None
+
+    def __post_init__(self) -> None:
+        self.tail_start = self.start
+        self._chunker = _native.Chunker(
+            self.gear_key, self.params.min_size, self.params.avg_size, self.params.max_size
+        )
+        # guards buffer/extents/tail_start against readers while a cut runs in a thread
+        self._lock = threading.Lock()
+
+    @property
+    def end(self) -> int:
+        return self.tail_start + len(self.buffer)
+
+    @property
+    def unfed(self) -> int:
+        return len(self.buffer) - self.fed
+
+    @property
+    def uncommitted(self) -> int:
+        """Bytes the metadata does not know yet (cut extents and the tail)."""
+        return self.end - self.start
+
+    def append(self, data: bytes) -> None:
+        with self._lock:
+            self.buffer += data
+
+    def cut(self, *, final: bool) -> None:
+        """Feed what is buffered to the chunker and make block files of the chunks it
+        completes (blocking: run it in a worker thread). `final` cuts the tail too."""
+        with self._lock:
+            pending = bytes(self.buffer[self.fed :])
+            self.fed = len(self.buffer)
+        lengths = self._chunker.feed(pending) if pending else []
+        if final:
+            last = self._chunker.finish()
+            if last:
+                lengths = [*lengths, last]
+        pos = 0
+        for length in lengths:
+            with self._lock:
+                chunk = bytes(self.buffer[pos : pos + length])
+            at = self.tail_start + pos
+            extent = self._make_block(chunk, at)
+            pos += length
+            with self._lock:
+                if extent is not None:
+                    self.extents.append(extent)
+                if pos >= CUT_BATCH or pos == len(self.buffer):
+                    # drop what is cut from the front of the buffer now and then
+                    del self.buffer[:pos]
+                    self.fed -= pos
+                    self.tail_start += pos
+                    pos = 0
+        if pos:
+            with self._lock:
+                del self.buffer[:pos]
+                self.fed -= pos
+                self.tail_start += pos
+
+    def _make_block(self, chunk: bytes, at: int) -> Extent | None:
+        if _native.is_zero(chunk):
+            return None  # a hole: costs nothing in the store
+        block_id = _native.block_id(self.id_key, chunk)
+        if not self.cache.has_block(block_id):
+            self.cache.write_block(block_id, chunk, durable=False)
+            self.written.append(block_id)
+        return Extent(at, len(chunk), block_id)
+
+    def take_extents(self) -> tuple[list[Extent], list[bytes], int]:
+        """What a commit may take: the extents cut so far, their new block files, and
+        the offset up to which the stream is then committed (holes included). The
+        extents stay readable here until `committed` drops them, so a reader never
+        finds them in neither place."""
+        with self._lock:
+            extents = list(self.extents)
+            boundary = self.tail_start
+        written, self.written = self.written, []
+        return extents, written, boundary
+
+    def committed(self, count: int, boundary: int) -> None:
+        """The metadata now holds the first `count` extents and everything below
+        `boundary`."""
+        with self._lock:
+            del self.extents[:count]
+            self.start = max(self.start, boundary)
+
+    def read_into(self, buf: bytearray, offset: int, end: int) -> list[Extent]:
+        """Copy the stream's bytes within [offset, end) into buf (buf[0] is `offset`).
+        Returns the cut extents in range whose block files must be read by the
+        caller (they could be fetched if evicted; normally they are cached)."""
+        with self._lock:
+            extents = [e for e in self.extents if e.offset < end and e.end > offset]
+            a, b = max(offset, self.tail_start), min(end, self.end)
+            if a < b:
+                buf[a - offset : b - offset] = self.buffer[
+                    a - self.tail_start : b - self.tail_start
+                ]
+        return extents
+
+
+def can_stream(
+    offset: int, size: int, sealed_size: int, keep_below: int, has_overlay: bool
+) -> bool:
+    """May a write at `offset` start an append stream? Only a write at the end of a
+    file whose sealed data reaches exactly there and that has nothing else dirty."""
+    return offset == size == sealed_size == keep_below and not has_overlay
