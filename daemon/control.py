@@ -17,6 +17,8 @@ back in any order::
                                            reply once no (listed) block is pending
     {"op":"status"}                        pending, pending_bytes, uploading, uploaded,
                                            errors, ...
+    {"op":"drop_cache"}                    delete the cache copies of stored blocks
+                                           (never pending ones): dropped, dropped_bytes
     {"op":"shutdown"}                      exit cleanly (after the reply)
 
 A reply is {"ok": true, ...} or {"ok": false, "error": message, "kind": error class
@@ -148,6 +150,7 @@ class DaemonOps(Protocol):
     async def fetch(self, block_ids: list[bytes], prefetch: list[bytes]) -> _Json: ...
     async def flush(self, block_ids: list[bytes] | None) -> _Json: ...
     async def status(self) -> _Json: ...
+    async def drop_cache(self) -> _Json: ...
     def shutdown(self) -> None: ...
 
 
@@ -269,6 +272,8 @@ class ControlServer:
                 result = await self.ops.flush(_block_ids(msg))
             elif op == "status":
                 result = await self.ops.status()
+            elif op == "drop_cache":
+                result = await self.ops.drop_cache()
             elif op == "shutdown":
                 result = {}
             else:
@@ -372,6 +377,12 @@ class DaemonClient:
         reply.pop("ok", None)
         reply.pop("id", None)
         return reply
+
+    async def drop_cache(self) -> _Json:
+        """Delete the cache copies of every stored block (pending ones stay), so later
+        reads fetch from the object store: {"dropped": blocks, "dropped_bytes": n}."""
+        reply = await self._request("drop_cache")
+        return {k: reply[k] for k in ("dropped", "dropped_bytes")}
 
     async def shutdown(self) -> None:
         """Ask the daemon to exit (it finishes the bookkeeping of running uploads)."""

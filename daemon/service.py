@@ -24,6 +24,7 @@ from cloudfs.daemon.uploader import Uploader
 from cloudfs.cache import CacheDir
 from cloudfs.codec.crypto import Keys
 from cloudfs.meta.base import MetaStore
+from cloudfs.meta.schema import BLOCK_STORED
 from cloudfs.objectstore.sealed import SealedStore
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 STOP_GRACE_S = 10.0
 #: how often the idle timer looks
 IDLE_CHECK_S = 0.5
+#: block rows read per metadata transaction by drop_cache
+DROP_BATCH = 500
 
 
 async def open_listener(cache: CacheDir) -> trio.SocketListener:
@@ -213,3 +216,26 @@ class DaemonService:
             "mounts": self.mounts,
             "pid": os.getpid(),
         }
+
+    async def drop_cache(self) -> dict[str, Any]:
+        """Delete the cache copies of stored blocks, so reads fetch them again (cold
+        reads, `cloudfs drop-cache`). Only a block whose row says `stored` loses its
+        file: a pending block's file is its only copy, and a file without a row may
+        belong to a seal that has not committed yet. A stored row never turns pending
+        again, so a file seen as stored can go even while a seal re-uses its block."""
+        block_ids = await trio.to_thread.run_sync(self.cache.cached_block_ids)
+        dropped = dropped_bytes = 0
+        for i in range(0, len(block_ids), DROP_BATCH):
+            part = block_ids[i : i + DROP_BATCH]
+            async with self.meta.transaction(write=False) as tx:
+                rows = [await tx.get_block(block_id) for block_id in part]
+            stored = [r.id for r in rows if r is not None and r.state == BLOCK_STORED]
+            freed = await trio.to_thread.run_sync(self._remove_blocks, stored)
+            dropped += sum(1 for n in freed if n)
+            dropped_bytes += sum(freed)
+        log.info("dropped %d cached blocks (%d bytes)", dropped, dropped_bytes)
+        return {"dropped": dropped, "dropped_bytes": dropped_bytes}
+
+    def _remove_blocks(self, block_ids: list[bytes]) -> list[int]:
+        """Delete block files (blocking); the bytes each one freed."""
+        return [self.cache.remove_block(b) for b in block_ids]

@@ -316,8 +316,21 @@ class Operations(pyfuse3.Operations):
         """Commands of the admin tool, sent as a virtual xattr of the root."""
         if command == b"seal":
             await self.files.seal_all()
+        elif command == b"drop_cache":
+            await self._drop_cache()
         else:
             raise FSOpError(errno.EINVAL)
+
+    async def _drop_cache(self) -> None:
+        """Forget cached file contents (`cloudfs drop-cache`, after the daemon deleted
+        its block copies): close the open block files, whose descriptors would keep
+        serving deleted blocks, and drop the kernel's page cache of every inode it
+        knows, so the next read comes here and fetches from the store."""
+        self.files.blockfiles.close()
+        inodes = sorted(set(self.ns.kernel_refs) | set(self.files.states) | {pyfuse3.ROOT_INODE})
+        # in a worker thread: an invalidation may wait for the kernel to write dirty
+        # pages back, and those writes need this event loop
+        await trio.to_thread.run_sync(_invalidate_inodes, inodes)
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
@@ -326,3 +339,12 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self.ns.removexattr(inode, name)
+
+
+def _invalidate_inodes(inodes: list[int]) -> None:
+    """Drop the kernel's cached data and attributes of `inodes` (blocking)."""
+    for ino in inodes:
+        try:
+            pyfuse3.invalidate_inode(ino)
+        except OSError:
+            pass  # the kernel has forgotten it meanwhile

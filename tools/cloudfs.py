@@ -107,6 +107,21 @@ async def cmd_flush(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_drop_cache(args: argparse.Namespace) -> int:
+    from cloudfs.daemon.control import DaemonClient
+
+    cache = cache_of(args.mountpoint)
+    # the daemon deletes its copies of stored blocks first, then the mount closes its
+    # block descriptors and drops the kernel's page cache, so reads must fetch again
+    async with await DaemonClient.connect(cache, role="tool") as client:
+        dropped = await client.drop_cache()
+    await trio.to_thread.run_sync(
+        os.setxattr, args.mountpoint, XATTR_COMMAND.decode(), b"drop_cache"
+    )
+    print(f"dropped {dropped['dropped']} cached blocks ({_human(dropped['dropped_bytes'])})")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cloudfs", description="Administer cloudfs filesystems.")
     p.add_argument("--debug", action="store_true")
@@ -122,6 +137,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     f.add_argument("mountpoint")
     f.set_defaults(func=cmd_flush)
+    d = sub.add_parser(
+        "drop-cache", help="drop a mount's cached file data: later reads fetch from the store"
+    )
+    d.add_argument("mountpoint")
+    d.set_defaults(func=cmd_drop_cache)
+    from cloudfs.tools.bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return p
 
 

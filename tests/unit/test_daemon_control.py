@@ -55,6 +55,9 @@ class FakeOps:
     async def status(self) -> dict[str, Any]:
         return {"pending": 0, "pending_bytes": 0, "uploading": 0, "uploaded": 0, "errors": []}
 
+    async def drop_cache(self) -> dict[str, Any]:
+        return {"dropped": 0, "dropped_bytes": 0}
+
     def shutdown(self) -> None:
         self.stopped = True
 
