@@ -384,7 +384,9 @@ class FileStore:
             return
         if not st.dirty:
             if publish and st.working_version is not None:
-                await self._commit(st, [], [], publish=True, durable=durable, size=st.size)
+                await self.meta.run(
+                    self._commit, st, [], [], publish=True, durable=durable, size=st.size
+                )
             elif durable:
                 async with self.meta.transaction(durable=True):
                     pass  # syncs the WAL: earlier commits of this file become durable
@@ -404,8 +406,8 @@ class FileStore:
             st.unsynced.extend(result.written)
         replaced = [e for e in plan.old if e.offset < result.stop or e.offset >= plan.size]
         size = st.size
-        await self._commit(
-            st, replaced, result.extents, publish=publish, durable=durable, size=size
+        await self.meta.run(
+            self._commit, st, replaced, result.extents, publish=publish, durable=durable, size=size
         )
         # the overlay's sealed part is now in blocks
         if st.overlay is not None:
@@ -431,7 +433,9 @@ class FileStore:
             raise error
         extents, written, boundary = stream.take_extents()
         size = st.size
-        await self._commit(st, [], extents, publish=publish, durable=durable, size=size)
+        await self.meta.run(
+            self._commit, st, [], extents, publish=publish, durable=durable, size=size
+        )
         stream.committed(len(extents), boundary)
         if durable:
             earlier, st.unsynced = [*st.unsynced, *written], []
@@ -557,6 +561,8 @@ class FileStore:
         durable: bool,
         size: int,
     ) -> None:
+        """Replace extents and count references in one transaction (run through
+        MetaStore.run: everything it changes outside the database it sets afresh)."""
         now = time.time_ns()
         refs: dict[bytes, tuple[int, int]] = {}
         for e in new:

@@ -10,10 +10,12 @@ has forgotten them (open-unlinked files keep working).
 from __future__ import annotations
 
 import errno
+import functools
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Concatenate, ParamSpec, TypeVar
 
 from cloudfs.errors import FSOpError
 from cloudfs.files import FileStore
@@ -49,6 +51,24 @@ def _check_name(name: bytes) -> None:
         raise _err(errno.ENAMETOOLONG)
     if not name or b"/" in name or b"\0" in name:
         raise _err(errno.EINVAL)
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _retried(
+    method: Callable[Concatenate[Namespace, P], Awaitable[T]],
+) -> Callable[Concatenate[Namespace, P], Awaitable[T]]:
+    """Run a changing operation again when its transaction lost to a concurrent one
+    (MetaStore.run): each such method checks and changes in one write transaction, so
+    running it again repeats nothing."""
+
+    @functools.wraps(method)
+    async def again(self: Namespace, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self.meta.run(method, self, *args, **kwargs)
+
+    return again
 
 
 class Namespace:
@@ -95,6 +115,7 @@ class Namespace:
                 raise _err(errno.ENOENT)
             return self._live(await self._get(tx, ino))
 
+    @_retried
     async def setattr(
         self,
         ino: int,
@@ -172,6 +193,7 @@ class Namespace:
         )
         return attrs
 
+    @_retried
     async def mknod(
         self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller
     ) -> InodeAttrs:
@@ -180,10 +202,12 @@ class Namespace:
         async with self.meta.transaction() as tx:
             return await self._new_inode(tx, parent, name, mode, caller, rdev=rdev)
 
+    @_retried
     async def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> InodeAttrs:
         async with self.meta.transaction() as tx:
             return await self._new_inode(tx, parent, name, stat.S_IFDIR | (mode & 0o7777), caller)
 
+    @_retried
     async def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> InodeAttrs:
         async with self.meta.transaction() as tx:
             attrs = await self._new_inode(tx, parent, name, stat.S_IFLNK | 0o777, caller)
@@ -198,6 +222,7 @@ class Namespace:
             raise _err(errno.EINVAL)
         return target
 
+    @_retried
     async def link(self, ino: int, new_parent: int, new_name: bytes) -> InodeAttrs:
         _check_name(new_name)
         now = time.time_ns()
@@ -228,6 +253,7 @@ class Namespace:
         else:
             await tx.update_inode(ino, nlink=attrs.nlink - 1, ctime_ns=now)
 
+    @_retried
     async def unlink(self, parent: int, name: bytes) -> None:
         now = time.time_ns()
         async with self.meta.transaction() as tx:
@@ -241,6 +267,7 @@ class Namespace:
             await tx.update_inode(parent, mtime_ns=now, ctime_ns=now)
         await self.maybe_free(ino)
 
+    @_retried
     async def rmdir(self, parent: int, name: bytes) -> None:
         now = time.time_ns()
         if name == b".":
@@ -260,6 +287,7 @@ class Namespace:
             await tx.update_inode(parent, mtime_ns=now, ctime_ns=now)
         await self.maybe_free(ino)
 
+    @_retried
     async def rename(
         self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int = 0
     ) -> None:
@@ -361,6 +389,7 @@ class Namespace:
                 self.kernel_refs.pop(ino, None)
                 await self.maybe_free(ino)
 
+    @_retried
     async def maybe_free(self, ino: int) -> None:
         """Free `ino` if no name, no open handle and no kernel reference is left."""
         if self.files.in_use(ino):
@@ -420,6 +449,7 @@ class Namespace:
             raise _err(errno.ENODATA)
         return value
 
+    @_retried
     async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         if len(name) > XATTR_NAME_MAX or not name:
             raise _err(errno.ERANGE)
@@ -440,6 +470,7 @@ class Namespace:
             await self._get(tx, ino)
             return await tx.list_xattrs(ino)
 
+    @_retried
     async def removexattr(self, ino: int, name: bytes) -> None:
         async with self.meta.transaction() as tx:
             await self._get(tx, ino)

@@ -275,14 +275,18 @@ class Uploader:
                         break  # EndOfChannel: shutting down; commit what came in
                 await self._commit(batch)
 
+    async def _mark_stored(self, batch: list[tuple[bytes, int, int]]) -> None:
+        async with self.meta.transaction() as tx:
+            # by id: the mount's transactions lock block rows in the same order
+            for block_id, _size, stored_size in sorted(batch):
+                await tx.mark_stored(block_id, stored_size)
+
     async def _commit(self, batch: list[tuple[bytes, int, int]]) -> None:
         # Shielded: the objects are already PUT; losing the mark only costs a second
         # PUT later, but finishing it is what a clean shutdown promises.
         with trio.CancelScope(shield=True):
             try:
-                async with self.meta.transaction() as tx:
-                    for block_id, _size, stored_size in batch:
-                        await tx.mark_stored(block_id, stored_size)
+                await self.meta.run(self._mark_stored, batch)
             except Exception as exc:
                 log.exception("marking %d blocks stored failed", len(batch))
                 for block_id, _size, _stored in batch:

@@ -1,11 +1,12 @@
 """The file store called directly: writes, truncates and seals against a bytearray
-model, on a real SQLite metadata store and a real cache dir (small chunk sizes so that
-files of a few KiB span many blocks)."""
+model, on a real metadata store (SQLite, and a private MariaDB server) and a real cache
+dir (small chunk sizes so that files of a few KiB span many blocks)."""
 
 from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,8 @@ from hypothesis import strategies as st
 from cloudfs.cache import CacheDir
 from cloudfs.chunking import ChunkerParams
 from cloudfs.files import FileStore
+from cloudfs.meta import open_meta
 from cloudfs.meta.base import LIVE
-from cloudfs.meta.sqlite import SqliteMetaStore
 from cloudfs.namespace import Caller, Namespace
 
 PARAMS = ChunkerParams(64, 256, 1024)
@@ -26,10 +27,11 @@ CALLER = Caller(uid=0, gid=0)
 
 
 class Env:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, meta_url: str | None = None) -> None:
+        """`meta_url`: the metadata database (default: SQLite in the cache dir)."""
         self.cache = CacheDir(root / "cache")
         self.cache.create()
-        self.meta = SqliteMetaStore(self.cache.meta_path)
+        self.meta = open_meta(meta_url or str(self.cache.meta_path))
         self.fetches: list[bytes] = []
 
         async def fetch(ids: list[bytes], prefetch: list[bytes]) -> None:
@@ -65,9 +67,18 @@ class Env:
             assert refcount == rows, f"refcount of {bytes(block).hex()[:8]}"
 
 
+@pytest.fixture(params=["sqlite", "mysql"])
+def meta_url(request: pytest.FixtureRequest) -> str | None:
+    """The metadata database of the test's Env: None for SQLite in the cache dir, or an
+    empty database of the private MariaDB server."""
+    return request.getfixturevalue("mysql_url") if request.param == "mysql" else None
+
+
 @pytest.fixture
-def env(tmp_path: Path) -> Env:
-    return Env(tmp_path)
+def env(tmp_path: Path, meta_url: str | None) -> Iterator[Env]:
+    env = Env(tmp_path, meta_url)
+    yield env
+    trio.run(env.meta.close)
 
 
 async def read_all(env: Env, ino: int) -> bytes:
@@ -174,11 +185,11 @@ MODEL_EXAMPLES = int(os.environ.get("CLOUDFS_MODEL_EXAMPLES", "80"))
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(ops=ops)
-def test_model(tmp_path: Path, small_batches: None, ops: list[tuple]) -> None:
+def test_model(tmp_path: Path, meta_url: str | None, small_batches: None, ops: list[tuple]) -> None:
     """Random writes, appends, truncates and seals agree with a bytearray at every step."""
 
     async def run() -> None:
-        env = Env(tmp_path / f"m{next(_unique)}")
+        env = Env(tmp_path / f"m{next(_unique)}", meta_url)
         ino = await env.setup()
         model = bytearray()
         await env.files.open(ino)
