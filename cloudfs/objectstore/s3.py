@@ -157,6 +157,12 @@ def _check_endpoint(endpoint_url: str) -> str:
     return endpoint_url
 
 
+def _one_line(text: str) -> str:
+    """`text` with every run of whitespace (newlines too) as one space: error messages
+    end up as the one line a command prints."""
+    return " ".join(text.split())
+
+
 def _reason(exc: BaseException) -> str:
     """A short reason for a network failure: the innermost OS error's text when there
     is one ("Connection refused"), else the exception's own message."""
@@ -167,7 +173,7 @@ def _reason(exc: BaseException) -> str:
         if isinstance(cur, OSError) and cur.strerror:
             return cur.strerror
         cur = cur.__cause__ or cur.__context__
-    text = str(exc)
+    text = _one_line(str(exc))
     match = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
     return match.group(1).strip() if match else text
 
@@ -248,7 +254,7 @@ class S3Store(ObjectStore):
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
             return self._error_from_code(
                 str(error.get("Code", "")),
-                str(error.get("Message", "")),
+                _one_line(str(error.get("Message", ""))),
                 status,
                 what,
                 key,
@@ -282,7 +288,7 @@ class S3Store(ObjectStore):
         ):
             return StoreTemporaryError(f"{what}: connection to {self.endpoint}: {_reason(exc)}")
         if isinstance(exc, bex.BotoCoreError):
-            return StorePermanentError(f"{what}: {exc}")
+            return StorePermanentError(f"{what}: {_one_line(str(exc))}")
         return exc
 
     def _error_from_code(
@@ -417,7 +423,11 @@ class S3Store(ObjectStore):
             if code == "NoSuchKey":
                 continue
             raise self._error_from_code(
-                code, str(error.get("Message", "")), 0, "delete", str(error.get("Key", ""))
+                code,
+                _one_line(str(error.get("Message", ""))),
+                0,
+                "delete",
+                str(error.get("Key", "")),
             )
 
     def _list_sync(self, prefix: str, start_after: str, limit: int) -> builtins.list[ObjectInfo]:
