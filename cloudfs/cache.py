@@ -35,6 +35,9 @@ class CacheConfig:
     #: options for `open_store(storage, **options)` (S3 endpoint, region, addressing
     #: style); never credentials: the stores accept no option that could hold one
     options: dict[str, Any] = field(default_factory=dict)
+    #: the file holding the MySQL password of `metadata` (a URL kept without its
+    #: password), if one was named; else the daemon gets it from the mount or the env
+    metadata_password_file: str | None = None
 
 
 class CacheDir:

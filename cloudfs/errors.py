@@ -92,7 +92,7 @@ class MetadataUnavailable(CloudfsError):
 
 
 class TransactionConflict(CloudfsError):
-    """a metadata transaction kept conflicting with concurrent ones (deadlock or lock wait timeout)"""
+    """a metadata transaction conflicted with concurrent ones (deadlock or lock wait timeout)"""
 
     exit_code = 12
     #: set once a retry loop (MetaStore.run) gave up on it: outer loops do not retry it

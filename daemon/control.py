@@ -514,17 +514,27 @@ async def ensure_daemon(
     *,
     timeout: float = START_TIMEOUT_S,
     extra_args: Sequence[str] = (),
+    meta_password: str | None = None,
 ) -> None:
     """Return once a daemon answers on the cache dir's socket, starting one if none
     does: `python -m cloudfs.daemon.main --cachedir DIR --key-stdin` in a new session,
-    the master key hex-encoded on its stdin (never in its argv or environment).
+    the master key hex-encoded on its stdin (never in its argv or environment), and
+    the MySQL password of the metadata database, if any, on a second line.
     DaemonError, with the daemon's last words, when none answers within `timeout`."""
     if await _answers(cache):
         return
     cmd = [sys.executable, "-m", "cloudfs.daemon.main", "--cachedir", str(cache.root),
            "--key-stdin", *extra_args]  # fmt: skip
-    # The passphrase must never reach the daemon's environment.
-    env = {k: v for k, v in os.environ.items() if k != "CLOUDFS_PASSPHRASE"}
+    stdin = master_key.hex().encode("ascii") + b"\n"
+    if meta_password is not None:
+        cmd.append("--metadata-password-stdin")
+        stdin += meta_password.encode("utf-8").hex().encode("ascii") + b"\n"
+    # Neither the passphrase nor the MySQL password may reach the daemon's environment.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("CLOUDFS_PASSPHRASE", "CLOUDFS_MYSQL_PASSWORD")
+    }
     last_error: str | None = None
     with trio.move_on_after(timeout) as scope:
         while True:
@@ -532,7 +542,7 @@ async def ensure_daemon(
             # when another daemon holds the lock, or prints one line and fails.
             result = await trio.run_process(
                 cmd,
-                stdin=master_key.hex().encode("ascii") + b"\n",
+                stdin=stdin,
                 capture_stdout=True,
                 capture_stderr=True,
                 check=False,

@@ -18,7 +18,9 @@ Keys: with --key-stdin the master key comes hex-encoded on one line of stdin (ho
 `ensure_daemon` starts it, so no passphrase ever reaches the daemon's argv or
 environment); otherwise the passphrase is read as every cloudfs tool reads it
 (--passphrase-file, $CLOUDFS_PASSPHRASE, or a prompt), and not at all when the
-filesystem is not encrypted.
+filesystem is not encrypted. The metadata database is config.json's; a MySQL
+password comes on the next line of stdin (--metadata-password-stdin, how the mount
+passes it), else from config.json's password file, else $CLOUDFS_MYSQL_PASSWORD.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from cloudfs.config import Superblock, read_passphrase, read_superblock, unlock
 from cloudfs.errors import CloudfsError, MetadataMismatch, MetadataMissing, UsageError
 from cloudfs.meta import open_meta
 from cloudfs.meta.base import MetaStore
+from cloudfs.meta.url import is_mysql, read_mysql_password
 from cloudfs.objectstore import open_store
 from cloudfs.objectstore.retry import RetryStore
 from cloudfs.objectstore.sealed import SealedStore
@@ -61,6 +64,9 @@ class Options:
     uploads: int
     idle_exit: float
     storage_options: dict[str, Any] = field(default_factory=dict)
+    metadata_password_stdin: bool = False
+    #: the MySQL password read from stdin (else config.json's password file, else env)
+    metadata_password: str | None = field(default=None, repr=False)
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -75,6 +81,9 @@ def parse_args(argv: list[str] | None) -> Options:
     keys.add_argument("--passphrase-file", metavar="F", help="read the passphrase from F")
     keys.add_argument("--key-stdin", action="store_true",
                       help="read the hex master key from one line of stdin")  # fmt: skip
+    parser.add_argument("--metadata-password-stdin", action="store_true",
+                        help="read the MySQL password, hex-encoded, from the next line of "
+                        "stdin")  # fmt: skip
     parser.add_argument("--uploads", type=int, default=8, metavar="N",
                         help="uploads in flight (default 8)")  # fmt: skip
     parser.add_argument("--idle-exit", type=float, default=10.0, metavar="SECONDS",
@@ -92,6 +101,7 @@ def parse_args(argv: list[str] | None) -> Options:
         uploads=ns.uploads,
         idle_exit=ns.idle_exit,
         storage_options=storage_options_from_args(ns),
+        metadata_password_stdin=ns.metadata_password_stdin,
     )
 
 
@@ -220,11 +230,22 @@ class _Readiness:
 # --- the daemon ----------------------------------------------------------------------
 
 
-def _open_meta(cache: CacheDir, url: str) -> MetaStore:
+def _read_password_stdin() -> str:
+    line = sys.stdin.buffer.readline(8192)
+    try:
+        return binascii.unhexlify(line.strip()).decode("utf-8")
+    except (binascii.Error, ValueError):
+        raise UsageError("--metadata-password-stdin: stdin does not hold a hex password") from None
+
+
+def _open_meta(cache: CacheDir, config: CacheConfig, password: str | None) -> MetaStore:
+    url = config.metadata
     # a relative SQLite path in config.json is relative to the cache dir
     if "://" not in url and not os.path.isabs(url):
         url = str(cache.root / url)
-    return open_meta(url)
+    if password is None and is_mysql(url):
+        password = read_mysql_password(config.metadata_password_file)
+    return open_meta(url, password=password)
 
 
 async def _serve(
@@ -239,7 +260,7 @@ async def _serve(
         max_size=sb.max_block_size,
     )
     try:
-        meta = _open_meta(cache, config.metadata)
+        meta = _open_meta(cache, config, opts.metadata_password)
         try:
             if not await meta.is_initialized():
                 raise MetadataMissing(f"{config.metadata} holds no cloudfs metadata")
@@ -278,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(cache, opts.fg)
     try:
         sb, keys = _unlock_keys(opts, config)
+        if opts.metadata_password_stdin:
+            opts.metadata_password = _read_password_stdin()
     except CloudfsError as exc:
         log.error("cannot start: %s", exc.message)
         print(f"cloudfsd: {exc.message}", file=sys.stderr)

@@ -13,7 +13,7 @@ import os
 import signal
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyfuse3
@@ -21,7 +21,7 @@ import trio
 from cloudfs.daemon.control import DaemonClient, ensure_daemon
 from cloudfs.mount.operations import Operations
 from cloudfs.mount.options import MountOptions, parse
-from cloudfs.tools._cli import open_cli_store, run_cli
+from cloudfs.tools._cli import hide_url_password, metadata_password, open_cli_store, run_cli
 
 from cloudfs import config
 from cloudfs.cache import CacheConfig, CacheDir
@@ -31,6 +31,7 @@ from cloudfs.errors import CloudfsError, DaemonError, MetadataMissing, Mountpoin
 from cloudfs.files import FileStore, clear_stale_overlays
 from cloudfs.meta import open_meta
 from cloudfs.meta.base import MetaStore
+from cloudfs.meta.url import redact, sqlite_path
 from cloudfs.namespace import Namespace
 
 log = logging.getLogger("cloudfs.mount")
@@ -47,6 +48,8 @@ class Prepared:
     cache: CacheDir
     storage_url: str  # canonical, without credentials
     lock_fd: int  # flock on the cache dir's mount.lock, held for the mount's life
+    meta_url: str  # without a password
+    meta_password: str | None = field(default=None, repr=False)
 
 
 def check_mountpoint(path: str) -> None:
@@ -66,32 +69,62 @@ async def prepare(opts: MountOptions) -> Prepared:
         sb = await config.read_superblock(store)
     finally:
         await store.aclose()
+    cache = CacheDir(opts.cachedir or config.default_cachedir(sb.uuid))
+    meta_url, password_file = _metadata_of(opts, cache)
+    meta_password = metadata_password(meta_url, password_file)
+    # the metadata first: a wrong database fails before the passphrase prompt
+    await _check_metadata(meta_url, meta_password, sb.uuid)
     passphrase = (
         config.read_passphrase(opts.passphrase_file, confirm=False) if sb.encryption else None
     )
     master = await trio.to_thread.run_sync(config.unlock_master, sb, passphrase)
-    cache = CacheDir(opts.cachedir or config.default_cachedir(sb.uuid))
-    if not cache.meta_path.exists():
-        raise MetadataMissing(
-            f"{cache.meta_path} does not exist (was the filesystem made on this machine?)"
-        )
     cache.create()
     lock_fd = await _lock_cache_dir(cache)
     # the daemon opens the store with the same options (config.json, never credentials)
+    # and the same metadata database (its URL without the password)
     cache.write_config(
         CacheConfig(
             storage=store.url,
-            metadata=str(cache.meta_path),
+            metadata=redact(meta_url),
             uuid=sb.uuid,
             options=opts.storage_options,
+            metadata_password_file=password_file,
         )
     )
-    meta = open_meta(str(cache.meta_path))
+    return Prepared(
+        opts, sb, master, Keys.from_master(master), cache, store.url, lock_fd,
+        meta_url=redact(meta_url), meta_password=meta_password,
+    )  # fmt: skip
+
+
+def _metadata_of(opts: MountOptions, cache: CacheDir) -> tuple[str, str | None]:
+    """(metadata URL, MySQL password file): from the options, else what the cache dir
+    was last used with, else SQLite in the cache dir."""
+    password_file = opts.mysql_password_file
+    if password_file:
+        password_file = os.path.abspath(password_file)
+    previous = cache.read_config() if cache.config_path.exists() else None
+    if opts.metadata:
+        url = opts.metadata
+        if not password_file and previous and previous.metadata == redact(url):
+            password_file = previous.metadata_password_file
+    elif previous is not None:
+        url = previous.metadata
+        password_file = password_file or previous.metadata_password_file
+    else:
+        url = str(cache.meta_path)
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        raise MetadataMissing(f"{path} does not exist (was the filesystem made on this machine?)")
+    return url, password_file
+
+
+async def _check_metadata(url: str, password: str | None, fs_uuid: str) -> None:
+    meta = open_meta(url, password=password)
     try:
-        await meta.check(sb.uuid)
+        await meta.check(fs_uuid)
     finally:
         await meta.close()
-    return Prepared(opts, sb, master, Keys.from_master(master), cache, store.url, lock_fd)
 
 
 async def _lock_cache_dir(cache: CacheDir, wait_s: float = 60.0) -> int:
@@ -117,9 +150,10 @@ async def _lock_cache_dir(cache: CacheDir, wait_s: float = 60.0) -> int:
 class DaemonLink:
     """The mount's connection to cloudfsd; restarts the daemon if it died."""
 
-    def __init__(self, cache: CacheDir, master: bytes) -> None:
+    def __init__(self, cache: CacheDir, master: bytes, meta_password: str | None = None) -> None:
         self.cache = cache
         self._master = master
+        self._meta_password = meta_password
         self._client: DaemonClient | None = None
         self._kick = trio.Event()
         self._lock = trio.Lock()
@@ -127,7 +161,7 @@ class DaemonLink:
     async def _connected(self) -> DaemonClient:
         async with self._lock:
             if self._client is None:
-                await ensure_daemon(self.cache, self._master)
+                await ensure_daemon(self.cache, self._master, meta_password=self._meta_password)
                 self._client = await DaemonClient.connect(self.cache, role="mount")
             return self._client
 
@@ -172,8 +206,8 @@ class DaemonLink:
 
 async def serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
     opts, sb, cache = prep.opts, prep.sb, prep.cache
-    meta: MetaStore = open_meta(str(cache.meta_path))
-    link = DaemonLink(cache, prep.master)
+    meta: MetaStore = open_meta(prep.meta_url, password=prep.meta_password)
+    link = DaemonLink(cache, prep.master, prep.meta_password)
     await link._connected()
     clear_stale_overlays(cache)
     files = FileStore(
@@ -269,8 +303,12 @@ def _setup_logging(cache: CacheDir, foreground: bool, debug: bool) -> None:
         )
 
 
-def _mount(argv: list[str]) -> int:
+def _mount(argv: list[str], *, command_line: bool = False) -> int:
     opts = parse(argv)
+    if opts.metadata:
+        metadata_password(opts.metadata, opts.mysql_password_file)  # given twice?
+    if command_line:
+        hide_url_password("cloudfs.mount.main", argv, opts.metadata)
     logging.basicConfig(level=logging.WARNING, format="mount.cloudfs: %(message)s")
     prep = trio.run(prepare, opts)
     if opts.foreground:
@@ -306,7 +344,9 @@ def _mount(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli("mount.cloudfs", lambda: _mount(sys.argv[1:] if argv is None else argv))
+    if argv is None:
+        return run_cli("mount.cloudfs", lambda: _mount(sys.argv[1:], command_line=True))
+    return run_cli("mount.cloudfs", lambda: _mount(argv))
 
 
 if __name__ == "__main__":

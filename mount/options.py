@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudfs.tools._cli import add_storage_arguments, storage_options
+from cloudfs.tools._cli import add_metadata_arguments, add_storage_arguments, storage_options
 
 from cloudfs.errors import UsageError
 
@@ -30,6 +30,9 @@ class MountOptions:
     idle_seal_s: float = 5.0
     #: `open_store` options (S3 endpoint, region, addressing style)
     storage_options: dict[str, Any] = field(default_factory=dict)
+    #: metadata database URL (None: the cache dir's config.json, else SQLite there)
+    metadata: str | None = None
+    mysql_password_file: str | None = None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,12 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", dest="options", action="append", default=[],
                    help="comma-separated mount options: allow_other, default_permissions, ro, "
                         "cachedir=DIR, passphrase_file=FILE, fg, debug, s3_endpoint=URL, "
-                        "s3_region=REGION, s3_path_style")  # fmt: skip
+                        "s3_region=REGION, s3_path_style, metadata=URL, "
+                        "mysql_password_file=FILE")  # fmt: skip
     p.add_argument("-f", "--fg", "--foreground", dest="fg", action="store_true",
                    help="stay in the foreground")  # fmt: skip
     p.add_argument("--cachedir", help="cache dir (default ~/.cache/cloudfs/<fs uuid>)")
     p.add_argument("--passphrase-file", help="read the passphrase from this file")
     p.add_argument("--debug", action="store_true", help="log debug messages")
+    add_metadata_arguments(p)
     add_storage_arguments(p)
     # mount(8) helpers get these; they are accepted and ignored
     p.add_argument("-n", action="store_true", help=argparse.SUPPRESS)
@@ -72,6 +77,8 @@ def parse(argv: list[str]) -> MountOptions:
         passphrase_file=args.passphrase_file,
         debug=args.debug,
         fuse_options={"default_permissions"},
+        metadata=args.metadata,
+        mysql_password_file=args.mysql_password_file,
     )
     s3_endpoint, s3_region, s3_path_style = args.s3_endpoint, args.s3_region, args.s3_path_style
     for group in args.options:
@@ -83,6 +90,10 @@ def parse(argv: list[str]) -> MountOptions:
                 opts.cachedir = value
             elif name == "passphrase_file":
                 opts.passphrase_file = value
+            elif name == "metadata":
+                opts.metadata = value
+            elif name == "mysql_password_file":
+                opts.mysql_password_file = value
             elif name in ("fg", "foreground"):
                 opts.foreground = True
             elif name == "debug":

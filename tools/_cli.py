@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from cloudfs.cache import CacheConfig
 from cloudfs.errors import CloudfsError, UsageError
+from cloudfs.meta import open_meta
+from cloudfs.meta.base import MetaStore
+from cloudfs.meta.url import MYSQL_PASSWORD_ENV, read_mysql_password, redact, url_password
 from cloudfs.objectstore import ObjectStore, open_store
 from cloudfs.objectstore.retry import RetryStore
 
@@ -86,3 +91,54 @@ def open_cli_store(url: str, options: dict[str, Any]) -> ObjectStore:
         open_store(url, **options), attempts=3, base_delay=0.2, max_delay=1.0,
         log_level=logging.DEBUG,
     )  # fmt: skip
+
+
+# --- metadata database ----------------------------------------------------------------------
+
+
+def add_metadata_arguments(parser: argparse.ArgumentParser) -> None:
+    """--metadata URL and --mysql-password-file F."""
+    parser.add_argument("--metadata", metavar="URL",
+                        help="metadata database: mysql://user@host[:port]/db or "
+                        "mysql://user@localhost/db?unix_socket=PATH (default: SQLite in the "
+                        "cache dir)")  # fmt: skip
+    parser.add_argument("--mysql-password-file", metavar="F",
+                        help=f"MySQL password file (else ${MYSQL_PASSWORD_ENV})")  # fmt: skip
+
+
+def metadata_password(url: str, password_file: str | None) -> str | None:
+    """The MySQL password of `url`: written in it, else from `password_file`, else from
+    the environment (None for SQLite or a passwordless account)."""
+    in_url = url_password(url)
+    if in_url is not None:
+        if password_file:
+            raise UsageError("the MySQL password is given twice: in the URL and in a file")
+        return in_url
+    return read_mysql_password(password_file) if url.startswith("mysql://") else None
+
+
+def open_config_meta(config: CacheConfig) -> MetaStore:
+    """The metadata database a cache dir's config.json names, with its password."""
+    return open_meta(
+        config.metadata, password=metadata_password(config.metadata, config.metadata_password_file)
+    )
+
+
+def hide_url_password(module: str, argv: list[str], url: str | None) -> None:
+    """When `url` (on this process's command line) holds a password, run the command
+    again with the URL shown without it: `ps` shows command lines to every user. The
+    password moves to $CLOUDFS_MYSQL_PASSWORD, which only the user and root can read.
+    The same console script runs again (so `ps` still names it), else `python -m module`.
+    Returns only when there is nothing to hide."""
+    password = url_password(url) if url is not None else None
+    if url is None or password is None:
+        return
+    shown = redact(url)
+    # a console script (mount.cloudfs) runs again as itself; a module's own file must
+    # not (its folder would come first on sys.path: tools/cloudfs.py would be `cloudfs`)
+    script = sys.argv[0]
+    how = [script] if os.path.isfile(script) and not script.endswith(".py") else ["-m", module]
+    env = dict(os.environ, **{MYSQL_PASSWORD_ENV: password})
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *how, *(a.replace(url, shown) for a in argv)], env)

@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import trio
-from cloudfs.tools._cli import run_cli, setup_logging
+from cloudfs.tools._cli import open_config_meta, run_cli, setup_logging
 
 from cloudfs.cache import CacheDir
 from cloudfs.errors import DaemonError, NotMounted, UsageError
-from cloudfs.meta import open_meta
 
 #: virtual extended attributes of a mount's root: where its cache dir is, and a
 #: command channel to the mount process (answered by the mount, never stored)
@@ -52,7 +51,7 @@ async def _daemon_status(cache: CacheDir) -> dict | None:
 
 async def cmd_stat(args: argparse.Namespace) -> int:
     cache = cache_of(args.mountpoint)
-    meta = open_meta(cache.read_config().metadata)
+    meta = open_config_meta(cache.read_config())
     try:
         async with meta.reading() as tx:
             s = await tx.stats()
@@ -145,6 +144,9 @@ def _parser() -> argparse.ArgumentParser:
     from cloudfs.tools.bench import add_parser as add_bench_parser
 
     add_bench_parser(sub)
+    from cloudfs.tools.upgrade import add_parser as add_upgrade_parser
+
+    add_upgrade_parser(sub)
     return p
 
 

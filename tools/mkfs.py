@@ -9,7 +9,10 @@ import sys
 
 import trio
 from cloudfs.tools._cli import (
+    add_metadata_arguments,
     add_storage_arguments,
+    hide_url_password,
+    metadata_password,
     open_cli_store,
     run_cli,
     setup_logging,
@@ -20,6 +23,8 @@ from cloudfs import config
 from cloudfs.cache import CacheConfig, CacheDir
 from cloudfs.errors import FilesystemExists, UsageError
 from cloudfs.meta import open_meta
+from cloudfs.meta.base import MetaStore
+from cloudfs.meta.url import redact
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         "--compression-level", type=int, default=config.DEFAULT_LEVEL, help="zstd level (default 3)"
     )
     p.add_argument("--debug", action="store_true")
+    add_metadata_arguments(p)
     add_storage_arguments(p)
     return p
 
@@ -44,12 +50,20 @@ def _parser() -> argparse.ArgumentParser:
 async def mkfs(args: argparse.Namespace) -> int:
     options = storage_options_from_args(args)
     store = open_cli_store(args.storage, options)
+    meta: MetaStore | None = None
     try:
         # refuse before asking for a passphrase: nothing is written on this path
         if not args.force and await store.head(config.SUPERBLOCK_KEY) is not None:
             raise FilesystemExists(store.url)
         cache_root = args.cachedir
-        if cache_root and not args.force and CacheDir(cache_root).meta_path.exists():
+        if args.metadata:
+            # an unreachable server or a wrong password fails here, before any prompt
+            meta = open_meta(
+                args.metadata, password=metadata_password(args.metadata, args.mysql_password_file)
+            )
+            if not args.force and await meta.is_initialized():
+                raise FilesystemExists(f"{meta.where} already holds a cloudfs filesystem")
+        elif cache_root and not args.force and CacheDir(cache_root).meta_path.exists():
             raise FilesystemExists(f"{cache_root} already holds a metadata database")
         passphrase = None
         if not args.no_encryption:
@@ -64,20 +78,31 @@ async def mkfs(args: argparse.Namespace) -> int:
                 (cache.root / name).unlink(missing_ok=True)
             shutil.rmtree(cache.blocks, ignore_errors=True)
         cache.create()
+        password_file = args.mysql_password_file
         cache.write_config(
             CacheConfig(
-                storage=store.url, metadata=str(cache.meta_path), uuid=sb.uuid, options=options
+                storage=store.url,
+                metadata=redact(args.metadata) if args.metadata else str(cache.meta_path),
+                uuid=sb.uuid,
+                options=options,
+                metadata_password_file=os.path.abspath(password_file) if password_file else None,
             )
         )
-        meta = open_meta(str(cache.meta_path))
-        try:
-            await meta.initialize(sb.uuid, uid=os.getuid(), gid=os.getgid())
-        finally:
-            await meta.close()
+        if meta is None:
+            meta = open_meta(str(cache.meta_path))
+        elif args.force:
+            await meta.wipe()
+        await meta.initialize(sb.uuid, uid=os.getuid(), gid=os.getgid())
     finally:
+        if meta is not None:
+            await meta.close()
         await store.aclose()
     print(f"created cloudfs filesystem {sb.uuid} in {store.url}")
-    print(f"cache and metadata: {cache.root}")
+    if args.metadata:
+        print(f"metadata: {redact(args.metadata)}")
+        print(f"cache: {cache.root}")
+    else:
+        print(f"cache and metadata: {cache.root}")
     return 0
 
 
@@ -89,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             if exc.code:
                 raise UsageError("see mkfs.cloudfs --help") from None
             return 0
+        if args.metadata:
+            metadata_password(args.metadata, args.mysql_password_file)  # given twice?
+        if argv is None:
+            hide_url_password("cloudfs.tools.mkfs", sys.argv[1:], args.metadata)
         setup_logging(args.debug)
         return trio.run(mkfs, args)
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from cloudfs.errors import UsageError
 from cloudfs.meta.base import MetaStore
-from cloudfs.meta.url import is_mysql, parse_mysql_url, read_mysql_password
+from cloudfs.meta.url import is_mysql, parse_mysql_url, read_mysql_password, sqlite_path
 
 
 def open_meta(url: str, *, password: str | None = None) -> MetaStore:
@@ -23,12 +21,9 @@ def open_meta(url: str, *, password: str | None = None) -> MetaStore:
                 password if password is not None else read_mysql_password(None)
             )
         return MysqlMetaStore(target)
-    if url.startswith("sqlite://"):
-        path = url[len("sqlite://") :]
-    elif "://" in url:
+    path = sqlite_path(url)
+    if path is None:
         raise UsageError(f"unsupported metadata URL scheme: {url.split('://', 1)[0]}")
-    else:
-        path = url
     from cloudfs.meta.sqlite import SqliteMetaStore
 
-    return SqliteMetaStore(Path(path))
+    return SqliteMetaStore(path)

@@ -469,7 +469,7 @@ class MetaStore(abc.ABC):
     where: str = "metadata database"
 
     @abc.abstractmethod
-    def _transaction(self, durable: bool, write: bool) -> AsyncIterator[Conn]:
+    def _transaction(self, durable: bool, write: bool) -> AbstractAsyncContextManager[Conn]:
         """An async context manager: a connection inside BEGIN … COMMIT (ROLLBACK on error).
 
         `durable`: the commit reaches stable storage before it returns (fsync).
@@ -477,7 +477,7 @@ class MetaStore(abc.ABC):
 
     @asynccontextmanager
     async def transaction(self, *, durable: bool = False, write: bool = True) -> AsyncIterator[Txn]:
-        async with self._transaction(durable, write) as conn:  # type: ignore[attr-defined]
+        async with self._transaction(durable, write) as conn:
             yield Txn(conn)
 
     def reading(self) -> AbstractAsyncContextManager[Txn]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from cloudfs.errors import UsageError
@@ -48,6 +49,16 @@ class MysqlTarget:
 
 def is_mysql(url: str) -> bool:
     return url.startswith("mysql://")
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL (`sqlite:///abs/path` or a plain path); None
+    for a URL of another engine."""
+    if url.startswith("sqlite://"):
+        return Path(url[len("sqlite://") :])
+    if "://" in url:
+        return None
+    return Path(url)
 
 
 def parse_mysql_url(url: str) -> MysqlTarget:

@@ -265,7 +265,8 @@ def test_engine_class(mysql_url: str) -> None:
     [
         ("SELECT a FROM t WHERE b = ? AND c = ?", "SELECT a FROM t WHERE b = %s AND c = %s"),
         ("SELECT '?', \"?\", `?` FROM t WHERE x = ?", "SELECT '?', \"?\", `?` FROM t WHERE x = %s"),
-        ("SELECT 'it''s ?' WHERE a LIKE '%x' AND b = ?", "SELECT 'it''s ?' WHERE a LIKE '%%x' AND b = %s"),
+        ("SELECT 'it''s ?' WHERE a LIKE '%x' AND b = ?",
+         "SELECT 'it''s ?' WHERE a LIKE '%%x' AND b = %s"),
         ("SELECT 5 % 2", "SELECT 5 %% 2"),
     ],
 )  # fmt: skip
