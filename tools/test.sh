@@ -42,6 +42,13 @@ if [ ! -x .venv/bin/python ]; then
     log "creating .venv with $(command -v python3) ($(python3 --version 2>&1))"
     python3 -m venv .venv
 fi
+# the build requirements go into the venv too: the packaging test builds a wheel
+# with --no-build-isolation
+mapfile -t build_requires < <(.venv/bin/python -c 'import tomllib
+with open("pyproject.toml", "rb") as f:
+    print("\n".join(tomllib.load(f)["build-system"]["requires"]))')
+log "pip install ${build_requires[*]}"
+.venv/bin/python -m pip install -q "${build_requires[@]}"
 log "pip install -e '.[test]'"
 .venv/bin/python -m pip install -q -e '.[test]'
 
