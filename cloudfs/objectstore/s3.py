@@ -25,6 +25,12 @@ connect timeout of a few seconds keeps a dead endpoint from stalling any command
 Errors reach callers as cloudfs errors with one-line messages: ObjectNotFound,
 BucketMissing, StoreAccessDenied, StoreUnreachable, StoreTemporaryError or
 StorePermanentError.
+
+Cut connections: a GET body shorter than its Content-Length, an object answer without
+Content-Length and a listing without its IsTruncated element are temporary failures,
+never data. One case stays out of reach over plain http: a connection cut inside a
+header line (say in the middle of a HEAD answer's Content-Length value) reads as a
+complete answer to Python's http.client. Over https, TLS reports such a cut.
 """
 
 from __future__ import annotations
@@ -382,9 +388,10 @@ class S3Store(ObjectStore):
         finally:
             body.close()
         # botocore checks this too, but only on some paths; a short body must never
-        # pass for the object (the caller would see a damaged block)
+        # pass for the object (the caller would see a damaged block). S3 always sends
+        # Content-Length with an object: without it, the answer was cut in its headers.
         expected = response.get("ContentLength")
-        if expected is not None and len(data) != expected:
+        if expected is None or len(data) != expected:
             raise TruncatedBody(f"got {len(data)} of {expected} bytes")
         if byte_range is not None and not response.get("ContentRange"):
             # a server that ignores Range sends the whole object
@@ -411,6 +418,8 @@ class S3Store(ObjectStore):
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
                 return None
             raise
+        if "ContentLength" not in response:  # the answer was cut in its headers
+            raise TruncatedBody("HEAD answer without Content-Length")
         return ObjectInfo(key, int(response["ContentLength"]))
 
     def _delete_sync(self, keys: builtins.list[str]) -> None:
@@ -435,6 +444,10 @@ class S3Store(ObjectStore):
         if start_after:
             kwargs["StartAfter"] = start_after
         response = self._client.list_objects_v2(**kwargs)
+        if "IsTruncated" not in response:
+            # an empty body: the answer was cut before it (an empty listing still says
+            # <IsTruncated>false</IsTruncated>), and must not pass for "no objects"
+            raise TruncatedBody("listing without IsTruncated")
         return [ObjectInfo(obj["Key"], int(obj["Size"])) for obj in response.get("Contents", [])]
 
 
