@@ -19,8 +19,8 @@ from cloudfs.errors import (
     TransactionConflict,
     UnsupportedFormat,
 )
-from cloudfs.meta import open_meta, schema
-from cloudfs.meta.base import RUN_ATTEMPTS, Extent, MetaStore
+from cloudfs.meta import migrate, open_meta, schema
+from cloudfs.meta.base import RUN_ATTEMPTS, Extent, MetaStore, Txn
 from cloudfs.meta.schema import BLOCK_PENDING, BLOCK_STORED, ROOT_INODE
 
 FS_UUID = "6f1c3a52-8a5e-4d3b-9a51-0c1d2e3f4a5b"
@@ -478,3 +478,62 @@ async def test_run_gives_up_after_its_attempts(opener: Opener) -> None:
         return x + y
 
     assert await meta.run(returns, 1, y=2) == 3
+
+
+# --- migrations -----------------------------------------------------------------------------
+
+
+async def test_upgrade_runs_the_missing_migrations_in_order(opener: Opener) -> None:
+    meta = await fresh(opener)
+    current = schema.SCHEMA_VERSION
+    ran: list[int] = []
+
+    def migration(version: int) -> migrate.Migration:
+        async def apply(tx: Txn) -> None:
+            ran.append(version)
+            await tx.set_info(f"migrated_{version}", "yes")
+
+        return apply
+
+    steps = {v: migration(v) for v in (current + 1, current + 2)}
+    assert await migrate.upgrade(meta, FS_UUID, migrations=steps) == [], "current: nothing"
+    assert await migrate.upgrade(meta, FS_UUID, migrations=steps, target=current + 2) == [
+        current + 1, current + 2,
+    ]  # fmt: skip
+    assert ran == [current + 1, current + 2]
+    assert await migrate.upgrade(meta, FS_UUID, migrations=steps, target=current + 2) == []
+    async with meta.reading() as tx:
+        assert await tx.get_info("schema_version") == str(current + 2)
+        assert await tx.get_info(f"migrated_{current + 2}") == "yes"
+    # this cloudfs (target = its own schema) refuses the newer database
+    with pytest.raises(UnsupportedFormat):
+        await migrate.upgrade(meta, FS_UUID, migrations=steps)
+    with pytest.raises(UnsupportedFormat):
+        await meta.check(FS_UUID)
+
+
+async def test_upgrade_refuses_another_filesystem_and_gaps(opener: Opener) -> None:
+    meta = await fresh(opener)
+    with pytest.raises(MetadataMismatch):
+        await migrate.upgrade(meta, OTHER_UUID)
+    with pytest.raises(RuntimeError, match="no migration"):
+        await migrate.upgrade(meta, FS_UUID, migrations={}, target=schema.SCHEMA_VERSION + 1)
+
+
+async def test_a_failed_migration_changes_nothing(opener: Opener) -> None:
+    meta = await fresh(opener)
+    target = schema.SCHEMA_VERSION + 1
+
+    async def broken(tx: Txn) -> None:
+        await tx.set_info("half", "done")
+        raise Boom
+
+    with pytest.raises(Boom):
+        await migrate.upgrade(meta, FS_UUID, migrations={target: broken}, target=target)
+    async with meta.reading() as tx:
+        assert await tx.get_info("half") is None
+        assert await tx.get_info("schema_version") == str(schema.SCHEMA_VERSION)
+
+
+def test_every_schema_version_has_a_migration() -> None:
+    assert sorted(migrate.MIGRATIONS) == list(range(2, schema.SCHEMA_VERSION + 1))
