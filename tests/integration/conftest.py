@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from s3util import Bucket
 
 #: the venv's console scripts sit next to the interpreter running pytest
 BIN = Path(sys.executable).parent
@@ -198,6 +199,8 @@ class CloudFS:
         self.cache = root / "cache"
         self.mnt = root / "mnt"
         self.storage_url = f"local://{self.store}"
+        #: storage options mkfs and mount get (an S3 endpoint)
+        self.storage_args: list[str] = []
         self.encryption = encryption
         self.passphrase = PASSPHRASE
         self.env = {
@@ -246,7 +249,7 @@ class CloudFS:
         return r
 
     def mkfs(self, *extra: str) -> None:
-        args = [self.storage_url, "--cachedir", str(self.cache), *extra]
+        args = [self.storage_url, "--cachedir", str(self.cache), *self.storage_args, *extra]
         if not self.encryption:
             args.append("--no-encryption")
         self.check("mkfs.cloudfs", *args)
@@ -261,6 +264,7 @@ class CloudFS:
             self.mnt,
             "--cachedir",
             self.cache,
+            *self.storage_args,
             *extra,
             env=env,
             timeout=120,
@@ -377,6 +381,16 @@ class CloudFS:
                 )
         return result
 
+    def store_contents(self) -> dict[str, bytes]:
+        """Every object in the store: relative path (key) -> its bytes."""
+        if not self.store.exists():
+            return {}
+        return {
+            str(p.relative_to(self.store)): p.read_bytes()
+            for p in sorted(self.store.rglob("*"))
+            if p.is_file()
+        }
+
     def block_objects(self) -> list[Path]:
         return sorted(p for p in (self.store / "blocks").glob("*/*") if p.is_file())
 
@@ -449,6 +463,38 @@ class CloudFS:
         return notes
 
 
+class S3CloudFS(CloudFS):
+    """The same filesystem with its storage at s3://<bucket>/<name>/ in the private moto
+    server (tests/s3util.py), reached at `endpoint`: the server itself, or a fault proxy
+    in front of it. Only the store is elsewhere; the cache dir and mount are as above."""
+
+    def __init__(
+        self, root: Path, bucket: Bucket, *, endpoint: str | None = None, encryption: bool = True
+    ) -> None:
+        super().__init__(root, encryption=encryption)
+        self.bucket = bucket
+        self.key_prefix = f"{root.name}/"
+        self.storage_url = f"{bucket.url}/{root.name}"
+        self.endpoint = endpoint or bucket.endpoint
+        self.storage_args = ["--s3-endpoint", self.endpoint]
+
+    def store_contents(self) -> dict[str, bytes]:
+        n = len(self.key_prefix)
+        return {key[n:]: self.bucket.read(key) for key in self.bucket.objects(self.key_prefix)}
+
+    def store_objects(self) -> dict[str, tuple[int, str]]:
+        return {
+            key: (len(data), hashlib.sha256(data).hexdigest())
+            for key, data in self.store_contents().items()
+        }
+
+    def block_objects(self) -> list[str]:  # type: ignore[override]
+        return sorted(self.bucket.objects(self.key_prefix + "blocks/"))
+
+    def store_block_bytes(self) -> int:
+        return sum(self.bucket.objects(self.key_prefix + "blocks/").values())
+
+
 # --- fixtures ----------------------------------------------------------------------------
 
 
@@ -471,9 +517,20 @@ def make_fs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable
     subreaper = _set_subreaper(True)
 
     def make(
-        name: str = "fs", *, encryption: bool = True, mkfs: bool = True, mount: bool = True
+        name: str = "fs",
+        *,
+        encryption: bool = True,
+        mkfs: bool = True,
+        mount: bool = True,
+        bucket: Bucket | None = None,
+        endpoint: str | None = None,
     ) -> CloudFS:
-        fs = CloudFS(tmp_path / name, encryption=encryption)
+        """With `bucket`, an S3CloudFS in it (see there)."""
+        fs = (
+            CloudFS(tmp_path / name, encryption=encryption)
+            if bucket is None
+            else S3CloudFS(tmp_path / name, bucket, endpoint=endpoint, encryption=encryption)
+        )
         made.append(fs)
         if mkfs:
             fs.mkfs()
@@ -510,8 +567,13 @@ def make_fs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable
 
 
 @pytest.fixture
-def fs(make_fs: Callable[..., CloudFS]) -> CloudFS:
-    """A fresh encrypted filesystem, mounted."""
+def fs(request: pytest.FixtureRequest, make_fs: Callable[..., CloudFS]) -> CloudFS:
+    """A fresh encrypted filesystem, mounted; in a local store, or in S3 (moto) for a
+    test marked `@pytest.mark.parametrize("fs", ["local", "s3"], indirect=True)`."""
+    kind = getattr(request, "param", "local")
+    if kind == "s3":
+        return make_fs(bucket=request.getfixturevalue("s3_bucket"))
+    assert kind == "local", kind
     return make_fs()
 
 
