@@ -15,6 +15,7 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
@@ -64,7 +65,8 @@ def check_mountpoint(path: str) -> None:
 
 async def prepare(opts: MountOptions) -> Prepared:
     check_mountpoint(opts.mountpoint)
-    store = open_cli_store(opts.storage, opts.storage_options)
+    storage_options = _storage_options_of(opts)
+    store = open_cli_store(opts.storage, storage_options)
     try:
         sb = await config.read_superblock(store)
     finally:
@@ -87,7 +89,7 @@ async def prepare(opts: MountOptions) -> Prepared:
             storage=store.url,
             metadata=redact(meta_url),
             uuid=sb.uuid,
-            options=opts.storage_options,
+            options=storage_options,
             metadata_password_file=password_file,
         )
     )
@@ -95,6 +97,21 @@ async def prepare(opts: MountOptions) -> Prepared:
         opts, sb, master, Keys.from_master(master), cache, store.url, lock_fd,
         meta_url=redact(meta_url), meta_password=meta_password,
     )  # fmt: skip
+
+
+def _storage_options_of(opts: MountOptions) -> dict[str, Any]:
+    """The --s3-* options; without any, those the cache dir named by --cachedir was
+    last used with for the same storage (so a remount needs no --s3-endpoint)."""
+    if opts.storage_options or not opts.cachedir:
+        return opts.storage_options
+    cache = CacheDir(opts.cachedir)
+    try:
+        previous = cache.read_config()
+    except (CloudfsError, OSError, ValueError, TypeError):
+        return {}
+    if previous.storage.rstrip("/") != opts.storage.rstrip("/"):
+        return {}
+    return dict(previous.options)
 
 
 def _metadata_of(opts: MountOptions, cache: CacheDir) -> tuple[str, str | None]:
