@@ -269,6 +269,9 @@ class Operations(pyfuse3.Operations):
             for name, attrs, next_cookie in entries:
                 if not pyfuse3.readdir_reply(token, name, self._entry(attrs), next_cookie):
                     return
+                if name not in (b".", b".."):
+                    # readdirplus: an accepted entry gives the kernel a lookup reference
+                    self.ns.remember(attrs.id)
                 cookie = next_cookie
 
     @fuse_errors
