@@ -303,6 +303,8 @@ class S3Store(ObjectStore):
         """The cloudfs error for an S3 error response (code as in the XML body, or the
         status as text for HEAD requests, which have no body)."""
         where = f"{self.url} at {self.endpoint}"
+        if code.isdigit():  # a HEAD answer: no body, so no S3 error code
+            code = f"HTTP {code}"
         if code == "NoSuchKey":
             return ObjectNotFound(key or what)
         if code == "NoSuchBucket":
