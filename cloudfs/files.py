@@ -41,6 +41,8 @@ DIRTY_LIMIT = 64 << 20
 IDLE_SEAL_S = 5.0
 #: bytes of merged data handed to the chunker at a time
 PIECE = 4 << 20
+#: a stream cut of at most this many bytes runs on the event loop, not a thread
+INLINE_CUT = 128 << 10
 #: blocks fetched ahead of a sequential reader
 READAHEAD_BLOCKS = 4
 
@@ -128,6 +130,18 @@ class FileStore:
         self._stats: tuple[float, FsStats] | None = None
         #: where append streams cut in the background (None: cut inline)
         self.nursery: trio.Nursery | None = None
+        self._chunkers: list[_native.Chunker] = []  # reset ones, ready for reuse
+
+    def _take_chunker(self) -> _native.Chunker:
+        if self._chunkers:
+            return self._chunkers.pop()
+        p = self.chunker
+        return _native.Chunker(self.gear_key, p.min_size, p.avg_size, p.max_size)
+
+    def _give_chunker(self, chunker: _native.Chunker) -> None:
+        if len(self._chunkers) < 32:
+            chunker.reset()
+            self._chunkers.append(chunker)
 
     # --- state ----------------------------------------------------------------------
 
@@ -287,7 +301,7 @@ class FileStore:
                 bool(st.overlay and st.overlay.ranges),
             ):
                 stream = st.stream = AppendStream(
-                    offset, self.gear_key, self.id_key, self.chunker, self.cache
+                    offset, self._take_chunker(), self.id_key, self.cache
                 )
             if stream is not None and offset == stream.end == st.size:
                 stream.append(data)
@@ -316,9 +330,12 @@ class FileStore:
         async with st.cut_lock:
             stream = st.stream
             if stream is not None and stream.error is None:
-                await trio.to_thread.run_sync(
-                    functools.partial(stream.cut, final=final), abandon_on_cancel=False
-                )
+                if stream.unfed <= INLINE_CUT:
+                    stream.cut(final=final)  # a small file: cheaper than a thread hop
+                else:
+                    await trio.to_thread.run_sync(
+                        functools.partial(stream.cut, final=final), abandon_on_cancel=False
+                    )
 
     async def _cut_in_background(self, st: FileState) -> None:
         try:
@@ -429,6 +446,7 @@ class FileStore:
         if stream.error is not None:
             error, stream.error = stream.error, None
             st.stream = None  # its uncommitted bytes are lost: the writer is told
+            self._give_chunker(stream.chunker)
             st.size = st.sealed_size
             raise error
         extents, written, boundary = stream.take_extents()
@@ -446,6 +464,7 @@ class FileStore:
         st.keep_below = size
         if final:
             st.stream = None
+            self._give_chunker(stream.chunker)
         self._on_sealed()
 
     def _plan(self, st: FileState, extents: list[Extent], *, hold_tail: bool) -> _SealPlan:
@@ -485,9 +504,7 @@ class FileStore:
         runs = _data_runs(plan, st)
         new: list[Extent] = []
         written: list[bytes] = []
-        chunker = _native.Chunker(
-            self.gear_key, self.chunker.min_size, self.chunker.avg_size, self.chunker.max_size
-        )
+        chunker = self._take_chunker()  # list pop/append are atomic: safe from a thread
 
         def emit(chunk: bytes | bytearray, at: int) -> None:
             if _native.is_zero(chunk):
@@ -530,6 +547,7 @@ class FileStore:
                     stop = plan.size
                 else:
                     emit(pending, pos)
+        self._give_chunker(chunker)
         return _SealResult(new, stop, tail, written)
 
     def _merged(self, st: FileState, plan: _SealPlan, start: int, end: int) -> bytearray:

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 from cloudfs import _native
 from cloudfs.cache import CacheDir
-from cloudfs.chunking import ChunkerParams
 from cloudfs.meta.base import Extent
 
 #: unprocessed bytes that make a write hand the buffer to the chunker
@@ -34,9 +33,10 @@ class AppendStream:
     """The unsealed appended bytes of one file: cut extents and the uncut tail."""
 
     start: int
-    gear_key: bytes
+    #: a reset streaming chunker of the filesystem's parameters (making one derives
+    #: its gear table: FileStore keeps a few to hand out)
+    chunker: _native.Chunker
     id_key: bytes
-    params: ChunkerParams
     cache: CacheDir
     #: extents cut but not committed to the metadata yet, in file order
     extents: list[Extent] = field(default_factory=list)
@@ -52,9 +52,6 @@ class AppendStream:
 
     def __post_init__(self) -> None:
         self.tail_start = self.start
-        self._chunker = _native.Chunker(
-            self.gear_key, self.params.min_size, self.params.avg_size, self.params.max_size
-        )
         # guards buffer/extents/tail_start against readers while a cut runs in a thread
         self._lock = threading.Lock()
 
@@ -81,9 +78,9 @@ class AppendStream:
         with self._lock:
             pending = bytes(self.buffer[self.fed :])
             self.fed = len(self.buffer)
-        lengths = self._chunker.feed(pending) if pending else []
+        lengths = self.chunker.feed(pending) if pending else []
         if final:
-            last = self._chunker.finish()
+            last = self.chunker.finish()
             if last:
                 lengths = [*lengths, last]
         pos = 0
