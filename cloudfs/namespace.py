@@ -53,6 +53,15 @@ def _check_name(name: bytes) -> None:
         raise _err(errno.EINVAL)
 
 
+def _without_privileges(mode: int) -> int:
+    """`mode` less what Linux clears on a write, truncate or chown: setuid, and setgid
+    when the group may execute (setgid without group-x marks mandatory locking)."""
+    mode &= ~stat.S_ISUID
+    if mode & stat.S_IXGRP:
+        mode &= ~stat.S_ISGID
+    return mode
+
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -129,6 +138,8 @@ class Namespace:
         ctime_ns: int | None = None,
     ) -> InodeAttrs:
         now = time.time_ns()
+        if size is not None and mtime_ns is None:
+            mtime_ns = now  # a truncate is a data change, even to the same size (as on ext4)
         if size is not None:
             async with self.meta.reading() as tx:
                 attrs = await self._get(tx, ino)
@@ -149,11 +160,7 @@ class Namespace:
                     changes["gid"] = gid
                 # chown clears setuid, and setgid when group-executable (as Linux does)
                 if not stat.S_ISDIR(attrs.mode):
-                    m = changes.get("mode", attrs.mode)
-                    m &= ~stat.S_ISUID
-                    if m & stat.S_IXGRP:
-                        m &= ~stat.S_ISGID
-                    changes["mode"] = m
+                    changes["mode"] = _without_privileges(changes.get("mode", attrs.mode))
             if atime_ns is not None:
                 changes["atime_ns"] = atime_ns
             if mtime_ns is not None:
@@ -163,6 +170,19 @@ class Namespace:
                     st.mtime_ns = None  # an explicit time wins over the pending write time
             await tx.update_inode(ino, **changes)
             return self._live(replace(attrs, **changes))
+
+    async def truncate_on_open(self, ino: int, caller: Caller) -> InodeAttrs:
+        """open(O_TRUNC): size 0 and new data times, also for an empty file. The kernel
+        leaves an atomic O_TRUNC to the filesystem, so the filesystem also clears what a
+        truncate by an unprivileged process clears: setuid, and setgid when
+        group-executable (root has CAP_FSETID and keeps them)."""
+        mode = None
+        if caller.uid != 0:
+            async with self.meta.reading() as tx:
+                attrs = await self._get(tx, ino)
+            if _without_privileges(attrs.mode) != attrs.mode:
+                mode = _without_privileges(attrs.mode)
+        return await self.setattr(ino, size=0, mode=mode)
 
     # --- creating -----------------------------------------------------------------------
 

@@ -202,8 +202,13 @@ class Operations(pyfuse3.Operations):
         if stat.S_ISDIR(attrs.mode):
             raise FSOpError(errno.EISDIR)
         await self.files.open(inode)
-        if flags & os.O_TRUNC and attrs.size:
-            await self.files.truncate(inode, 0)
+        if flags & os.O_TRUNC:
+            try:
+                await self.ns.truncate_on_open(inode, _caller(ctx))
+            except Exception:
+                if self.files.close_handle(inode):  # no handle was made: undo the open
+                    await self._after_last_close(inode)
+                raise
         # the kernel's page cache stays valid across opens: every change passes through it
         return pyfuse3.FileInfo(fh=self._new_handle(inode), keep_cache=True)
 
