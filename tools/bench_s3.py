@@ -10,7 +10,8 @@ that S3-compatible server and the AWS credentials of the environment, and an exi
 empty bucket. It measures:
 
 1. boto3 alone: PUT then GET of `--objects` objects of 4 MiB (cloudfs's largest
-   block), with one thread and with 8 (the daemon's default uploads in flight);
+   block) and of as many bytes in 1 MiB objects (its average block), with one
+   thread and with 8 (the daemon's default uploads in flight);
 2. cloudfs on a fresh filesystem in the bucket (encrypted, default chunking), through
    a real mount: `cloudfs bench MNT --big-size SIZE` (incompressible and text-like
    writes until `cloudfs flush` semantics say stored, cold reads after drop-cache);
@@ -103,33 +104,37 @@ class Moto:
 
 
 def raw_boto3(endpoint: str, bucket: str, count: int) -> dict[str, float]:
-    """PUT and GET MiB/s of `count` 4 MiB objects, 1 thread and 8 threads."""
+    """PUT and GET MiB/s of `count` 4 MiB objects (cloudfs's largest block), and of as
+    many bytes in 1 MiB objects (its average block), with 1 thread and with 8."""
     client = boto3.session.Session().client(
         "s3", endpoint_url=endpoint, config=Config(max_pool_connections=16)
     )
-    bodies = [os.urandom(4 * MiB) for _ in range(8)]
     figures: dict[str, float] = {}
-    for threads in (1, 8):
-        keys = [f"raw-{threads}/{i:04d}" for i in range(count)]
+    for object_mib in (4, 1):
+        n = count * 4 // object_mib
+        bodies = [os.urandom(object_mib * MiB) for _ in range(8)]
+        for threads in (1, 8):
+            keys = [f"raw-{object_mib}m-{threads}/{i:05d}" for i in range(n)]
 
-        def put(i: int, keys: list[str] = keys) -> None:
-            client.put_object(Bucket=bucket, Key=keys[i], Body=bodies[i % len(bodies)])
+            def put(i: int, keys: list[str] = keys, bodies: list[bytes] = bodies) -> None:
+                client.put_object(Bucket=bucket, Key=keys[i], Body=bodies[i % len(bodies)])
 
-        def get(i: int, keys: list[str] = keys) -> None:
-            body = client.get_object(Bucket=bucket, Key=keys[i])["Body"].read()
-            assert len(body) == 4 * MiB
+            def get(i: int, keys: list[str] = keys, size: int = object_mib * MiB) -> None:
+                body = client.get_object(Bucket=bucket, Key=keys[i])["Body"].read()
+                assert len(body) == size
 
-        with ThreadPoolExecutor(threads) as pool:
-            t0 = time.perf_counter()
-            list(pool.map(put, range(count)))
-            figures[f"boto3_put_mib_s_{threads}t"] = count * 4 / (time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            list(pool.map(get, range(count)))
-            figures[f"boto3_get_mib_s_{threads}t"] = count * 4 / (time.perf_counter() - t0)
-        for i in range(0, count, 1000):
-            client.delete_objects(
-                Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]]}
-            )
+            label = f"{object_mib}m_{threads}t"
+            with ThreadPoolExecutor(threads) as pool:
+                t0 = time.perf_counter()
+                list(pool.map(put, range(n)))
+                figures[f"boto3_put_mib_s_{label}"] = n * object_mib / (time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                list(pool.map(get, range(n)))
+                figures[f"boto3_get_mib_s_{label}"] = n * object_mib / (time.perf_counter() - t0)
+            for i in range(0, n, 1000):
+                client.delete_objects(
+                    Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]]}
+                )
     return figures
 
 
@@ -239,12 +244,8 @@ def cloudfs_bench(fs: Mounted, size: int) -> dict[str, float]:
 
 def cold_first_byte(fs: Mounted, size: int) -> dict[str, float]:
     path = fs.mnt / "cold"
-    chunk = os.urandom(16 * MiB)
-    # a different 16 MiB piece each time (no dedup): its offset in its first bytes
-    pieces = (
-        i.to_bytes(8, "little") + chunk[8 : min(len(chunk), size - i)]
-        for i in range(0, size, len(chunk))
-    )
+    # random throughout: no block of it dedups with another, so all of it is fetched
+    pieces = (os.urandom(min(16 * MiB, size - i)) for i in range(0, size, 16 * MiB))
     with open(path, "wb") as f:
         f.writelines(pieces)
     fs.run("cloudfs", "flush", str(fs.mnt))
