@@ -453,10 +453,8 @@ class Namespace:
                 )
                 out.append((b"..", await self._get(tx, parent), 2))
             after = max(cookie - _DOT_COOKIES, 0)
-            for dentry_id, name, child in await tx.readdir(ino, after, limit):
-                attrs = await tx.get_inode(child)
-                if attrs is not None:
-                    out.append((name, self._live(attrs), dentry_id + _DOT_COOKIES))
+            for dentry_id, name, attrs in await tx.readdir_attrs(ino, after, limit):
+                out.append((name, self._live(attrs), dentry_id + _DOT_COOKIES))
         return out
 
     # --- extended attributes ------------------------------------------------------------

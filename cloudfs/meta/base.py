@@ -121,6 +121,11 @@ class Conn(abc.ABC):
     @abc.abstractmethod
     async def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> None: ...
 
+    async def execute_all(self, statements: Sequence[tuple[str, Sequence[object]]]) -> None:
+        """Run independent statements in order (an engine may send them in one trip)."""
+        for sql, params in statements:
+            await self.execute(sql, params)
+
     @abc.abstractmethod
     async def insert(self, sql: str, params: Sequence[object] = ()) -> int:
         """Run an INSERT; return the new row's auto-increment id."""
@@ -204,11 +209,13 @@ class Txn:
         """Remove inode `ino` and everything it owns; its blocks lose their references."""
         rows = await self.conn.query("SELECT block FROM extents WHERE inode = ?", (ino,))
         await self.unref_blocks([bytes(r[0]) for r in rows], now_ns)
-        for table, col in (
-            ("extents", "inode"), ("versions", "inode"), ("xattrs", "inode"),
-            ("symlinks", "inode"), ("inodes", "id"),
-        ):  # fmt: skip
-            await self.conn.execute(f"DELETE FROM {table} WHERE {col} = ?", (ino,))
+        await self.conn.execute_all([
+            (f"DELETE FROM {table} WHERE {col} = ?", (ino,))
+            for table, col in (
+                ("extents", "inode"), ("versions", "inode"), ("xattrs", "inode"),
+                ("symlinks", "inode"), ("inodes", "id"),
+            )
+        ])  # fmt: skip
 
     async def orphan_inodes(self) -> list[int]:
         """Inodes no dentry names (open-unlinked files left by a crash)."""
@@ -248,6 +255,19 @@ class Txn:
             (parent, after_id, limit),
         )
         return [(i, bytes(n), ino) for i, n, ino in rows]
+
+    async def readdir_attrs(
+        self, parent: int, after_id: int, limit: int
+    ) -> list[tuple[int, bytes, InodeAttrs]]:
+        """Like `readdir`, with each entry's inode attributes, in one query (an entry
+        whose inode is gone is left out)."""
+        rows = await self.conn.query(
+            "SELECT d.id, d.name, " + ", ".join(f"i.{c}" for c in _INODE_COLUMNS)
+            + " FROM dentries d JOIN inodes i ON i.id = d.inode"
+            " WHERE d.parent = ? AND d.id > ? ORDER BY d.id LIMIT ?",
+            (parent, after_id, limit),
+        )  # fmt: skip
+        return [(r[0], bytes(r[1]), _inode(r[2:])) for r in rows]
 
     async def has_entries(self, parent: int) -> bool:
         return (
@@ -402,6 +422,28 @@ class Txn:
             rows = await self.conn.query(f"SELECT id FROM blocks WHERE id IN ({marks})", part)
             found.update(bytes(r[0]) for r in rows)
         return found
+
+    async def stored_among(self, ids: Sequence[bytes]) -> set[bytes]:
+        """Those of `ids` whose block is stored (the cache may drop their plaintext)."""
+        found: set[bytes] = set()
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            marks = ", ".join("?" * len(part))
+            rows = await self.conn.query(
+                f"SELECT id FROM blocks WHERE state = ? AND id IN ({marks})", (BLOCK_STORED, *part)
+            )
+            found.update(bytes(r[0]) for r in rows)
+        return found
+
+    async def pending_blocks_of(self, ino: int) -> list[bytes]:
+        """The pending blocks the live extents of `ino` name (what an upload=sync
+        fsync waits for)."""
+        rows = await self.conn.query(
+            "SELECT DISTINCT e.block FROM extents e JOIN blocks b ON b.id = e.block"
+            " WHERE e.inode = ? AND e.v_to = ? AND b.state = ?",
+            (ino, LIVE, BLOCK_PENDING),
+        )
+        return [bytes(r[0]) for r in rows]
 
     async def get_block(self, block_id: bytes) -> BlockRow | None:
         row = await self.conn.query_one(

@@ -28,6 +28,8 @@ T = TypeVar("T")
 
 #: read-only connections kept per store (writers share one more)
 READ_POOL_SIZE = 4
+#: how long an idle pooled reader may keep its finished snapshot open
+SNAPSHOT_IDLE_S = 0.5
 CONNECT_TIMEOUT_S = 10
 
 # MySQL error codes
@@ -42,6 +44,8 @@ _CONNECTION_LOST = (2002, 2003, 2005, 2006, 2013, 2055)
 _SESSION_SETUP = ("SET SESSION sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION'",)
 _WRITER_SETUP = ("SET SESSION TRANSACTION ISOLATION LEVEL SERIALIZABLE",)
 _READER_SETUP = ("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ",)
+_BEGIN_WRITE = "START TRANSACTION"
+_BEGIN_READ = "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -87,6 +91,12 @@ def _query(db: pymysql.Connection, sql: str, params: tuple) -> list[tuple]:
         return list(cur.fetchall())
 
 
+def _execute_all(db: pymysql.Connection, _sql: str, statements: list[tuple[str, tuple]]) -> None:
+    with db.cursor() as cur:
+        for sql, params in statements:
+            cur.execute(sql, params)
+
+
 def _close(db: pymysql.Connection) -> None:
     try:
         db.close()
@@ -94,24 +104,84 @@ def _close(db: pymysql.Connection) -> None:
         pass  # already gone
 
 
+class _StaleConnection(Exception):
+    """The server had closed an idle pooled connection: its transaction never began."""
+
+    def __init__(self, cause: pymysql.Error) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _begin_then(
+    db: pymysql.Connection, begin: str, fn: Callable[..., T], sql: str, params: Any
+) -> T:
+    """BEGIN and a transaction's first statement in one trip to a worker thread."""
+    try:
+        _execute(db, begin, ())
+    except pymysql.InterfaceError as exc:
+        raise _StaleConnection(exc) from None
+    except pymysql.OperationalError as exc:
+        if exc.args and exc.args[0] in _CONNECTION_LOST:
+            raise _StaleConnection(exc) from None
+        raise
+    return fn(db, sql, params)
+
+
 class _MysqlConn(Conn):
-    def __init__(self, store: MysqlMetaStore, db: pymysql.Connection) -> None:
+    """One transaction's connection. BEGIN travels with the first statement (a thread
+    hop less per transaction), and a transaction that runs no statement costs nothing."""
+
+    def __init__(
+        self, store: MysqlMetaStore, db: pymysql.Connection, *, write: bool, pooled: bool
+    ) -> None:
         self.store = store
         self.db = db
+        self.write = write
+        #: BEGIN, until the first statement has carried it
+        self.begin: str | None = _BEGIN_WRITE if write else _BEGIN_READ
+        #: from the pool: the server may have closed it while it was idle
+        self._pooled = pooled
+
+    async def _run(self, fn: Callable[..., T], sql: str, params: Any) -> T:
+        begin = self.begin
+        if begin is None:
+            return await self.store.call(fn, self.db, sql, params)
+        try:
+            result = await self.store.call(_begin_then, self.db, begin, fn, sql, params)
+        except _StaleConnection as stale:
+            if not self._pooled:
+                raise self.store._translate(stale.cause) from None
+            # closed while idle (wait_timeout, a server restart): nothing happened yet,
+            # so start over once, on a fresh connection
+            await trio.to_thread.run_sync(_close, self.db)
+            self.store._open_snapshots.discard(self.db)
+            self.db = await self.store._open(self.write)
+            self._pooled = False
+            return await self._run(fn, sql, params)
+        except BaseException:
+            self.begin = None  # BEGIN may have run: the ROLLBACK clears what it left
+            raise
+        self.begin = None
+        return result
 
     async def execute(self, sql: str, params: Sequence[object] = ()) -> int:
-        return await self.store.call(_execute, self.db, pyformat(sql), tuple(params))
+        return await self._run(_execute, pyformat(sql), tuple(params))
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
         batch = [tuple(r) for r in rows]
         if batch:
-            await self.store.call(_executemany, self.db, pyformat(sql), batch)
+            await self._run(_executemany, pyformat(sql), batch)
+
+    async def execute_all(self, statements: Sequence[tuple[str, Sequence[object]]]) -> None:
+        batch = [(pyformat(sql), tuple(params)) for sql, params in statements]
+        if batch:
+            await self._run(_execute_all, "", batch)
 
     async def insert(self, sql: str, params: Sequence[object] = ()) -> int:
-        return await self.store.call(_insert, self.db, pyformat(sql), tuple(params))
+        return await self._run(_insert, pyformat(sql), tuple(params))
 
     async def query(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
-        return await self.store.call(_query, self.db, pyformat(sql), tuple(params))
+        return await self._run(_query, pyformat(sql), tuple(params))
 
 
 class MysqlMetaStore(MetaStore):
@@ -124,6 +194,9 @@ class MysqlMetaStore(MetaStore):
         self._writer: pymysql.Connection | None = None
         self._readers: list[pymysql.Connection] = []
         self._reader_slots = trio.Semaphore(read_pool_size)
+        #: pooled readers whose finished read-only transaction is not committed yet
+        self._open_snapshots: set[pymysql.Connection] = set()
+        self._committer_running = False
 
     # --- calls on worker threads, errors in cloudfs terms -----------------------------
 
@@ -132,12 +205,12 @@ class MysqlMetaStore(MetaStore):
         TransactionConflict (retryable), MetadataUnavailable or MetadataMissing."""
         try:
             return await trio.to_thread.run_sync(fn, db, *args)
-        except pymysql.OperationalError as exc:
+        except (pymysql.OperationalError, pymysql.InterfaceError) as exc:
             raise self._translate(exc) from None
-        except pymysql.InterfaceError as exc:  # the connection was closed under us
-            raise MetadataUnavailable(f"{self.where}: connection lost ({exc})") from None
 
-    def _translate(self, exc: pymysql.OperationalError) -> Exception:
+    def _translate(self, exc: pymysql.Error) -> Exception:
+        if isinstance(exc, pymysql.InterfaceError):
+            return MetadataUnavailable(f"{self.where}: connection lost ({exc})")
         code = exc.args[0] if exc.args else 0
         text = exc.args[1] if len(exc.args) > 1 else str(exc)
         if code in (_DEADLOCK, _LOCK_WAIT_TIMEOUT):
@@ -188,65 +261,62 @@ class MysqlMetaStore(MetaStore):
         # `durable` needs nothing: InnoDB's default commit is durable
         if write:
             async with self._write_lock:
-                self._writer = await self._start(self._writer, write=True)
+                pooled, self._writer = self._writer, None
+                conn = _MysqlConn(
+                    self, pooled or await self._open(write=True), write=True, pooled=bool(pooled)
+                )
                 try:
-                    async with self._within(self._writer) as conn:
+                    async with self._within(conn):
                         yield conn
                 finally:
-                    if not self._writer.open:
-                        self._writer = None
+                    if conn.db.open:
+                        self._writer = conn.db
         else:
             async with self._reader_slots:
-                db = await self._start(self._readers.pop() if self._readers else None, write=False)
+                pooled = self._readers.pop() if self._readers else None
+                conn = _MysqlConn(
+                    self, pooled or await self._open(write=False), write=False, pooled=bool(pooled)
+                )
                 try:
-                    async with self._within(db) as conn:
+                    async with self._within(conn):
                         yield conn
                 finally:
-                    if db.open:
-                        self._readers.append(db)
-
-    async def _start(self, db: pymysql.Connection | None, write: bool) -> pymysql.Connection:
-        """Begin a transaction on `db`, or on a new connection when there is none or the
-        server dropped it while it was idle (wait_timeout, a restart): nothing has
-        happened yet, so a fresh connection may start over once."""
-        begin = (
-            "START TRANSACTION"
-            if write
-            else "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY"
-        )
-        if db is not None:
-            try:
-                await self.call(_execute, db, begin, ())
-                return db
-            except MetadataUnavailable:
-                await trio.to_thread.run_sync(_close, db)
-        db = await self._open(write)
-        try:
-            await self.call(_execute, db, begin, ())
-        except BaseException:
-            await trio.to_thread.run_sync(_close, db)
-            raise
-        return db
+                    if conn.db.open:
+                        self._readers.append(conn.db)
 
     @asynccontextmanager
-    async def _within(self, db: pymysql.Connection) -> AsyncIterator[Conn]:
-        """The begun transaction on `db` … COMMIT; ROLLBACK on any exception, shielded
-        from cancellation (the connection must leave the transaction before its next
-        user). A connection that fails to roll back is closed and left out of the pool."""
+    async def _within(self, conn: _MysqlConn) -> AsyncIterator[None]:
+        """The body, then COMMIT; ROLLBACK on any exception, shielded from cancellation
+        (the connection must leave the transaction before its next user). A connection
+        that fails to roll back or commit is closed and left out of the pool."""
         try:
-            yield _MysqlConn(self, db)
+            yield
         except BaseException:
-            with trio.CancelScope(shield=True):
-                try:
-                    await self.call(_execute, db, "ROLLBACK", ())
-                except Exception:  # noqa: BLE001 - the body's error is the one to report
-                    await trio.to_thread.run_sync(_close, db)
+            if conn.begin is None:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self.call(_execute, conn.db, "ROLLBACK", ())
+                    except Exception:  # noqa: BLE001 - the body's error is the one to report
+                        await trio.to_thread.run_sync(_close, conn.db)
+                self._open_snapshots.discard(conn.db)
             raise
+        if conn.begin is not None:
+            return  # no statement ran: nothing began
+        if not conn.write:
+            # A read-only transaction has nothing to commit: its COMMIT is left to the
+            # next BEGIN on the connection (an implicit commit), which saves a round
+            # trip per read, or to the committer if the connection stays idle. (A
+            # transaction that ran no statement left the earlier one as it was.)
+            self._open_snapshots.add(conn.db)
+            if not self._committer_running:
+                self._committer_running = True
+                trio.lowlevel.spawn_system_task(self._commit_idle_snapshots)
+            return
         try:
-            await self.call(_execute, db, "COMMIT", ())
+            await self.call(_execute, conn.db, "COMMIT", ())
         except BaseException:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(_close, db)  # its state is unknown
+                await trio.to_thread.run_sync(_close, conn.db)  # its state is unknown
             raise
 
     async def is_initialized(self) -> bool:
@@ -257,7 +327,33 @@ class MysqlMetaStore(MetaStore):
             )
         return row is not None
 
+    async def _commit_idle_snapshots(self) -> None:
+        """End the read-only transactions of idle pooled readers: an open snapshot makes
+        InnoDB keep the undo history of every later change (on every client's
+        behalf), so none may stay open for long."""
+        try:
+            while self._open_snapshots:
+                await trio.sleep(SNAPSHOT_IDLE_S)
+                for db in list(self._open_snapshots):
+                    if not db.open:
+                        self._open_snapshots.discard(db)
+                        continue
+                    async with self._reader_slots:
+                        if db not in self._open_snapshots or db not in self._readers:
+                            continue
+                        self._readers.remove(db)
+                        self._open_snapshots.discard(db)
+                        try:
+                            await self.call(_execute, db, "COMMIT", ())
+                        except Exception:  # noqa: BLE001 - a broken reader is dropped
+                            await trio.to_thread.run_sync(_close, db)
+                        else:
+                            self._readers.append(db)
+        finally:
+            self._committer_running = False
+
     async def close(self) -> None:
+        self._open_snapshots.clear()
         dbs = [*self._readers, *([self._writer] if self._writer is not None else [])]
         self._readers, self._writer = [], None
         for db in dbs:

@@ -238,6 +238,23 @@ async def test_readdir_order_and_cookies(opener: Opener) -> None:
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
 
 
+async def test_readdir_with_attributes(opener: Opener) -> None:
+    meta = await fresh(opener)
+    async with meta.transaction() as tx:
+        made = []
+        for i, name in enumerate([b"b", b"\xff", b"a"]):
+            attrs = await tx.create_inode(mode=FILE, uid=i, gid=0, nlink=1, now_ns=NOW + i)
+            await tx.add_dentry(ROOT_INODE, name, attrs.id)
+            made.append((name, attrs))
+        await tx.add_dentry(ROOT_INODE, b"dangling", 99_999)  # names no inode
+    async with meta.reading() as tx:
+        plain = await tx.readdir(ROOT_INODE, 0, 10)
+        first = await tx.readdir_attrs(ROOT_INODE, 0, 2)
+        rest = await tx.readdir_attrs(ROOT_INODE, first[-1][0], 10)
+    assert [(n, a) for _, n, a in first + rest] == made
+    assert [i for i, _, _ in first + rest] == [i for i, _, _ in plain[:3]]
+
+
 # --- symlinks and xattrs ----------------------------------------------------------------------
 
 

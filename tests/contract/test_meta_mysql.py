@@ -17,7 +17,7 @@ import trio
 from cloudfs.errors import MetadataMissing, MetadataUnavailable, TransactionConflict
 from cloudfs.meta import open_meta
 from cloudfs.meta.base import MetaStore
-from cloudfs.meta.mysql import MysqlMetaStore, pyformat
+from cloudfs.meta.mysql import SNAPSHOT_IDLE_S, MysqlMetaStore, pyformat
 from cloudfs.meta.schema import ROOT_INODE
 
 if TYPE_CHECKING:  # the fixture's type; conftest is not importable as a module
@@ -164,6 +164,29 @@ async def test_reads_run_beside_a_writer(stores: list[MetaStore], mysql_url: str
             async with meta.reading() as tx:
                 assert await tx.get_info("x") is None
         reader_done.set()
+
+
+async def test_idle_readers_end_their_snapshots(
+    stores: list[MetaStore], mysql_url: str, mariadb: MariaDB
+) -> None:
+    """A finished read leaves its snapshot to the next BEGIN, but never for long: an
+    open snapshot makes the server keep undo history for every client."""
+    meta = _open(stores, mysql_url)
+    await meta.initialize(FS_UUID, uid=0, gid=0)
+    async with meta.reading() as tx:
+        conn_id = (await tx.conn.query("SELECT CONNECTION_ID()"))[0][0]
+
+    def open_transactions() -> int:
+        with mariadb.root() as root, root.cursor() as cur:
+            cur.execute(
+                "SELECT COUNT(*) FROM information_schema.innodb_trx WHERE trx_mysql_thread_id = %s",
+                (conn_id,),
+            )
+            return int(cur.fetchone()[0])
+
+    assert open_transactions() == 1, "the read's snapshot outlives it for a moment"
+    await trio.sleep(SNAPSHOT_IDLE_S * 3)
+    assert open_transactions() == 0
 
 
 async def test_dropped_connections_reconnect(
