@@ -220,6 +220,15 @@ def test_wrong_credentials(
     assert not made.mounted and made.daemon_pid() is None
     assert s3_bucket.objects() == before
 
+    # no credentials anywhere (environment, files, instance role)
+    bare = {k: v for k, v in fs.env.items() if not k.startswith("AWS_ACCESS_KEY_ID")}
+    bare = {k: v for k, v in bare.items() if not k.startswith("AWS_SECRET_ACCESS_KEY")}
+    r = fs.run("mkfs.cloudfs", fs.storage_url, "--cachedir", fs.cache, *fs.storage_args, env=bare)
+    line = one_line_failure(r, "mkfs.cloudfs")
+    assert "no AWS credentials found" in line, line
+    assert not fs.cache.exists()
+    assert s3_bucket.objects() == before
+
 
 def test_missing_bucket(s3_bucket: Bucket, make_fs: Callable[..., CloudFS]) -> None:
     fs = make_fs(bucket=s3_bucket, mkfs=False, mount=False)
