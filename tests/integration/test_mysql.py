@@ -92,6 +92,12 @@ def test_mount_on_mariadb(
     kept = [p for p in fs.cache.rglob("*") if p.is_file() and needle in p.read_bytes()]
     assert not kept, f"the MySQL password is in {kept}"
 
+    # mkfs --force replaces the filesystem in the database too
+    fs.kill_daemon()
+    fs.mkfs("--metadata", mysql_url, "--force")
+    fs.mount()
+    assert list(fs.mnt.iterdir()) == []
+
 
 def test_password_in_the_url_leaves_the_command_line(
     mysql_url: str, mariadb: MariaDB, make_fs: Callable[..., CloudFS]
