@@ -1,4 +1,5 @@
-"""The cache directory: its layout, block files, and the per-mount configuration.
+"""The cache directory: its layout, block files, the per-mount configuration, and the
+accounting of its size (the limit, what may be evicted, and the order of eviction).
 
 Layout (one cache dir per filesystem and machine):
     config.json          storage URL, metadata URL, fs uuid (never secrets)
@@ -10,19 +11,50 @@ Layout (one cache dir per filesystem and machine):
 
 A block file is written to tmp/, (fsynced,) and renamed: a reader never sees a partial
 block. Only the daemon deletes block files, and only blocks that are stored.
+
+Size limit: block files and dirty overlays together stay under the cache size. The
+daemon's evictor deletes the files of stored blocks, least recently used first: a
+block file's mtime is its last use (the fetcher writes it, the mount touches it when
+it reads it), so the order survives restarts. Pending blocks and dirty overlays are
+never evicted; when they alone fill the cache, the mount's writers wait for uploads
+(`CacheSpace`) and get ENOSPC if none come.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cloudfs.errors import MetadataMissing
+import trio
+
+from cloudfs.errors import FSOpError, MetadataMissing
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+#: the default cache size is this share of the filesystem holding the cache dir ...
+DEFAULT_SHARE_OF_DISK = 0.10
+#: ... but at most this share of the space free for it (free space plus the cache's
+#: own files), so a nearly full disk is not filled up ...
+DEFAULT_SHARE_OF_FREE = 0.50
+#: ... and at least this much (a smaller cache would thrash on one big file)
+DEFAULT_MIN = 1 * GiB
+#: how long a write waits for cache space before it fails with ENOSPC
+DEFAULT_FULL_WAIT_S = 60.0
+#: writers wait once data not uploaded fills this share of the cache: the rest is room
+#: for blocks being read and for uploaded ones on their way out (the evictor's LOW_WATER)
+UNUPLOADED_SHARE = 0.8
+#: the mount touches (sets the mtime of) a block file it reads at most this often
+TOUCH_INTERVAL_S = 10.0
 
 
 @dataclass
@@ -38,6 +70,30 @@ class CacheConfig:
     #: the file holding the MySQL password of `metadata` (a URL kept without its
     #: password), if one was named; else the daemon gets it from the mount or the env
     metadata_password_file: str | None = None
+    #: the cache size limit in bytes (block files and dirty overlays); None: the
+    #: default, `default_cache_size`
+    cache_size: int | None = None
+
+
+@dataclass(frozen=True)
+class CachedBlock:
+    """A block file found in the cache dir."""
+
+    id: bytes
+    size: int
+    mtime_ns: int  # its last use
+
+
+def default_cache_size(root: Path, cache_bytes: int) -> int:
+    """The cache size when none is set: 10% of the filesystem holding the cache dir,
+    at most half of the space free for the cache (free space plus the `cache_bytes` it
+    already holds), at least 1 GiB. On a 500 GB disk with 200 GB free: 50 GB."""
+    st = os.statvfs(root)
+    total = st.f_blocks * st.f_frsize
+    free = st.f_bavail * st.f_frsize + cache_bytes
+    return max(
+        DEFAULT_MIN, min(int(total * DEFAULT_SHARE_OF_DISK), int(free * DEFAULT_SHARE_OF_FREE))
+    )
 
 
 class CacheDir:
@@ -132,6 +188,33 @@ class CacheDir:
             return 0
         return size
 
+    def scan_blocks(self) -> list[CachedBlock]:
+        """Every block file with its size and last use (blocking; call from a thread)."""
+        found: list[CachedBlock] = []
+        for sub in sorted(self.blocks.iterdir()):
+            for entry in os.scandir(sub):
+                if len(entry.name) != 64:
+                    continue
+                try:
+                    block_id = bytes.fromhex(entry.name)
+                    st = entry.stat(follow_symlinks=False)
+                except ValueError:
+                    continue  # not a block file
+                except FileNotFoundError:
+                    continue  # evicted while we looked
+                found.append(CachedBlock(block_id, st.st_size, st.st_mtime_ns))
+        return found
+
+    def dirty_bytes(self) -> int:
+        """Disk space the dirty overlays take (they are sparse: allocated blocks count)."""
+        total = 0
+        for entry in os.scandir(self.dirty):
+            try:
+                total += entry.stat(follow_symlinks=False).st_blocks * 512
+            except FileNotFoundError:
+                continue
+        return total
+
     def cached_block_ids(self) -> list[bytes]:
         """Ids of every block file in the cache dir (blocking; call from a thread)."""
         ids: list[bytes] = []
@@ -154,12 +237,15 @@ class BlockFiles:
     """Open file descriptors of cached blocks, least recently used closed first.
 
     Blocks never change, so a descriptor stays valid even after the daemon evicts the
-    file: reads of it keep working until it is closed."""
+    file: reads of it keep working until it is closed (`close_evicted` closes such
+    descriptors, whose disk space is not free until then). A read marks the block
+    file as used (its mtime, at most every TOUCH_INTERVAL_S): the evictor's LRU order."""
 
     def __init__(self, cache: CacheDir, max_open: int = 256) -> None:
         self.cache = cache
         self.max_open = max_open
         self._fds: OrderedDict[bytes, int] = OrderedDict()
+        self._touched: dict[bytes, float] = {}  # monotonic time of the last touch
         self._lock = threading.Lock()  # the seal's worker thread reads blocks too
 
     def pread(self, block_id: bytes, length: int, offset: int) -> bytes:
@@ -170,15 +256,99 @@ class BlockFiles:
                 fd = os.open(self.cache.block_path(block_id), os.O_RDONLY)
                 self._fds[block_id] = fd
                 if len(self._fds) > self.max_open:
-                    _, old = self._fds.popitem(last=False)
+                    old_id, old = self._fds.popitem(last=False)
+                    self._touched.pop(old_id, None)
                     os.close(old)
             else:
                 self._fds.move_to_end(block_id)
+            now = time.monotonic()
+            if now - self._touched.get(block_id, -TOUCH_INTERVAL_S) >= TOUCH_INTERVAL_S:
+                self._touched[block_id] = now
+                os.utime(fd)  # used now: the evictor keeps it longer
             # pread under the lock: another thread must not close this fd meanwhile
             return os.pread(fd, length, offset)
+
+    def close_evicted(self) -> int:
+        """Close the descriptors of block files the daemon evicted meanwhile (their
+        disk space is freed only when nobody holds them open). Returns how many."""
+        closed = 0
+        with self._lock:
+            for block_id, fd in list(self._fds.items()):
+                if os.fstat(fd).st_nlink == 0:
+                    del self._fds[block_id]
+                    self._touched.pop(block_id, None)
+                    os.close(fd)
+                    closed += 1
+        return closed
 
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            self._touched.clear()
+
+
+class CacheSpace:
+    """The mount's side of the cache size limit: backpressure on writers.
+
+    Written data that is not uploaded yet (pending blocks, dirty overlays, append
+    streams) cannot be evicted; when it alone would pass UNUPLOADED_SHARE of the
+    limit, a write waits for the daemon to upload some (it is kicked), and fails with
+    ENOSPC after `full_wait` seconds. An acknowledged write is never dropped: the data refused is the data the
+    writer is told about.
+
+    `unuploaded()` measures exactly (a metadata query and the mount's unsealed bytes);
+    between two measurements the bytes admitted are added to the last one, so most
+    writes cost no query."""
+
+    #: a measurement is trusted this long while the cache is far from full
+    REFRESH_S = 0.5
+    #: how often a waiting writer measures again
+    POLL_S = 0.2
+
+    def __init__(
+        self,
+        limit: int,
+        unuploaded: Callable[[], Awaitable[int]],
+        kick: Callable[[], None],
+        *,
+        full_wait: float = DEFAULT_FULL_WAIT_S,
+    ) -> None:
+        self.limit = limit
+        #: unuploaded bytes writers may fill
+        self.allowed = int(limit * UNUPLOADED_SHARE)
+        self.full_wait = full_wait
+        self._unuploaded = unuploaded
+        self._kick = kick
+        self._estimate = 0
+        self._measured_at = -1e9
+
+    async def _measure(self) -> None:
+        self._estimate = await self._unuploaded()
+        self._measured_at = trio.current_time()
+
+    async def admit(self, nbytes: int) -> None:
+        """Return once `nbytes` more unuploaded bytes fit in the cache; FSOpError
+        ENOSPC when they do not within `full_wait` seconds."""
+        now = trio.current_time()
+        stale = now - self._measured_at > self.REFRESH_S
+        if stale or self._estimate + nbytes > self.allowed * 0.9:
+            await self._measure()
+        if self._estimate + nbytes <= self.allowed:
+            self._estimate += nbytes
+            return
+        log.debug("cache full of unuploaded data (%d of %d bytes): writers wait",
+                  self._estimate, self.allowed)  # fmt: skip
+        deadline = now + self.full_wait
+        while True:
+            self._kick()
+            await trio.sleep(self.POLL_S)
+            await self._measure()
+            if self._estimate + nbytes <= self.allowed:
+                self._estimate += nbytes
+                return
+            if trio.current_time() >= deadline:
+                log.warning("no cache space for %.0f s (%d bytes not uploaded, limit %d): ENOSPC",
+                            self.full_wait, self._estimate, self.allowed)  # fmt: skip
+                raise FSOpError(errno.ENOSPC, "the cache is full of data not uploaded yet")

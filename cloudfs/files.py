@@ -161,6 +161,17 @@ class FileStore:
         st = self.states.get(ino)
         return st is not None and (st.opens > 0 or st.pins > 0 or st.sealing)
 
+    def unsealed_bytes(self) -> int:
+        """Written bytes not sealed into pending blocks yet (dirty overlays, append
+        streams): cache space the mount will need (CacheSpace)."""
+        total = 0
+        for st in list(self.states.values()):
+            if st.overlay is not None:
+                total += st.overlay.ranges.total
+            if st.stream is not None:
+                total += st.stream.uncommitted
+        return total
+
     def current(self, ino: int) -> FileState | None:
         """The in-memory state of `ino`, if it has any (size and times not yet sealed)."""
         return self.states.get(ino)

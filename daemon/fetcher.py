@@ -10,6 +10,7 @@ others wait for. At most `fetches` GETs run at once.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -49,9 +50,18 @@ class FetchFailed(Exception):
 
 
 class Fetcher:
-    def __init__(self, cache: CacheDir, store: SealedStore, *, fetches: int = 8) -> None:
+    def __init__(
+        self,
+        cache: CacheDir,
+        store: SealedStore,
+        *,
+        fetches: int = 8,
+        on_fetched: Callable[[bytes, int], None] | None = None,
+    ) -> None:
         self.cache = cache
         self.store = store
+        #: told of every block file the fetcher writes (the evictor's accounting)
+        self._on_fetched = on_fetched
         self._limit = trio.Semaphore(fetches)
         # Prefetches may hold at most half the GET slots, so a read that misses the
         # cache never queues behind a long read-ahead.
@@ -120,6 +130,8 @@ class Fetcher:
                     await trio.to_thread.run_sync(self._write, block_id, plaintext)
                     self.fetched += 1
                     self.fetched_bytes += len(plaintext)
+                    if self._on_fetched is not None:
+                        self._on_fetched(block_id, len(plaintext))
         except CloudfsError as exc:
             get.error = _about_block(exc, block_id)
             log.warning("fetch of block %s failed: %s", block_id.hex(), exc.message)

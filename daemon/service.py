@@ -1,5 +1,5 @@
-"""The daemon's one trio nursery: control socket, uploader, fetcher, idle timer and
-signals, and the order they stop in.
+"""The daemon's one trio nursery: control socket, uploader, fetcher, evictor, idle
+timer and signals, and the order they stop in.
 
 Stopping (shutdown request, SIGTERM/SIGINT, or idle): the listening socket goes first
 (unlinked, so a new `ensure_daemon` does not reach a daemon on its way out), then the
@@ -18,10 +18,11 @@ from typing import Any
 
 import trio
 from cloudfs.daemon.control import ControlServer, SocketPath
+from cloudfs.daemon.evictor import Evictor
 from cloudfs.daemon.fetcher import Fetcher, FetchFailed
 from cloudfs.daemon.uploader import Uploader
 
-from cloudfs.cache import CacheDir
+from cloudfs.cache import CacheDir, default_cache_size
 from cloudfs.codec.crypto import Keys
 from cloudfs.meta.base import MetaStore
 from cloudfs.meta.schema import BLOCK_STORED
@@ -75,12 +76,24 @@ class DaemonService:
         uploads: int = 8,
         fetches: int = 8,
         idle_exit: float = 10.0,
+        cache_size: int | None = None,
     ) -> None:
+        """`cache_size`: the cache size limit in bytes; None: config.json's, else the
+        default (see cloudfs.cache.default_cache_size)."""
         self.cache = cache
         self.meta = meta
         self.store = store
-        self.uploader = Uploader(meta, cache, store, keys, uploads=uploads)
-        self.fetcher = Fetcher(cache, store, fetches=fetches)
+        self._cache_size_arg = cache_size
+        self._cache_size = cache_size
+        self._default_limit: int | None = None
+        self._default_final = False
+        self._read_settings()
+        self.evictor = Evictor(cache, meta, self.cache_limit)
+        self.uploader = Uploader(
+            meta, cache, store, keys, uploads=uploads,
+            on_pending=self.evictor.pending_seen, on_stored=self.evictor.stored,
+        )  # fmt: skip
+        self.fetcher = Fetcher(cache, store, fetches=fetches, on_fetched=self.evictor.fetched)
         self.control = ControlServer(self)
         self.idle_exit = idle_exit
         self.mounts = 0
@@ -97,6 +110,8 @@ class DaemonService:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.fetcher.run)
+                await nursery.start(self.evictor.run)
+                log.info("cache: %d of %d bytes used", self.evictor.used, self.cache_limit())
                 upload_scope = trio.CancelScope()
                 upload_done = trio.Event()
 
@@ -136,6 +151,30 @@ class DaemonService:
             with trio.CancelScope(shield=True):
                 await listener.aclose()
             self._unlink_socket()
+
+    # --- settings ----------------------------------------------------------------------
+
+    def _read_settings(self) -> None:
+        """Take the cache size from config.json (the mount writes it there before it
+        connects), unless the daemon was given one."""
+        if self._cache_size_arg is None:
+            try:
+                self._cache_size = self.cache.read_config().cache_size
+            except Exception as exc:  # noqa: BLE001 - keep the settings we have
+                log.warning("cannot read %s: %s", self.cache.config_path, exc)
+        self._default_limit = None
+        self._default_final = False
+
+    def cache_limit(self) -> int:
+        """The cache size limit in bytes."""
+        if self._cache_size is not None:
+            return self._cache_size
+        # the default counts the cache's own files as free for it: known after the
+        # evictor's first scan
+        if self._default_limit is None or (not self._default_final and self.evictor.scanned):
+            self._default_final = self.evictor.scanned
+            self._default_limit = default_cache_size(self.cache.root, self.evictor.block_bytes)
+        return self._default_limit
 
     def _unlink_socket(self) -> None:
         try:
@@ -180,7 +219,9 @@ class DaemonService:
     def mount_connected(self, pid: int | None) -> None:
         self.mounts += 1
         self.touch()
-        log.info("mount connected (pid %s), %d connected", pid, self.mounts)
+        self._read_settings()  # the mount may have changed them
+        log.info("mount connected (pid %s), %d connected; cache limit %d bytes",
+                 pid, self.mounts, self.cache_limit())  # fmt: skip
 
     def mount_disconnected(self, pid: int | None) -> None:
         self.mounts -= 1
@@ -213,6 +254,7 @@ class DaemonService:
             **self.uploader.status(),
             "fetched": self.fetcher.fetched,
             "fetched_bytes": self.fetcher.fetched_bytes,
+            **self.evictor.status(),
             "mounts": self.mounts,
             "pid": os.getpid(),
         }
@@ -231,6 +273,7 @@ class DaemonService:
                 rows = [await tx.get_block(block_id) for block_id in part]
             stored = [r.id for r in rows if r is not None and r.state == BLOCK_STORED]
             freed = await trio.to_thread.run_sync(self._remove_blocks, stored)
+            self.evictor.removed(stored)
             dropped += sum(1 for n in freed if n)
             dropped_bytes += sum(freed)
         log.info("dropped %d cached blocks (%d bytes)", dropped, dropped_bytes)

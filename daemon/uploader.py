@@ -27,6 +27,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +103,8 @@ class Uploader:
         *,
         uploads: int = 8,
         scan_interval: float = 1.0,
+        on_pending: Callable[[bytes, int], None] | None = None,
+        on_stored: Callable[[bytes, int], None] | None = None,
     ) -> None:
         if uploads < 1:
             raise ValueError("uploads must be >= 1")
@@ -111,6 +114,10 @@ class Uploader:
         self.keys = keys
         self.uploads = uploads
         self.scan_interval = scan_interval
+        #: told of every pending block a scan sees, and of every block marked stored
+        #: (the evictor's accounting)
+        self._on_pending = on_pending
+        self._on_stored = on_stored
         #: blocks queued or being uploaded or being marked stored
         self.in_flight: set[bytes] = set()
         #: blocks whose last attempt failed
@@ -191,6 +198,8 @@ class Uploader:
             for block_id, size in rows:
                 if self._stopping:
                     return
+                if self._on_pending is not None:
+                    self._on_pending(block_id, size)
                 failure = self.failures.get(block_id)
                 if failure is not None:
                     seen_failed.add(block_id)
@@ -298,6 +307,8 @@ class Uploader:
             self.failures.pop(block_id, None)
             self.uploaded += 1
             self.uploaded_bytes += size
+            if self._on_stored is not None:
+                self._on_stored(block_id, size)
         self._notify()
 
     # --- flush and status ---------------------------------------------------------------

@@ -25,7 +25,7 @@ from cloudfs.mount.options import MountOptions, parse
 from cloudfs.tools._cli import hide_url_password, metadata_password, open_cli_store, run_cli
 
 from cloudfs import config
-from cloudfs.cache import CacheConfig, CacheDir
+from cloudfs.cache import CacheConfig, CacheDir, CacheSpace
 from cloudfs.chunking import ChunkerParams
 from cloudfs.codec.crypto import Keys
 from cloudfs.errors import CloudfsError, DaemonError, MetadataMissing, MountpointError
@@ -91,6 +91,7 @@ async def prepare(opts: MountOptions) -> Prepared:
             uuid=sb.uuid,
             options=storage_options,
             metadata_password_file=password_file,
+            cache_size=_cache_size_of(opts, cache),
         )
     )
     return Prepared(
@@ -112,6 +113,17 @@ def _storage_options_of(opts: MountOptions) -> dict[str, Any]:
     if previous.storage.rstrip("/") != opts.storage.rstrip("/"):
         return {}
     return dict(previous.options)
+
+
+def _cache_size_of(opts: MountOptions, cache: CacheDir) -> int | None:
+    """The cache size limit to keep in config.json: --cache-size, else the one the cache
+    dir was last mounted with; None (and --cache-size auto): the default."""
+    if opts.cache_size is not None:
+        return opts.cache_size or None
+    try:
+        return cache.read_config().cache_size
+    except (CloudfsError, OSError, ValueError, TypeError):
+        return None
 
 
 def _metadata_of(opts: MountOptions, cache: CacheDir) -> tuple[str, str | None]:
@@ -199,6 +211,13 @@ class DaemonLink:
     async def fetch(self, block_ids: list[bytes], prefetch: list[bytes]) -> None:
         await self._call("fetch", block_ids, prefetch)
 
+    async def cache_limit(self) -> int:
+        """The cache size limit the daemon keeps."""
+        client = await self._connected()
+        limit = (await client.status())["cache_limit"]
+        assert isinstance(limit, int)
+        return limit
+
     def kick_soon(self) -> None:
         self._kick.set()
 
@@ -241,7 +260,16 @@ async def serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
     freed = await ns.free_orphans()
     if freed:
         log.info("freed %d inodes left open-unlinked by an earlier crash", freed)
-    ops = Operations(ns, files)
+
+    async def unuploaded() -> int:
+        async with meta.reading() as tx:
+            _count, pending = await tx.pending_summary()
+        return pending + files.unsealed_bytes()
+
+    space = CacheSpace(
+        await link.cache_limit(), unuploaded, link.kick_soon, full_wait=opts.cache_full_wait
+    )
+    ops = Operations(ns, files, space)
     fuse_opts = (
         set(pyfuse3.default_options)
         | opts.fuse_options
@@ -290,6 +318,8 @@ async def _seal_idle_files(files: FileStore, idle_s: float) -> None:
             await files.seal_idle(idle_s)
         except CloudfsError as exc:
             log.error("sealing idle files failed: %s", exc.message)
+        # evicted block files take disk space as long as they are open here
+        files.blockfiles.close_evicted()
 
 
 async def _stop_on_signals() -> None:

@@ -20,6 +20,7 @@ import pyfuse3
 import trio
 from cloudfs.tools.cloudfs import XATTR_CACHEDIR, XATTR_COMMAND
 
+from cloudfs.cache import CacheSpace
 from cloudfs.errors import CloudfsError, CorruptBlock, FSOpError
 from cloudfs.files import FileStore
 from cloudfs.meta.base import InodeAttrs
@@ -69,10 +70,14 @@ def _caller(ctx: pyfuse3.RequestContext) -> Caller:
 
 
 class Operations(pyfuse3.Operations):
-    def __init__(self, namespace: Namespace, files: FileStore) -> None:
+    def __init__(
+        self, namespace: Namespace, files: FileStore, space: CacheSpace | None = None
+    ) -> None:
         super().__init__()
         self.ns = namespace
         self.files = files
+        #: backpressure: a write waits while the cache is full of data not uploaded
+        self.space = space
         self._handles: dict[int, int] = {}  # file handle -> inode
         self._next_fh = 1
         #: runs the seal after a last close, so release answers at once (the kernel
@@ -228,7 +233,10 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await self.files.write(self._ino(fh), off, buf)
+        ino = self._ino(fh)
+        if self.space is not None:
+            await self.space.admit(len(buf))
+        return await self.files.write(ino, off, buf)
 
     @fuse_errors
     async def flush(self, fh: int) -> None:

@@ -6,8 +6,14 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudfs.tools._cli import add_metadata_arguments, add_storage_arguments, storage_options
+from cloudfs.tools._cli import (
+    add_metadata_arguments,
+    add_storage_arguments,
+    parse_size,
+    storage_options,
+)
 
+from cloudfs.cache import DEFAULT_FULL_WAIT_S
 from cloudfs.errors import UsageError
 
 #: options mount(8) passes along that concern it, not the filesystem
@@ -33,6 +39,11 @@ class MountOptions:
     #: metadata database URL (None: the cache dir's config.json, else SQLite there)
     metadata: str | None = None
     mysql_password_file: str | None = None
+    #: cache size limit in bytes; None: what the cache dir was last mounted with, else
+    #: the default; 0: back to the default ("auto")
+    cache_size: int | None = None
+    #: how long a write waits for cache space before ENOSPC
+    cache_full_wait: float = DEFAULT_FULL_WAIT_S
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,12 +58,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated mount options: allow_other, default_permissions, ro, "
                         "cachedir=DIR, passphrase_file=FILE, fg, debug, s3_endpoint=URL, "
                         "s3_region=REGION, s3_path_style, metadata=URL, "
-                        "mysql_password_file=FILE")  # fmt: skip
+                        "mysql_password_file=FILE, cache_size=SIZE, "
+                        "cache_full_wait=SECONDS")  # fmt: skip
     p.add_argument("-f", "--fg", "--foreground", dest="fg", action="store_true",
                    help="stay in the foreground")  # fmt: skip
     p.add_argument("--cachedir", help="cache dir (default ~/.cache/cloudfs/<fs uuid>)")
     p.add_argument("--passphrase-file", help="read the passphrase from this file")
     p.add_argument("--debug", action="store_true", help="log debug messages")
+    p.add_argument("--cache-size", metavar="SIZE",
+                   help="most disk space the cache dir may take (512M, 10G, ...); kept for "
+                   "later mounts of the cache dir; 'auto': the default, 10%% of the disk "
+                   "holding it, at most half its free space, at least 1 GiB")  # fmt: skip
+    p.add_argument("--cache-full-wait", metavar="SECONDS", type=float,
+                   help="when the cache is full of data not uploaded yet, how long a write "
+                   f"waits for uploads before it fails with ENOSPC (default {DEFAULT_FULL_WAIT_S:g})")  # fmt: skip
     add_metadata_arguments(p)
     add_storage_arguments(p)
     # mount(8) helpers get these; they are accepted and ignored
@@ -81,6 +100,8 @@ def parse(argv: list[str]) -> MountOptions:
         mysql_password_file=args.mysql_password_file,
     )
     s3_endpoint, s3_region, s3_path_style = args.s3_endpoint, args.s3_region, args.s3_path_style
+    cache_size: str | None = args.cache_size
+    full_wait: str | None = None if args.cache_full_wait is None else str(args.cache_full_wait)
     for group in args.options:
         for item in filter(None, group.split(",")):
             name, _, value = item.partition("=")
@@ -104,6 +125,10 @@ def parse(argv: list[str]) -> MountOptions:
                 s3_region = value
             elif name == "s3_path_style":
                 s3_path_style = True
+            elif name == "cache_size":
+                cache_size = value
+            elif name == "cache_full_wait":
+                full_wait = value
             elif name in _MOUNT8_OPTIONS:
                 continue
             else:
@@ -111,4 +136,13 @@ def parse(argv: list[str]) -> MountOptions:
     opts.storage_options = storage_options(
         endpoint=s3_endpoint, region=s3_region, path_style=s3_path_style
     )
+    if cache_size is not None:
+        opts.cache_size = 0 if cache_size == "auto" else parse_size(cache_size, "cache size")
+    if full_wait is not None:
+        try:
+            opts.cache_full_wait = float(full_wait)
+        except ValueError:
+            raise UsageError(f"cache_full_wait {full_wait!r} is not a number of seconds") from None
+        if not opts.cache_full_wait >= 0:
+            raise UsageError("cache_full_wait must be 0 or more seconds")
     return opts

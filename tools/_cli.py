@@ -42,6 +42,26 @@ def setup_logging(debug: bool = False) -> None:
     )
 
 
+# --- sizes ------------------------------------------------------------------------------
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """Bytes from "10G", "256M", "1.5T", "512MiB", "4096" (binary units; a trailing
+    "B", "iB" is allowed); UsageError for anything else."""
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    unit = t[-1:] if t[-1:] in _SIZE_UNITS and t[-1:] else ""
+    number = t[: len(t) - len(unit)]
+    try:
+        value = float(number)
+    except ValueError:
+        raise UsageError(f"{what} {text!r} is not a size (like 512M, 10G, 1T)") from None
+    if not 0 < value < float("inf"):
+        raise UsageError(f"{what} {text!r} must be more than 0")
+    return int(value * _SIZE_UNITS[unit])
+
+
 # --- storage options ----------------------------------------------------------------------
 
 
