@@ -31,6 +31,10 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 #: readdir cookies 1 and 2 are "." and ".."; entry cookies are dentry ids + 2
 _DOT_COOKIES = 2
+#: relatime: a read refreshes an atime newer than mtime and ctime once it is this old
+RELATIME_NS = 86_400 * 10**9
+#: what a read does to atime (the mount options of the same names)
+ATIME_MODES = ("relatime", "strictatime", "noatime")
 
 
 @dataclass(frozen=True)
@@ -81,9 +85,12 @@ def _retried(
 
 
 class Namespace:
-    def __init__(self, meta: MetaStore, files: FileStore) -> None:
+    def __init__(self, meta: MetaStore, files: FileStore, *, atime: str = "relatime") -> None:
+        if atime not in ATIME_MODES:
+            raise ValueError(f"atime mode {atime!r}")
         self.meta = meta
         self.files = files
+        self.atime = atime
         #: kernel lookup counts: an inode with no name stays until they reach 0
         self.kernel_refs: dict[int, int] = {}
 
@@ -170,6 +177,28 @@ class Namespace:
                     st.mtime_ns = None  # an explicit time wins over the pending write time
             await tx.update_inode(ino, **changes)
             return self._live(replace(attrs, **changes))
+
+    async def accessed(self, attrs: InodeAttrs) -> bool:
+        """The file or directory `attrs` was read: update its atime as the mount's atime
+        mode says (relatime by default: only when atime is not newer than mtime and
+        ctime, or is a day old, so reads cost no metadata write). True if it changed."""
+        if self.atime == "noatime":
+            return False
+        now = time.time_ns()
+        if (
+            self.atime == "relatime"
+            and attrs.atime_ns > max(attrs.mtime_ns, attrs.ctime_ns)
+            and now - attrs.atime_ns < RELATIME_NS
+        ):
+            return False
+        await self._set_atime(attrs.id, now)
+        return True
+
+    @_retried
+    async def _set_atime(self, ino: int, now: int) -> None:
+        async with self.meta.transaction() as tx:
+            if await tx.get_inode(ino) is not None:  # not freed meanwhile
+                await tx.update_inode(ino, atime_ns=now)
 
     async def truncate_on_open(self, ino: int, caller: Caller) -> InodeAttrs:
         """open(O_TRUNC): size 0 and new data times, also for an empty file. The kernel

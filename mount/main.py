@@ -256,7 +256,7 @@ async def serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
         on_sealed=link.kick_soon,
         origin=socket.gethostname(),
     )
-    ns = Namespace(meta, files)
+    ns = Namespace(meta, files, atime=opts.atime)
     freed = await ns.free_orphans()
     if freed:
         log.info("freed %d inodes left open-unlinked by an earlier crash", freed)

@@ -206,6 +206,11 @@ class Operations(pyfuse3.Operations):
         attrs = await self.ns.getattr(inode)
         if stat.S_ISDIR(attrs.mode):
             raise FSOpError(errno.EISDIR)
+        if flags & os.O_ACCMODE != os.O_WRONLY and await self.ns.accessed(attrs):
+            # atime is read at open, not at read(): reads served from the page cache
+            # never reach the filesystem. The kernel keeps cached attributes and hears
+            # nothing of this change from an open, so tell it.
+            await trio.to_thread.run_sync(_invalidate_attributes, inode)
         await self.files.open(inode)
         if flags & os.O_TRUNC:
             try:
@@ -274,6 +279,8 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        if start_id == 0:  # a listing starts: the directory is read (the kernel then
+            await self.ns.accessed(await self.ns.getattr(fh))  # asks for its atime again)
         cookie = start_id
         while True:
             entries = await self.ns.readdir(fh, cookie)
@@ -355,6 +362,15 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self.ns.removexattr(inode, name)
+
+
+def _invalidate_attributes(ino: int) -> None:
+    """Make the kernel ask for the attributes of `ino` again (blocking, but quick: it
+    leaves cached data alone, so it never waits for writeback)."""
+    try:
+        pyfuse3.invalidate_inode(ino, attr_only=True)
+    except OSError:
+        pass  # the kernel does not know the inode (any more)
 
 
 def _invalidate_inodes(inodes: list[int]) -> None:

@@ -18,8 +18,8 @@ from cloudfs.errors import UsageError
 
 #: options mount(8) passes along that concern it, not the filesystem
 _MOUNT8_OPTIONS = {"rw", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail", "defaults",
-                   "exec", "noexec", "suid", "nosuid", "dev", "nodev", "async", "atime", "noatime",
-                   "relatime", "strictatime", "x-systemd.automount"}  # fmt: skip
+                   "exec", "noexec", "suid", "nosuid", "dev", "nodev", "async",
+                   "x-systemd.automount"}  # fmt: skip
 #: options handed to the kernel FUSE mount as they are
 _FUSE_OPTIONS = {"allow_other", "allow_root", "default_permissions", "ro"}
 
@@ -39,6 +39,8 @@ class MountOptions:
     #: metadata database URL (None: the cache dir's config.json, else SQLite there)
     metadata: str | None = None
     mysql_password_file: str | None = None
+    #: what reads do to atime: relatime (default), strictatime or noatime
+    atime: str = "relatime"
     #: cache size limit in bytes; None: what the cache dir was last mounted with, else
     #: the default; 0: back to the default ("auto")
     cache_size: int | None = None
@@ -56,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint", help="an empty directory to mount it on")
     p.add_argument("-o", dest="options", action="append", default=[],
                    help="comma-separated mount options: allow_other, default_permissions, ro, "
+                        "relatime (default), strictatime, noatime, "
                         "cachedir=DIR, passphrase_file=FILE, fg, debug, s3_endpoint=URL, "
                         "s3_region=REGION, s3_path_style, metadata=URL, "
                         "mysql_password_file=FILE, cache_size=SIZE, "
@@ -129,6 +132,10 @@ def parse(argv: list[str]) -> MountOptions:
                 cache_size = value
             elif name == "cache_full_wait":
                 full_wait = value
+            elif name in ("relatime", "strictatime", "noatime"):
+                opts.atime = name
+            elif name == "atime":
+                opts.atime = "relatime"
             elif name in _MOUNT8_OPTIONS:
                 continue
             else:
