@@ -25,6 +25,9 @@ from cloudfs.meta.schema import ROOT_INODE
 NAME_MAX = 255
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
+#: the xattr namespaces a filesystem stores (system.* are ACLs, which the kernel
+#: answers itself on a mount without ACL support); other names fail as on ext4
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
 RENAME_NOREPLACE = 1
@@ -55,6 +58,11 @@ def _check_name(name: bytes) -> None:
         raise _err(errno.ENAMETOOLONG)
     if not name or b"/" in name or b"\0" in name:
         raise _err(errno.EINVAL)
+
+
+def _check_xattr_name(name: bytes) -> None:
+    if not name.startswith(XATTR_NAMESPACES):
+        raise _err(errno.EOPNOTSUPP)
 
 
 def _without_privileges(mode: int) -> int:
@@ -489,6 +497,7 @@ class Namespace:
     # --- extended attributes ------------------------------------------------------------
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
+        _check_xattr_name(name)
         async with self.meta.reading() as tx:
             await self._get(tx, ino)
             value = await tx.get_xattr(ino, name)
@@ -502,6 +511,7 @@ class Namespace:
             raise _err(errno.ERANGE)
         if len(value) > XATTR_SIZE_MAX:
             raise _err(errno.E2BIG)
+        _check_xattr_name(name)
         async with self.meta.transaction() as tx:
             await self._get(tx, ino)
             exists = await tx.get_xattr(ino, name) is not None
@@ -519,6 +529,7 @@ class Namespace:
 
     @_retried
     async def removexattr(self, ino: int, name: bytes) -> None:
+        _check_xattr_name(name)
         async with self.meta.transaction() as tx:
             await self._get(tx, ino)
             if not await tx.remove_xattr(ino, name):

@@ -72,17 +72,19 @@ def utimensat(path: str | Path, atime: tuple[int, int], mtime: tuple[int, int]) 
     _check(_libc.utimensat(AT_FDCWD, os.fsencode(path), times, 0))
 
 
-def getxattr_size(path: str | Path, name: str, size: int) -> bytes:
-    """getxattr(2) into a buffer of `size` bytes (ERANGE when the value is longer)."""
+def getxattr_size(path: str | Path, name: str, size: int) -> tuple[int, bytes]:
+    """getxattr(2) into a buffer of `size` bytes (ERANGE when the value is longer; size 0
+    asks for the length only): (returned length, bytes in the buffer)."""
     buf = ctypes.create_string_buffer(max(size, 1))
     n = _check(_libc.getxattr(os.fsencode(path), name.encode(), buf if size else None, size))
-    return buf.raw[:n]
+    return n, buf.raw[: n if size else 0]
 
 
-def listxattr_size(path: str | Path, size: int) -> bytes:
+def listxattr_size(path: str | Path, size: int) -> tuple[int, bytes]:
+    """listxattr(2) into a buffer of `size` bytes, like `getxattr_size`."""
     buf = ctypes.create_string_buffer(max(size, 1))
     n = _check(_libc.listxattr(os.fsencode(path), buf if size else None, size))
-    return buf.raw[:n]
+    return n, buf.raw[: n if size else 0]
 
 
 def as_user(
