@@ -32,7 +32,7 @@ from cloudfs.errors import CloudfsError, DaemonError, MetadataMissing, Mountpoin
 from cloudfs.files import FileStore, clear_stale_overlays
 from cloudfs.meta import open_meta
 from cloudfs.meta.base import MetaStore
-from cloudfs.meta.url import redact, sqlite_path
+from cloudfs.meta.url import is_mysql, redact, sqlite_path
 from cloudfs.namespace import Namespace
 
 log = logging.getLogger("cloudfs.mount")
@@ -211,6 +211,10 @@ class DaemonLink:
     async def fetch(self, block_ids: list[bytes], prefetch: list[bytes]) -> None:
         await self._call("fetch", block_ids, prefetch)
 
+    async def flush(self, block_ids: list[bytes]) -> None:
+        """Return once none of `block_ids` is pending."""
+        await self._call("flush", block_ids)
+
     async def cache_limit(self) -> int:
         """The cache size limit the daemon keeps."""
         client = await self._connected()
@@ -269,7 +273,16 @@ async def serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
     space = CacheSpace(
         await link.cache_limit(), unuploaded, link.kick_soon, full_wait=opts.cache_full_wait
     )
-    ops = Operations(ns, files, space)
+
+    async def wait_stored(ino: int) -> None:
+        async with meta.reading() as tx:
+            blocks = await tx.pending_blocks_of(ino)
+        if blocks:
+            await link.flush(blocks)
+
+    upload = opts.upload or ("sync" if is_mysql(prep.meta_url) else "async")
+    log.info("uploads: %s", upload)
+    ops = Operations(ns, files, space, wait_stored=wait_stored if upload == "sync" else None)
     fuse_opts = (
         set(pyfuse3.default_options)
         | opts.fuse_options

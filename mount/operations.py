@@ -71,13 +71,22 @@ def _caller(ctx: pyfuse3.RequestContext) -> Caller:
 
 class Operations(pyfuse3.Operations):
     def __init__(
-        self, namespace: Namespace, files: FileStore, space: CacheSpace | None = None
+        self,
+        namespace: Namespace,
+        files: FileStore,
+        space: CacheSpace | None = None,
+        *,
+        wait_stored: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         super().__init__()
         self.ns = namespace
         self.files = files
         #: backpressure: a write waits while the cache is full of data not uploaded
         self.space = space
+        #: --upload=sync: fsync, and the close of a handle that wrote, return only once
+        #: the file's blocks are in the object store (wait_stored(ino) waits for that)
+        self.wait_stored = wait_stored
+        self._written: set[int] = set()  # handles written through since their last flush
         self._handles: dict[int, int] = {}  # file handle -> inode
         self._next_fh = 1
         #: runs the seal after a last close, so release answers at once (the kernel
@@ -241,14 +250,22 @@ class Operations(pyfuse3.Operations):
         ino = self._ino(fh)
         if self.space is not None:
             await self.space.admit(len(buf))
+        if self.wait_stored is not None:
+            self._written.add(fh)
         return await self.files.write(ino, off, buf)
 
     @fuse_errors
     async def flush(self, fh: int) -> None:
-        self._ino(fh)
+        # close(2) waits for this answer (release comes later, unwaited for)
+        ino = self._ino(fh)
+        if self.wait_stored is not None and fh in self._written:
+            self._written.discard(fh)
+            await self.files.seal(ino, publish=True)
+            await self.wait_stored(ino)
 
     @fuse_errors
     async def release(self, fh: int) -> None:
+        self._written.discard(fh)
         ino = self._handles.pop(fh, None)
         if ino is None or not self.files.close_handle(ino):
             return
@@ -268,7 +285,10 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self.files.fsync(self._ino(fh))
+        ino = self._ino(fh)
+        await self.files.fsync(ino)
+        if self.wait_stored is not None:
+            await self.wait_stored(ino)
 
     # --- directories ------------------------------------------------------------------
 

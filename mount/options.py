@@ -46,6 +46,9 @@ class MountOptions:
     cache_size: int | None = None
     #: how long a write waits for cache space before ENOSPC
     cache_full_wait: float = DEFAULT_FULL_WAIT_S
+    #: "sync": fsync and close wait until the blocks are stored; "async": until they
+    #: are sealed in the cache; None: sync with MySQL metadata (shared), else async
+    upload: str | None = None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
                         "cachedir=DIR, passphrase_file=FILE, fg, debug, s3_endpoint=URL, "
                         "s3_region=REGION, s3_path_style, metadata=URL, "
                         "mysql_password_file=FILE, cache_size=SIZE, "
-                        "cache_full_wait=SECONDS")  # fmt: skip
+                        "cache_full_wait=SECONDS, upload=sync|async")  # fmt: skip
     p.add_argument("-f", "--fg", "--foreground", dest="fg", action="store_true",
                    help="stay in the foreground")  # fmt: skip
     p.add_argument("--cachedir", help="cache dir (default ~/.cache/cloudfs/<fs uuid>)")
@@ -72,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="most disk space the cache dir may take (512M, 10G, ...); kept for "
                    "later mounts of the cache dir; 'auto': the default, 10%% of the disk "
                    "holding it, at most half its free space, at least 1 GiB")  # fmt: skip
+    p.add_argument("--upload", choices=("async", "sync"),
+                   help="async: fsync returns once data is sealed in the cache dir (the "
+                   "default with SQLite metadata); sync: fsync and close also wait until "
+                   "it is in the object store (the default with MySQL)")  # fmt: skip
     p.add_argument("--cache-full-wait", metavar="SECONDS", type=float,
                    help="when the cache is full of data not uploaded yet, how long a write "
                    f"waits for uploads before it fails with ENOSPC (default {DEFAULT_FULL_WAIT_S:g})")  # fmt: skip
@@ -104,6 +111,7 @@ def parse(argv: list[str]) -> MountOptions:
     )
     s3_endpoint, s3_region, s3_path_style = args.s3_endpoint, args.s3_region, args.s3_path_style
     cache_size: str | None = args.cache_size
+    opts.upload = args.upload
     full_wait: str | None = None if args.cache_full_wait is None else str(args.cache_full_wait)
     for group in args.options:
         for item in filter(None, group.split(",")):
@@ -132,6 +140,10 @@ def parse(argv: list[str]) -> MountOptions:
                 cache_size = value
             elif name == "cache_full_wait":
                 full_wait = value
+            elif name == "upload":
+                if value not in ("async", "sync"):
+                    raise UsageError(f"upload={value}: use upload=async or upload=sync")
+                opts.upload = value
             elif name in ("relatime", "strictatime", "noatime"):
                 opts.atime = name
             elif name == "atime":
