@@ -7,12 +7,16 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 from cloudfs.tools._cli import open_config_meta, run_cli, setup_logging
 
 from cloudfs.cache import CacheDir
 from cloudfs.errors import DaemonError, NotMounted, UsageError
+
+if TYPE_CHECKING:
+    from cloudfs.daemon.control import DaemonClient as DaemonClientType
 
 #: virtual extended attributes of a mount's root: where its cache dir is, and a
 #: command channel to the mount process (answered by the mount, never stored)
@@ -102,8 +106,44 @@ async def cmd_flush(args: argparse.Namespace) -> int:
     # seal what the mount still holds in dirty overlays, then wait for the uploads
     await trio.to_thread.run_sync(os.setxattr, args.mountpoint, XATTR_COMMAND.decode(), b"seal")
     async with await DaemonClient.connect(cache, role="tool") as client:
-        await client.flush()
+        if not sys.stderr.isatty():
+            await client.flush()
+            return 0
+        done = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_show_flush_progress, client, done)
+            try:
+                await client.flush()
+            finally:
+                done.set()
     return 0
+
+
+#: width of the flush progress bar, in characters
+_BAR = 30
+
+
+async def _show_flush_progress(client: DaemonClientType, done: trio.Event) -> None:
+    """A self-rewriting line on the terminal: the bytes still to upload going down."""
+    most = 1
+    try:
+        while not done.is_set():
+            status = await client.status()
+            pending, pending_bytes = int(status["pending"]), int(status["pending_bytes"])
+            most = max(most, pending_bytes)  # more may come in while others write
+            filled = round(_BAR * (most - pending_bytes) / most)
+            sys.stderr.write(
+                f"\r\x1b[Kflush [{'#' * filled}{'.' * (_BAR - filled)}] "
+                f"{pending} blocks ({_human(pending_bytes)}) to upload"
+            )
+            sys.stderr.flush()
+            with trio.move_on_after(0.25):
+                await done.wait()
+    except DaemonError:
+        pass  # the flush itself reports it
+    finally:
+        sys.stderr.write("\r\x1b[K")
+        sys.stderr.flush()
 
 
 async def cmd_drop_cache(args: argparse.Namespace) -> int:
@@ -132,7 +172,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_stat)
     f = sub.add_parser(
-        "flush", help="wait until everything written to a mount is in the object store"
+        "flush",
+        help="wait until everything written to a mount is in the object store (with a "
+        "progress bar on a terminal)",
     )
     f.add_argument("mountpoint")
     f.set_defaults(func=cmd_flush)
