@@ -468,6 +468,12 @@ class Namespace:
             await self.maybe_free(ino)
         return len(orphans)
 
+    async def sync(self) -> None:
+        """fsync of a directory: every namespace change committed so far reaches stable
+        storage (SQLite commits without syncing its WAL; this syncs it)."""
+        async with self.meta.transaction(durable=True):
+            pass
+
     # --- directories --------------------------------------------------------------------
 
     async def opendir(self, ino: int) -> None:
