@@ -227,6 +227,19 @@ class CacheDir:
                         continue  # not a block file
         return ids
 
+    def clear_stale_tmp(self) -> int:
+        """Remove the temporary files of processes that are gone (a crash while a block
+        file was being written: its name ends in .<pid>.<hex>). Returns how many."""
+        removed = 0
+        for p in self.tmp.iterdir():
+            parts = p.name.split(".")
+            if len(parts) < 3 or not parts[-2].isdigit():
+                continue
+            if not os.path.exists(f"/proc/{parts[-2]}"):
+                p.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
     def clear_tmp(self) -> None:
         for p in self.tmp.iterdir():
             if p.name != "config.json":

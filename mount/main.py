@@ -250,6 +250,7 @@ async def serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
     link = DaemonLink(cache, prep.master, prep.meta_password)
     await link._connected()
     clear_stale_overlays(cache)
+    await _clear_crash_leftovers(cache, meta)
     files = FileStore(
         meta,
         cache,
@@ -322,6 +323,23 @@ async def serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
         await meta.close()
         await link.aclose()
     log.info("unmounted %s (clean=%s)", opts.mountpoint, unmounted)
+
+
+async def _clear_crash_leftovers(cache: CacheDir, meta: MetaStore) -> None:
+    """Remove block files that no metadata row names: a seal or an append stream of a
+    mount that crashed cut them and never committed them. This mount holds mount.lock
+    and serves nothing yet, so no seal of its own is under way, and the daemon only
+    writes blocks that have rows (fetched ones). Temporary files of dead processes go
+    too."""
+    stale_tmp = await trio.to_thread.run_sync(cache.clear_stale_tmp)
+    found = await trio.to_thread.run_sync(cache.cached_block_ids)
+    async with meta.reading() as tx:
+        known = await tx.block_states(found)
+    orphans = [b for b in found if b not in known]
+    freed = await trio.to_thread.run_sync(lambda: sum(cache.remove_block(b) for b in orphans))
+    if orphans or stale_tmp:
+        log.info("removed %d uncommitted block files (%d bytes) and %d temporary files "
+                 "left by a crash", len(orphans), freed, stale_tmp)  # fmt: skip
 
 
 async def _seal_idle_files(files: FileStore, idle_s: float) -> None:

@@ -312,6 +312,22 @@ class CloudFS:
         self.unmount()
         self.mount()
 
+    def kill_mount(self, sig: int = signal.SIGKILL) -> None:
+        """Crash the mount process (kill -9 by default) and wait until it is gone, then
+        detach the dead FUSE mount point (`fusermount3 -uz`, as a user would after a
+        crash: it answers ENOTCONN until then). The daemon is left alone."""
+        pids = set(_mount_processes(self.mnt))
+        if self.mount_pid is not None:
+            pids.add(self.mount_pid)
+        self.mount_pid = None
+        for pid in pids:
+            stop_process(pid, sig, 30.0)
+        if _fuse_mounts_under(self.mnt):
+            r = _fusermount(self.mnt, lazy=True)
+            if r.returncode != 0:
+                pytest.fail(f"fusermount3 -uz {self.mnt} failed: {r.stderr.strip()}")
+        assert not _fuse_mounts_under(self.mnt), f"{self.mnt} is still mounted"
+
     def stat_json(self) -> dict:
         r = self.check("cloudfs", "stat", "--json", self.mnt, timeout=60)
         return json.loads(r.stdout)
