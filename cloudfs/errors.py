@@ -111,6 +111,18 @@ class NotMounted(CloudfsError):
     exit_code = 10
 
 
+class LeaseHeld(CloudfsError):
+    """the filesystem is mounted on another machine"""
+
+    exit_code = 13
+
+
+class LeaseLost(CloudfsError):
+    """the mount lease was taken over by another machine"""
+
+    exit_code = 13
+
+
 # --- object store ---------------------------------------------------------------------
 
 

@@ -28,12 +28,15 @@ from cloudfs import config
 from cloudfs.cache import CacheConfig, CacheDir, CacheSpace
 from cloudfs.chunking import ChunkerParams
 from cloudfs.codec.crypto import Keys
-from cloudfs.errors import CloudfsError, DaemonError, MetadataMissing, MountpointError
+from cloudfs.errors import CloudfsError, DaemonError, LeaseLost, MetadataMissing, MountpointError
 from cloudfs.files import FileStore, clear_stale_overlays
+from cloudfs.lease import Lease, renew_interval
 from cloudfs.meta import open_meta
 from cloudfs.meta.base import MetaStore
 from cloudfs.meta.url import is_mysql, redact, sqlite_path
 from cloudfs.namespace import Namespace
+from cloudfs.objectstore import open_store
+from cloudfs.objectstore.retry import RetryStore
 
 log = logging.getLogger("cloudfs.mount")
 
@@ -51,6 +54,9 @@ class Prepared:
     lock_fd: int  # flock on the cache dir's mount.lock, held for the mount's life
     meta_url: str  # without a password
     meta_password: str | None = field(default=None, repr=False)
+    #: the mount lease (SQLite metadata only), held from here on
+    lease: Lease | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
 
 
 def check_mountpoint(path: str) -> None:
@@ -82,6 +88,8 @@ async def prepare(opts: MountOptions) -> Prepared:
     master = await trio.to_thread.run_sync(config.unlock_master, sb, passphrase)
     cache.create()
     lock_fd = await _lock_cache_dir(cache)
+    # one machine per SQLite-backed filesystem (MySQL is made for several)
+    lease = None if is_mysql(meta_url) else await _take_lease(opts, storage_options, cache)
     # the daemon opens the store with the same options (config.json, never credentials)
     # and the same metadata database (its URL without the password)
     cache.write_config(
@@ -96,8 +104,39 @@ async def prepare(opts: MountOptions) -> Prepared:
     )
     return Prepared(
         opts, sb, master, Keys.from_master(master), cache, store.url, lock_fd,
-        meta_url=redact(meta_url), meta_password=meta_password,
+        meta_url=redact(meta_url), meta_password=meta_password, lease=lease,
+        storage_options=storage_options,
     )  # fmt: skip
+
+
+async def _take_lease(
+    opts: MountOptions, storage_options: dict[str, Any], cache: CacheDir
+) -> Lease:
+    """The mount lease of this cache dir; LeaseHeld (naming the holder) if another
+    machine holds it and not --force."""
+    store = open_cli_store(opts.storage, storage_options)
+    lease = Lease(store, str(cache.root))
+    try:
+        taken = await lease.acquire(force=opts.force)
+    finally:
+        await store.aclose()
+    if taken is not None:
+        log.warning("took over the mount lease of %s", taken.describe())
+    return lease
+
+
+async def _renew_lease(lease: Lease) -> None:
+    """Renew the lease until cancelled. When another machine took it over (--force),
+    say so loudly: two machines now write into one filesystem."""
+    while True:
+        try:
+            await lease.renew()
+        except LeaseLost as exc:
+            log.error("%s: unmount this filesystem here", exc.message)
+            return
+        except CloudfsError as exc:
+            log.warning("cannot renew the mount lease (%s); trying again", exc.message)
+        await trio.sleep(renew_interval())
 
 
 def _storage_options_of(opts: MountOptions) -> dict[str, Any]:
@@ -245,6 +284,26 @@ class DaemonLink:
 
 
 async def serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
+    """Mount and serve until unmounted; the mount lease is released at the end, also
+    when mounting failed."""
+    lease = prep.lease
+    if lease is None:
+        await _serve(prep, ready)
+        return
+    lease.store = RetryStore(open_store(prep.storage_url, **prep.storage_options))
+    try:
+        await lease.renew()  # now naming this process, the one that serves
+        await _serve(prep, ready)
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(60):
+            try:
+                await lease.release()
+            except CloudfsError as exc:
+                log.warning("cannot release the mount lease: %s", exc.message)
+        await lease.store.aclose()
+
+
+async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
     opts, sb, cache = prep.opts, prep.sb, prep.cache
     meta: MetaStore = open_meta(prep.meta_url, password=prep.meta_password)
     link = DaemonLink(cache, prep.master, prep.meta_password)
@@ -303,6 +362,8 @@ async def serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
             files.nursery = last_closes
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(link.run_kicker)
+                if prep.lease is not None:
+                    nursery.start_soon(_renew_lease, prep.lease)
                 nursery.start_soon(_seal_idle_files, files, opts.idle_seal_s)
                 nursery.start_soon(_stop_on_signals)
                 if ready is not None:

@@ -46,6 +46,8 @@ class MountOptions:
     cache_size: int | None = None
     #: how long a write waits for cache space before ENOSPC
     cache_full_wait: float = DEFAULT_FULL_WAIT_S
+    #: take over the mount lease of another machine (it is gone)
+    force: bool = False
     #: "sync": fsync and close wait until the blocks are stored; "async": until they
     #: are sealed in the cache; None: sync with MySQL metadata (shared), else async
     upload: str | None = None
@@ -75,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="most disk space the cache dir may take (512M, 10G, ...); kept for "
                    "later mounts of the cache dir; 'auto': the default, 10%% of the disk "
                    "holding it, at most half its free space, at least 1 GiB")  # fmt: skip
+    p.add_argument("--force", action="store_true",
+                   help="mount even though another machine holds the filesystem's mount "
+                   "lease: only when that machine is gone (crashed, replaced)")  # fmt: skip
     p.add_argument("--upload", choices=("async", "sync"),
                    help="async: fsync returns once data is sealed in the cache dir (the "
                    "default with SQLite metadata); sync: fsync and close also wait until "
@@ -112,6 +117,7 @@ def parse(argv: list[str]) -> MountOptions:
     s3_endpoint, s3_region, s3_path_style = args.s3_endpoint, args.s3_region, args.s3_path_style
     cache_size: str | None = args.cache_size
     opts.upload = args.upload
+    opts.force = args.force
     full_wait: str | None = None if args.cache_full_wait is None else str(args.cache_full_wait)
     for group in args.options:
         for item in filter(None, group.split(",")):

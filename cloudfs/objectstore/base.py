@@ -12,7 +12,11 @@ Contract (checked by tests/contract/test_objectstore.py for every store):
 - list returns one page of at most `limit` objects, sorted by key, whose keys start with
   `prefix` and sort strictly after `start_after`; a page may be shorter than `limit`
   before the end (S3 allows that), only an empty page means the end; key order is
-  code point order, which equals S3's UTF-8 byte order.
+  code point order, which equals S3's UTF-8 byte order;
+- conditional writes (put_new, replace_if, delete_if) change the object only when it is
+  as the caller expects, and say whether they did; they are atomic against each other
+  when `conditional_writes` is True (a local store locks; S3 has If-None-Match and
+  If-Match), else a check followed by a write, which two racing writers can both pass.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
+
+from cloudfs.errors import ObjectNotFound
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,41 @@ class ObjectStore(ABC):
         self, prefix: str = "", start_after: str = "", limit: int = 1000
     ) -> list[ObjectInfo]:
         """One page of objects, sorted by key (see the module docstring)."""
+
+    #: True when put_new, replace_if and delete_if are atomic (see the module docstring)
+    conditional_writes: bool = False
+
+    async def put_new(self, key: str, data: bytes) -> bool:
+        """Create the object only if there is none under `key`; False if there is.
+        This fallback checks, then writes: not atomic (`conditional_writes`)."""
+        if await self.head(key) is not None:
+            return False
+        await self.put(key, data)
+        return True
+
+    async def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
+        """Replace the object only if it holds exactly `expected`; False if it does not
+        (or is gone). This fallback reads, then writes: not atomic."""
+        try:
+            current = await self.get(key)
+        except ObjectNotFound:
+            return False
+        if current != expected:
+            return False
+        await self.put(key, data)
+        return True
+
+    async def delete_if(self, key: str, expected: bytes) -> bool:
+        """Delete the object only if it holds exactly `expected`; False if it does not
+        (or is gone). This fallback reads, then deletes: not atomic."""
+        try:
+            current = await self.get(key)
+        except ObjectNotFound:
+            return False
+        if current != expected:
+            return False
+        await self.delete_many([key])
+        return True
 
     def is_temp_failure(self, exc: BaseException) -> bool:
         """True when `exc`, raised by this store, may succeed if the call is repeated

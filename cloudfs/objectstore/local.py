@@ -5,6 +5,11 @@ Atomic put: the data goes to a temporary file in <root>/.tmp, is fsynced, rename
 the target and the directory is fsynced, so readers (also in other processes) see the
 old object or the new one, and a crash leaves the old one or the new one.
 
+Conditional writes (put_new, replace_if, delete_if) hold an flock on <root>/.tmp/lock
+while they compare and write, so they are atomic against each other for every process
+of the machine (not across machines sharing the directory over a network filesystem
+whose flock is local).
+
 Limitation against S3: a key cannot also be a "directory" of other keys ("a" and
 "a/b" together), and the first key component ".tmp" is reserved. cloudfs never uses
 such keys; put raises StorePermanentError / ValueError for them.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import fcntl
 import os
 import stat
 import tempfile
@@ -28,6 +34,8 @@ from cloudfs.errors import ObjectNotFound, StorePermanentError
 from cloudfs.objectstore.base import ObjectInfo, ObjectStore, check_key
 
 TMP_DIR = ".tmp"
+#: the lock file of conditional writes, in TMP_DIR
+LOCK_NAME = "lock"
 # Temporary files older than this are leftovers of a crash (a put takes far less), so
 # the first put of a store removes them.
 _STALE_TMP_SECONDS = 24 * 3600
@@ -88,6 +96,23 @@ class LocalStore(ObjectStore):
         if paths:
             await self._run(self._delete_sync, paths)
 
+    conditional_writes = True
+
+    async def put_new(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        return await self._run(self._locked, key, lambda current: current is None,
+                               lambda: self._put_sync(key, path, data))  # fmt: skip
+
+    async def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
+        path = self._path(key)
+        return await self._run(self._locked, key, lambda current: current == expected,
+                               lambda: self._put_sync(key, path, data))  # fmt: skip
+
+    async def delete_if(self, key: str, expected: bytes) -> bool:
+        path = self._path(key)
+        return await self._run(self._locked, key, lambda current: current == expected,
+                               lambda: self._delete_sync([(key, path)]))  # fmt: skip
+
     async def list(
         self, prefix: str = "", start_after: str = "", limit: int = 1000
     ) -> list[ObjectInfo]:
@@ -143,6 +168,8 @@ class LocalStore(ObjectStore):
         except OSError:
             return
         for entry in entries:
+            if entry.name == LOCK_NAME:
+                continue  # held by conditional writes, never stale
             try:
                 if entry.stat(follow_symlinks=False).st_mtime < cutoff:
                     os.unlink(entry.path)
@@ -207,6 +234,29 @@ class LocalStore(ObjectStore):
             if isinstance(exc, OSError):
                 raise self._error(key, exc) from exc
             raise
+
+    def _locked(
+        self, key: str, wanted: Callable[[bytes | None], bool], write: Callable[[], None]
+    ) -> bool:
+        """Under the store's lock: if `wanted(current bytes or None)`, `write()` and
+        return True; else False."""
+        try:
+            self._tmpdir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self._tmpdir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise self._error(key, exc) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current: bytes | None = self._get_sync(key, self._path(key))
+            except ObjectNotFound:
+                current = None
+            if not wanted(current):
+                return False
+            write()
+            return True
+        finally:
+            os.close(fd)  # releases the lock
 
     def _head_sync(self, key: str, path: Path) -> ObjectInfo | None:
         try:

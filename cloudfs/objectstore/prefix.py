@@ -48,6 +48,19 @@ class PrefixStore(ObjectStore):
         n = len(self.prefix)
         return [ObjectInfo(info.key[n:], info.size) for info in page]
 
+    @property
+    def conditional_writes(self) -> bool:  # type: ignore[override]
+        return self.inner.conditional_writes
+
+    async def put_new(self, key: str, data: bytes) -> bool:
+        return await self.inner.put_new(self._key(key), data)
+
+    async def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
+        return await self.inner.replace_if(self._key(key), data, expected)
+
+    async def delete_if(self, key: str, expected: bytes) -> bool:
+        return await self.inner.delete_if(self._key(key), expected)
+
     def is_temp_failure(self, exc: BaseException) -> bool:
         return self.inner.is_temp_failure(exc)
 

@@ -98,6 +98,23 @@ class RetryStore(ObjectStore):
             f"list {prefix!r}", lambda: self.inner.list(prefix, start_after, limit)
         )
 
+    # A conditional write that succeeded but whose answer was lost returns False when
+    # retried (the object is no longer as expected): callers read the object back to
+    # tell that from losing a race (cloudfs.lease does).
+
+    @property
+    def conditional_writes(self) -> bool:  # type: ignore[override]
+        return self.inner.conditional_writes
+
+    async def put_new(self, key: str, data: bytes) -> bool:
+        return await self._call(f"put {key}", lambda: self.inner.put_new(key, data))
+
+    async def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
+        return await self._call(f"put {key}", lambda: self.inner.replace_if(key, data, expected))
+
+    async def delete_if(self, key: str, expected: bytes) -> bool:
+        return await self._call(f"delete {key}", lambda: self.inner.delete_if(key, expected))
+
     def is_temp_failure(self, exc: BaseException) -> bool:
         return self.inner.is_temp_failure(exc)
 

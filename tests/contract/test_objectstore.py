@@ -207,3 +207,21 @@ async def test_put_is_atomic_for_concurrent_readers(store: ObjectStore) -> None:
             nursery.start_soon(reader)
         nursery.start_soon(writer)
     assert reads > 0
+
+
+async def test_conditional_writes(store: ObjectStore) -> None:
+    assert await store.put_new("lease", b"one")
+    assert not await store.put_new("lease", b"two")
+    assert await store.get("lease") == b"one"
+    assert not await store.replace_if("lease", b"three", b"two")
+    assert await store.replace_if("lease", b"three", b"one")
+    assert await store.get("lease") == b"three"
+    assert not await store.replace_if("missing", b"x", b"")
+    assert await store.head("missing") is None
+    assert not await store.delete_if("lease", b"one")
+    assert await store.get("lease") == b"three"
+    assert await store.delete_if("lease", b"three")
+    assert await store.head("lease") is None
+    assert not await store.delete_if("lease", b"three")
+    assert await store.put_new("lease", b"again")
+    assert await store.get("lease") == b"again"

@@ -254,11 +254,13 @@ class CloudFS:
             args.append("--no-encryption")
         self.check("mkfs.cloudfs", *args)
 
-    def mount(self, *extra: str, env: dict[str, str] | None = None) -> None:
+    def mount(
+        self, *extra: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """mount.cloudfs STORE MNT --cachedir CACHE; returns once mounted (the command
         goes to the background only after the mount is up)."""
         assert not os.path.ismount(self.mnt), f"{self.mnt} is already mounted"
-        self.check(
+        r = self.check(
             "mount.cloudfs",
             self.storage_url,
             self.mnt,
@@ -277,6 +279,7 @@ class CloudFS:
         pids = _mount_processes(self.mnt)
         assert len(pids) == 1, f"expected one mount.cloudfs process for {self.mnt}, found {pids}"
         self.mount_pid = pids[0]
+        return r
 
     @property
     def mounted(self) -> bool:

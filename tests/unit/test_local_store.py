@@ -103,3 +103,38 @@ def test_open_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
             open_store(bad)
     with pytest.raises(BadStorageURL):
         open_store(f"local://{tmp_path}", region="x")
+
+
+async def test_conditional_writes_are_atomic(tmp_path: Path) -> None:
+    """Racing writers (threads with their own lock descriptors, as processes have):
+    one put_new wins, and compare-and-replace loses no update."""
+    import trio
+
+    store = LocalStore(tmp_path / "s")
+    assert store.conditional_writes and PrefixStore(store, "p/").conditional_writes
+    wins: list[int] = []
+
+    async def create(i: int) -> None:
+        if await store.put_new("lease", str(i).encode()):
+            wins.append(i)
+
+    async def increment() -> None:
+        for _ in range(5):
+            while True:
+                current = await store.get("counter")
+                if await store.replace_if("counter", str(int(current) + 1).encode(), current):
+                    break
+
+    await store.put("counter", b"0")
+    async with trio.open_nursery() as nursery:
+        for i in range(20):
+            nursery.start_soon(create, i)
+        for _ in range(10):
+            nursery.start_soon(increment)
+    assert len(wins) == 1 and await store.get("lease") == str(wins[0]).encode()
+    assert await store.get("counter") == b"50"
+    # the lock file is not an object, and sweeping old temporary files keeps it
+    assert [i.key for i in await store.list()] == ["counter", "lease"]
+    os.utime(tmp_path / "s" / ".tmp" / "lock", (0, 0))
+    await LocalStore(tmp_path / "s").put("x", b"")
+    assert (tmp_path / "s" / ".tmp" / "lock").exists()
