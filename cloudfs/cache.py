@@ -73,6 +73,10 @@ class CacheConfig:
     #: the cache size limit in bytes (block files and dirty overlays); None: the
     #: default, `default_cache_size`
     cache_size: int | None = None
+    #: seconds between periodic metadata backups; None: the default (an hour)
+    backup_interval: float | None = None
+    #: metadata backups kept in the store; None: the default (10)
+    backup_keep: int | None = None
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,12 @@ class MetadataMissing(CloudfsError):
     exit_code = 8
 
 
+class NoMetadataBackup(CloudfsError):
+    """the store holds no metadata backup"""
+
+    exit_code = 8
+
+
 class MetadataMismatch(CloudfsError):
     """the metadata database belongs to another filesystem"""
 

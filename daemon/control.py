@@ -19,6 +19,8 @@ back in any order::
                                            errors, ...
     {"op":"drop_cache"}                    delete the cache copies of stored blocks
                                            (never pending ones): dropped, dropped_bytes
+    {"op":"backup"}                        back the metadata up now: key (None when
+                                           the metadata is not SQLite or it failed)
     {"op":"shutdown"}                      exit cleanly (after the reply)
 
 A reply is {"ok": true, ...} or {"ok": false, "error": message, "kind": error class
@@ -151,6 +153,7 @@ class DaemonOps(Protocol):
     async def flush(self, block_ids: list[bytes] | None) -> _Json: ...
     async def status(self) -> _Json: ...
     async def drop_cache(self) -> _Json: ...
+    async def backup(self) -> _Json: ...
     def shutdown(self) -> None: ...
 
 
@@ -274,6 +277,8 @@ class ControlServer:
                 result = await self.ops.status()
             elif op == "drop_cache":
                 result = await self.ops.drop_cache()
+            elif op == "backup":
+                result = await self.ops.backup()
             elif op == "shutdown":
                 result = {}
             else:
@@ -383,6 +388,12 @@ class DaemonClient:
         reads fetch from the object store: {"dropped": blocks, "dropped_bytes": n}."""
         reply = await self._request("drop_cache")
         return {k: reply[k] for k in ("dropped", "dropped_bytes")}
+
+    async def backup(self) -> str | None:
+        """Back the metadata up now; the backup's object key (None: not SQLite, or the
+        backup failed: see the daemon's log)."""
+        key = (await self._request("backup")).get("key")
+        return key if isinstance(key, str) else None
 
     async def shutdown(self) -> None:
         """Ask the daemon to exit (it finishes the bookkeeping of running uploads)."""

@@ -17,6 +17,7 @@ import socket as pysocket
 from typing import Any
 
 import trio
+from cloudfs.daemon.backup import Backups
 from cloudfs.daemon.control import ControlServer, SocketPath
 from cloudfs.daemon.evictor import Evictor
 from cloudfs.daemon.fetcher import Fetcher, FetchFailed
@@ -26,6 +27,8 @@ from cloudfs.cache import CacheDir, default_cache_size
 from cloudfs.codec.crypto import Keys
 from cloudfs.meta.base import MetaStore
 from cloudfs.meta.schema import BLOCK_STORED
+from cloudfs.meta.sqlite import SqliteMetaStore
+from cloudfs.metabackup import DEFAULT_INTERVAL_S, DEFAULT_KEEP
 from cloudfs.objectstore.sealed import SealedStore
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,8 @@ STOP_GRACE_S = 10.0
 IDLE_CHECK_S = 0.5
 #: block rows read per metadata transaction by drop_cache
 DROP_BATCH = 500
+#: when the last mount leaves, a backup younger than this was its own, at unmount
+LAST_MOUNT_BACKUP_GAP_S = 60.0
 
 
 async def open_listener(cache: CacheDir) -> trio.SocketListener:
@@ -87,7 +92,12 @@ class DaemonService:
         self._cache_size = cache_size
         self._default_limit: int | None = None
         self._default_final = False
+        self._backup_settings = (DEFAULT_INTERVAL_S, DEFAULT_KEEP)
         self._read_settings()
+        self.backups = Backups(
+            cache, meta.path if isinstance(meta, SqliteMetaStore) else None, store.inner, keys,
+            encrypt=store.encrypt, level=store.level, settings=lambda: self._backup_settings,
+        )  # fmt: skip
         self.evictor = Evictor(cache, meta, self.cache_limit)
         self.uploader = Uploader(
             meta, cache, store, keys, uploads=uploads,
@@ -111,6 +121,7 @@ class DaemonService:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.fetcher.run)
                 await nursery.start(self.evictor.run)
+                await nursery.start(self.backups.run)
                 log.info("cache: %d of %d bytes used", self.evictor.used, self.cache_limit())
                 upload_scope = trio.CancelScope()
                 upload_done = trio.Event()
@@ -157,11 +168,17 @@ class DaemonService:
     def _read_settings(self) -> None:
         """Take the cache size from config.json (the mount writes it there before it
         connects), unless the daemon was given one."""
-        if self._cache_size_arg is None:
-            try:
-                self._cache_size = self.cache.read_config().cache_size
-            except Exception as exc:  # noqa: BLE001 - keep the settings we have
-                log.warning("cannot read %s: %s", self.cache.config_path, exc)
+        try:
+            config = self.cache.read_config()
+        except Exception as exc:  # noqa: BLE001 - keep the settings we have
+            log.warning("cannot read %s: %s", self.cache.config_path, exc)
+        else:
+            if self._cache_size_arg is None:
+                self._cache_size = config.cache_size
+            self._backup_settings = (
+                config.backup_interval or DEFAULT_INTERVAL_S,
+                config.backup_keep or DEFAULT_KEEP,
+            )
         self._default_limit = None
         self._default_final = False
 
@@ -211,6 +228,10 @@ class DaemonService:
                 log.exception("reading the pending blocks failed")
                 continue
             if pending == 0:
+                # the uploads since the last mount left changed block states
+                await self.backups.backup("idle exit")
+                if self.mounts or trio.current_time() - self._last_request < self.idle_exit:
+                    continue  # a mount came meanwhile
                 self.shutdown(f"idle for {self.idle_exit:g} s with no mount")
                 return
 
@@ -227,6 +248,9 @@ class DaemonService:
         self.mounts -= 1
         self.touch()
         log.info("mount disconnected (pid %s), %d connected", pid, self.mounts)
+        if self.mounts == 0:
+            # a clean unmount has just backed up itself; a crash did not
+            self.backups.soon("the last mount left", unless_within=LAST_MOUNT_BACKUP_GAP_S)
 
     def touch(self) -> None:
         self._last_request = trio.current_time()
@@ -255,9 +279,15 @@ class DaemonService:
             "fetched": self.fetcher.fetched,
             "fetched_bytes": self.fetcher.fetched_bytes,
             **self.evictor.status(),
+            **self.backups.status(),
             "mounts": self.mounts,
             "pid": os.getpid(),
         }
+
+    async def backup(self) -> dict[str, Any]:
+        """Back the metadata up now (even if unchanged): {"key": object key or None
+        when the metadata is not SQLite or the backup failed}."""
+        return {"key": await self.backups.backup("requested", force=True)}
 
     async def drop_cache(self) -> dict[str, Any]:
         """Delete the cache copies of stored blocks, so reads fetch them again (cold

@@ -13,7 +13,7 @@ import os
 import signal
 import socket
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +28,28 @@ from cloudfs import config
 from cloudfs.cache import CacheConfig, CacheDir, CacheSpace
 from cloudfs.chunking import ChunkerParams
 from cloudfs.codec.crypto import Keys
-from cloudfs.errors import CloudfsError, DaemonError, LeaseLost, MetadataMissing, MountpointError
+from cloudfs.errors import (
+    CloudfsError,
+    DaemonError,
+    LeaseLost,
+    MetadataMissing,
+    MountpointError,
+    UsageError,
+)
 from cloudfs.files import FileStore, clear_stale_overlays
 from cloudfs.lease import Lease, renew_interval
 from cloudfs.meta import open_meta
 from cloudfs.meta.base import MetaStore
 from cloudfs.meta.url import is_mysql, redact, sqlite_path
+from cloudfs.metabackup import DEFAULT_KEEP, put_backup, restore_newest
 from cloudfs.namespace import Namespace
-from cloudfs.objectstore import open_store
+from cloudfs.objectstore import ObjectStore, open_store
 from cloudfs.objectstore.retry import RetryStore
 
 log = logging.getLogger("cloudfs.mount")
+
+#: how long the mount process waits, at unmount, for its metadata backup
+BACKUP_AT_UNMOUNT_S = 120.0
 
 
 @dataclass
@@ -78,16 +89,25 @@ async def prepare(opts: MountOptions) -> Prepared:
     finally:
         await store.aclose()
     cache = CacheDir(opts.cachedir or config.default_cachedir(sb.uuid))
+    master: bytes | None = None
+    lock_fd: int | None = None
+    if opts.restore_metadata:
+        # a fresh machine: the metadata comes from the newest backup in the store
+        if opts.metadata:
+            raise UsageError("--restore-metadata rebuilds SQLite metadata, not --metadata")
+        master = await _unlock(opts, sb)
+        cache.create()
+        lock_fd = await _lock_cache_dir(cache)
+        await _restore_metadata(opts, storage_options, sb, master, cache)
     meta_url, password_file = _metadata_of(opts, cache)
     meta_password = metadata_password(meta_url, password_file)
     # the metadata first: a wrong database fails before the passphrase prompt
     await _check_metadata(meta_url, meta_password, sb.uuid)
-    passphrase = (
-        config.read_passphrase(opts.passphrase_file, confirm=False) if sb.encryption else None
-    )
-    master = await trio.to_thread.run_sync(config.unlock_master, sb, passphrase)
+    if master is None:
+        master = await _unlock(opts, sb)
     cache.create()
-    lock_fd = await _lock_cache_dir(cache)
+    if lock_fd is None:
+        lock_fd = await _lock_cache_dir(cache)
     # one machine per SQLite-backed filesystem (MySQL is made for several)
     lease = None if is_mysql(meta_url) else await _take_lease(opts, storage_options, cache)
     # the daemon opens the store with the same options (config.json, never credentials)
@@ -99,7 +119,9 @@ async def prepare(opts: MountOptions) -> Prepared:
             uuid=sb.uuid,
             options=storage_options,
             metadata_password_file=password_file,
-            cache_size=_cache_size_of(opts, cache),
+            cache_size=_kept(opts.cache_size, "cache_size", cache),
+            backup_interval=_kept(opts.backup_interval, "backup_interval", cache),
+            backup_keep=_kept(opts.backup_keep, "backup_keep", cache),
         )
     )
     return Prepared(
@@ -154,15 +176,47 @@ def _storage_options_of(opts: MountOptions) -> dict[str, Any]:
     return dict(previous.options)
 
 
-def _cache_size_of(opts: MountOptions, cache: CacheDir) -> int | None:
-    """The cache size limit to keep in config.json: --cache-size, else the one the cache
-    dir was last mounted with; None (and --cache-size auto): the default."""
-    if opts.cache_size is not None:
-        return opts.cache_size or None
+def _kept(given: float | None, name: str, cache: CacheDir) -> Any:
+    """A setting for config.json (cache size, backup interval and count): the option,
+    else what the cache dir was last mounted with; None (and an option of 0, "auto"):
+    the default."""
+    if given is not None:
+        return given or None
     try:
-        return cache.read_config().cache_size
+        return getattr(cache.read_config(), name)
     except (CloudfsError, OSError, ValueError, TypeError):
         return None
+
+
+async def _unlock(opts: MountOptions, sb: config.Superblock) -> bytes:
+    """The master key (asks for the passphrase when the filesystem is encrypted)."""
+    passphrase = (
+        config.read_passphrase(opts.passphrase_file, confirm=False) if sb.encryption else None
+    )
+    return await trio.to_thread.run_sync(config.unlock_master, sb, passphrase)
+
+
+async def _restore_metadata(
+    opts: MountOptions,
+    storage_options: dict[str, Any],
+    sb: config.Superblock,
+    master: bytes,
+    cache: CacheDir,
+) -> None:
+    """--restore-metadata: the newest metadata backup becomes the cache dir's meta.db
+    (refused when it has one)."""
+    store = open_cli_store(opts.storage, storage_options)
+    try:
+        restored = await restore_newest(store, Keys.from_master(master), sb.uuid, cache.meta_path)
+    finally:
+        await store.aclose()
+    previous = cache.read_config() if cache.config_path.exists() else None
+    if previous is not None and previous.metadata != str(cache.meta_path):
+        cache.write_config(replace(previous, metadata=str(cache.meta_path)))
+    print(f"restored the metadata from {restored.key} ({restored.size} bytes)")
+    if restored.pending_missing:
+        log.warning("%d blocks of the backup are not in the store: files using them read "
+                    "as I/O errors", restored.pending_missing)  # fmt: skip
 
 
 def _metadata_of(opts: MountOptions, cache: CacheDir) -> tuple[str, str | None]:
@@ -295,12 +349,33 @@ async def serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
         await lease.renew()  # now naming this process, the one that serves
         await _serve(prep, ready)
     finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(60):
-            try:
-                await lease.release()
-            except CloudfsError as exc:
-                log.warning("cannot release the mount lease: %s", exc.message)
+        with trio.CancelScope(shield=True):
+            # the metadata is consistent now: back it up, before another machine may
+            # take the lease (and restore the newest backup)
+            with trio.move_on_after(BACKUP_AT_UNMOUNT_S):
+                await _backup_metadata(prep, lease.store)
+            with trio.move_on_after(60):
+                try:
+                    await lease.release()
+                except CloudfsError as exc:
+                    log.warning("cannot release the mount lease: %s", exc.message)
         await lease.store.aclose()
+
+
+async def _backup_metadata(prep: Prepared, store: ObjectStore) -> None:
+    db = sqlite_path(prep.meta_url)
+    if db is None:
+        return
+    keep = prep.cache.read_config().backup_keep or DEFAULT_KEEP
+    try:
+        key = await put_backup(store, prep.keys, prep.cache, db, encrypt=prep.sb.encryption,
+                               level=prep.sb.level, keep=keep)  # fmt: skip
+    except (CloudfsError, OSError) as exc:
+        message = exc.message if isinstance(exc, CloudfsError) else str(exc)
+        log.warning("metadata backup at unmount failed (the daemon tries again): %s", message)
+        return
+    if key is not None:
+        log.info("metadata backed up at unmount: %s", key)
 
 
 async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:

@@ -48,6 +48,12 @@ class MountOptions:
     cache_full_wait: float = DEFAULT_FULL_WAIT_S
     #: take over the mount lease of another machine (it is gone)
     force: bool = False
+    #: seconds between metadata backups, backups kept (None: as last time, else the
+    #: defaults; 0: back to the defaults)
+    backup_interval: float | None = None
+    backup_keep: int | None = None
+    #: rebuild a lost metadata database from the newest backup in the store
+    restore_metadata: bool = False
     #: "sync": fsync and close wait until the blocks are stored; "async": until they
     #: are sealed in the cache; None: sync with MySQL metadata (shared), else async
     upload: str | None = None
@@ -80,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="mount even though another machine holds the filesystem's mount "
                    "lease: only when that machine is gone (crashed, replaced)")  # fmt: skip
+    p.add_argument("--backup-interval", metavar="SECONDS", type=float,
+                   help="seconds between backups of the metadata into the store (default "
+                   "3600; also at unmount); kept for later mounts of the cache dir")  # fmt: skip
+    p.add_argument("--backup-keep", metavar="N", type=int,
+                   help="metadata backups kept in the store (default 10)")  # fmt: skip
+    p.add_argument("--restore-metadata", action="store_true",
+                   help="a fresh machine: rebuild the metadata from the newest backup in "
+                   "the store first (files written after it are not in it)")  # fmt: skip
     p.add_argument("--upload", choices=("async", "sync"),
                    help="async: fsync returns once data is sealed in the cache dir (the "
                    "default with SQLite metadata); sync: fsync and close also wait until "
@@ -118,6 +132,15 @@ def parse(argv: list[str]) -> MountOptions:
     cache_size: str | None = args.cache_size
     opts.upload = args.upload
     opts.force = args.force
+    opts.restore_metadata = args.restore_metadata
+    if args.backup_interval is not None:
+        if not args.backup_interval >= 0:
+            raise UsageError("--backup-interval must be 0 (the default) or more seconds")
+        opts.backup_interval = args.backup_interval
+    if args.backup_keep is not None:
+        if args.backup_keep < 0:
+            raise UsageError("--backup-keep must be 0 (the default) or more")
+        opts.backup_keep = args.backup_keep
     full_wait: str | None = None if args.cache_full_wait is None else str(args.cache_full_wait)
     for group in args.options:
         for item in filter(None, group.split(",")):

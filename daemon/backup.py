@@ -1,0 +1,105 @@
+"""The daemon's metadata backups (cloudfs.metabackup): every backup interval, when
+the last mount leaves (a mount that crashed took no backup at its unmount), and
+before the daemon exits idle (its uploads changed block states since the unmount) —
+each time only if the SQLite database changed since the last backup. With MySQL
+metadata there is nothing to do: that database is backed up as a database."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from cloudfs.cache import CacheDir
+from cloudfs.codec.crypto import Keys
+from cloudfs.errors import CloudfsError
+from cloudfs.metabackup import put_backup
+from cloudfs.objectstore.base import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+class Backups:
+    """`settings()` gives (interval in seconds, backups to keep); they may change."""
+
+    def __init__(
+        self,
+        cache: CacheDir,
+        db_path: Path | None,
+        store: ObjectStore,
+        keys: Keys,
+        *,
+        encrypt: bool,
+        level: int,
+        settings: Callable[[], tuple[float, int]],
+    ) -> None:
+        self.cache = cache
+        self.db_path = db_path
+        self.store = store
+        self.keys = keys
+        self.encrypt = encrypt
+        self.level = level
+        self._settings = settings
+        self._lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
+        #: backups put since the daemon started, and the last one's key
+        self.taken = 0
+        self.last: str | None = None
+        self.failed = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Take periodic backups, and host those asked for with `soon`."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                if self.db_path is None:
+                    log.info("metadata not in SQLite: no metadata backups here")
+                    await trio.sleep_forever()
+                while True:
+                    await trio.sleep(self._settings()[0])
+                    await self.backup("periodic")
+        finally:
+            self._nursery = None  # stopping: nothing more starts
+
+    def soon(self, reason: str, *, unless_within: float = 0.0) -> None:
+        """Back up in the background (the caller does not wait); not while stopping."""
+        if self._nursery is None or self.db_path is None:
+            return
+        try:
+            self._nursery.start_soon(
+                functools.partial(self.backup, reason, unless_within=unless_within)
+            )
+        except RuntimeError:
+            pass  # the nursery is closing: the daemon stops
+
+    async def backup(
+        self, reason: str, *, force: bool = False, unless_within: float = 0.0
+    ) -> str | None:
+        """Back up now if the database changed (or `force`), unless the last backup is
+        less than `unless_within` seconds old; the new key, else None. A failure is
+        logged and retried at the next occasion."""
+        if self.db_path is None:
+            return None
+        async with self._lock:
+            try:
+                key = await put_backup(self.store, self.keys, self.cache, self.db_path,
+                                       encrypt=self.encrypt, level=self.level,
+                                       keep=self._settings()[1], force=force,
+                                       unless_within=unless_within)  # fmt: skip
+            except (CloudfsError, OSError) as exc:
+                self.failed += 1
+                message = exc.message if isinstance(exc, CloudfsError) else str(exc)
+                log.warning("metadata backup (%s) failed: %s", reason, message)
+                return None
+        if key is not None:
+            self.taken += 1
+            self.last = key
+            log.info("metadata backed up (%s): %s", reason, key)
+        return key
+
+    def status(self) -> dict[str, object]:
+        return {"backups": self.taken, "last_backup": self.last, "backup_errors": self.failed}
