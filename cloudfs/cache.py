@@ -143,7 +143,9 @@ class CacheDir:
     def has_block(self, block_id: bytes) -> bool:
         return self.block_path(block_id).exists()
 
-    def write_block(self, block_id: bytes, data: bytes | memoryview, *, durable: bool) -> None:
+    def write_block(
+        self, block_id: bytes, data: bytes | bytearray | memoryview, *, durable: bool
+    ) -> None:
         """Put a block's plaintext in place atomically (blocking; call from a thread).
 
         `durable`: fsync the file before it is renamed into place (the caller syncs the

@@ -6,7 +6,9 @@ cache dir's lock, unlock the filesystem's keys, detach, and run the service.
              [--s3-endpoint URL] [--s3-region R] [--s3-path-style]
 
 Storage options (S3 endpoint, region, addressing style) come from the cache dir's
-config.json, where the mount put them; the --s3-* options override them.
+config.json, where the mount put them; the --s3-* options override them. So do the
+cache size limit and the metadata backup interval and count (read again whenever a
+mount connects).
 
 One daemon per cache dir: DIR/daemon.lock is flock()ed for the daemon's lifetime; a
 second daemon finds it taken and exits 0. Without --fg the daemon detaches (double

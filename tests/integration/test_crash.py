@@ -194,3 +194,48 @@ def test_kill_9_during_a_300_mib_write(make_fs: Callable[..., CloudFS]) -> None:
     check_files(fs, durable, started)
     print("\n" + "\n".join(report))
     assert len(durable) > 100
+
+
+def test_remount_after_kill_9_clears_what_the_crash_left(make_fs: Callable[..., CloudFS]) -> None:
+    """A crash of both processes leaves a dead mount point, a mount.lock naming a dead
+    process, the daemon's socket and pid file, a dirty overlay of unsealed writes and
+    an open-unlinked inode: the next mount starts anyway, drops the unsealed writes
+    (never acknowledged), frees the inode and clears the overlay."""
+    fs = make_fs()
+    kept = os.urandom(2 * MiB)
+    with open(fs.mnt / "kept", "wb") as f:
+        f.write(kept)
+        os.fsync(f.fileno())
+    doomed = open(fs.mnt / "doomed", "wb")  # noqa: SIM115 - held open across the crash
+    edited = open(fs.mnt / "kept", "r+b")  # noqa: SIM115
+    try:
+        doomed.write(os.urandom(MiB))
+        os.fsync(doomed.fileno())
+        os.unlink(fs.mnt / "doomed")
+        edited.seek(MiB)
+        edited.write(b"never fsynced" * 1000)
+        edited.flush()
+        assert os.listdir(fs.cache / "dirty"), "the edit did not go to an overlay"
+        daemon = fs.daemon_pid()
+        assert daemon is not None
+        fs.kill_mount()
+        os.kill(daemon, signal.SIGKILL)
+        fs.wait_exit(daemon, 30)
+    finally:
+        for f in (doomed, edited):
+            try:
+                f.close()
+            except OSError:
+                pass  # the mount is gone
+    assert (fs.cache / "daemon.sock").exists() and (fs.cache / "daemon.pid").exists()
+    assert (fs.cache / "mount.lock").exists()
+
+    fs.mount()
+    assert os.listdir(fs.cache / "dirty") == []
+    assert (fs.mnt / "kept").read_bytes() == kept
+    assert sorted(os.listdir(fs.mnt)) == ["kept"]
+    stats = fs.stat_json()
+    assert stats["files"] == 1 and stats["inodes"] == 2, stats  # the root and "kept"
+    assert "freed 1 inodes left open-unlinked" in (fs.cache / "mount.log").read_text()
+    fs.flush()
+    assert fs.stat_json()["pending_uploads"] == 0
