@@ -333,8 +333,12 @@ class CacheSpace:
         kick: Callable[[], None],
         *,
         full_wait: float = DEFAULT_FULL_WAIT_S,
+        make_room: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """`make_room()` seals what the mount holds unsealed, so that the daemon can
+        upload it (files being written are otherwise sealed only every 64 MiB)."""
         self.limit = limit
+        self._make_room = make_room
         #: unuploaded bytes writers may fill
         self.allowed = int(limit * UNUPLOADED_SHARE)
         self.full_wait = full_wait
@@ -360,6 +364,8 @@ class CacheSpace:
         log.debug("cache full of unuploaded data (%d of %d bytes): writers wait",
                   self._estimate, self.allowed)  # fmt: skip
         deadline = now + self.full_wait
+        if self._make_room is not None:
+            await self._make_room()
         while True:
             self._kick()
             await trio.sleep(self.POLL_S)

@@ -405,9 +405,15 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
             _count, pending = await tx.pending_summary()
         return pending + files.unsealed_bytes()
 
+    async def make_room() -> None:
+        # unsealed bytes cannot be uploaded: seal them (as the dirty limit would)
+        for st in [st for st in files.states.values() if st.dirty and not st.sealing]:
+            await files.seal(st.ino, publish=False)
+
     space = CacheSpace(
-        await link.cache_limit(), unuploaded, link.kick_soon, full_wait=opts.cache_full_wait
-    )
+        await link.cache_limit(), unuploaded, link.kick_soon, full_wait=opts.cache_full_wait,
+        make_room=make_room,
+    )  # fmt: skip
 
     async def wait_stored(ino: int) -> None:
         async with meta.reading() as tx:

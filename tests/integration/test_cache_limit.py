@@ -208,6 +208,28 @@ def test_writers_wait_then_get_enospc_and_lose_nothing(make_fs: Callable[..., Cl
     assert "ENOSPC" in log
 
 
+def test_writers_make_room_by_sealing(make_fs: Callable[..., CloudFS]) -> None:
+    """Two files written at once, each below the 64 MiB that seals a file being
+    written, together more than the cache holds: the waiting writer has them sealed
+    and uploaded instead of waiting for an idle seal that never comes."""
+    fs = make_fs(mount=False)
+    fs.mount("--cache-size", "80M", "--cache-full-wait", "3")
+    data = {name: os.urandom(60 * MiB) for name in ("a", "b")}
+    files = {name: open(fs.mnt / name, "wb") for name in data}  # noqa: SIM115
+    try:
+        for off in range(0, 60 * MiB, MiB):
+            for name, f in files.items():
+                f.write(data[name][off : off + MiB])
+                f.flush()
+    finally:
+        for f in files.values():
+            f.close()
+    fs.flush()
+    assert fs.stat_json()["pending_uploads"] == 0
+    for name, expected in data.items():
+        assert (fs.mnt / name).read_bytes() == expected
+
+
 # --- the evictor on its own (the daemon service in this process) ----------------------
 
 
