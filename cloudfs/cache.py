@@ -314,8 +314,8 @@ class CacheSpace:
     Written data that is not uploaded yet (pending blocks, dirty overlays, append
     streams) cannot be evicted; when it alone would pass UNUPLOADED_SHARE of the
     limit, a write waits for the daemon to upload some (it is kicked), and fails with
-    ENOSPC after `full_wait` seconds. An acknowledged write is never dropped: the data refused is the data the
-    writer is told about.
+    ENOSPC after `full_wait` seconds. An acknowledged write is never dropped: the data
+    refused is the data the writer is told about.
 
     `unuploaded()` measures exactly (a metadata query and the mount's unsealed bytes);
     between two measurements the bytes admitted are added to the last one, so most

@@ -82,8 +82,10 @@ class LeaseHolder:
         now = time.time() if now is None else now
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.mounted_at))
         ago = max(0.0, now - self.renewed_at)
-        text = (f"host {self.hostname}, mount.cloudfs pid {self.pid}, cache dir "
-                f"{self.cachedir}, mounted since {since}, lease renewed {ago:.0f} s ago")  # fmt: skip
+        text = (
+            f"host {self.hostname}, mount.cloudfs pid {self.pid}, cache dir "
+            f"{self.cachedir}, mounted since {since}, lease renewed {ago:.0f} s ago"
+        )
         if ago > stale_after():
             text += " (stale)"
         return text

@@ -100,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
                    "it is in the object store (the default with MySQL)")  # fmt: skip
     p.add_argument("--cache-full-wait", metavar="SECONDS", type=float,
                    help="when the cache is full of data not uploaded yet, how long a write "
-                   f"waits for uploads before it fails with ENOSPC (default {DEFAULT_FULL_WAIT_S:g})")  # fmt: skip
+                   "waits for uploads before it fails with ENOSPC (default "
+                   f"{DEFAULT_FULL_WAIT_S:g})")  # fmt: skip
     add_metadata_arguments(p)
     add_storage_arguments(p)
     # mount(8) helpers get these; they are accepted and ignored

@@ -94,8 +94,10 @@ async def restore_metadata(args: argparse.Namespace) -> int:
     print(f"from backup {restored.key} ({restored.size} bytes); files written after it "
           "are not in it")  # fmt: skip
     if restored.pending_stored or restored.pending_missing:
-        print(f"blocks pending at backup time: {restored.pending_stored} found in the store, "
-              f"{restored.pending_missing} missing (files using these read as I/O errors)")  # fmt: skip
+        print(
+            f"blocks pending at backup time: {restored.pending_stored} found in the store, "
+            f"{restored.pending_missing} missing (files using these read as I/O errors)"
+        )
     return 0
 
 

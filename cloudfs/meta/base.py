@@ -423,16 +423,14 @@ class Txn:
             found.update(bytes(r[0]) for r in rows)
         return found
 
-    async def stored_among(self, ids: Sequence[bytes]) -> set[bytes]:
-        """Those of `ids` whose block is stored (the cache may drop their plaintext)."""
-        found: set[bytes] = set()
+    async def block_states(self, ids: Sequence[bytes]) -> dict[bytes, int]:
+        """{id: state} of those of `ids` that have a row."""
+        found: dict[bytes, int] = {}
         for i in range(0, len(ids), 500):
             part = ids[i : i + 500]
             marks = ", ".join("?" * len(part))
-            rows = await self.conn.query(
-                f"SELECT id FROM blocks WHERE state = ? AND id IN ({marks})", (BLOCK_STORED, *part)
-            )
-            found.update(bytes(r[0]) for r in rows)
+            rows = await self.conn.query(f"SELECT id, state FROM blocks WHERE id IN ({marks})", part)
+            found.update((bytes(r[0]), int(r[1])) for r in rows)
         return found
 
     async def pending_blocks_of(self, ino: int) -> list[bytes]:

@@ -176,8 +176,10 @@ def test_kill_9_during_a_300_mib_write(make_fs: Callable[..., CloudFS]) -> None:
         durable |= writer.durable
         started |= writer.started
         read = check_files(fs, durable, started)
-        report.append(f"{victim} at {kill_at / MiB:.0f} MiB: {len(writer.durable)} fsynced "
-                      f"files, round {time.monotonic() - t0:.1f} s, {read / MiB:.0f} MiB checked")  # fmt: skip
+        report.append(
+            f"{victim} at {kill_at / MiB:.0f} MiB: {len(writer.durable)} fsynced files, "
+            f"round {time.monotonic() - t0:.1f} s, {read / MiB:.0f} MiB checked"
+        )
         now_daemon = fs.daemon_pid()
         assert now_daemon is not None, "no daemon runs after the round"
         if victim != "mount":

@@ -87,7 +87,8 @@ def test_flush_progress_on_a_terminal(fs: CloudFS) -> None:
         os.kill(daemon, signal.SIGCONT)
         raise
     master, slave = pty.openpty()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "cloudfs"), "flush", str(fs.mnt)], env=fs.env,
+    cloudfs = str(Path(sys.executable).parent / "cloudfs")
+    proc = subprocess.Popen([cloudfs, "flush", str(fs.mnt)], env=fs.env,
                             stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL)  # fmt: skip
     os.close(slave)
     shown = b""
