@@ -32,6 +32,7 @@ from cloudfs.errors import FSOpError
 from cloudfs.meta.base import Extent, FsStats, MetaStore
 from cloudfs.overlay import DirtyOverlay
 from cloudfs.stream import BACKLOG_LIMIT, CUT_BATCH, AppendStream, can_stream
+from cloudfs.versions import restore_into
 
 log = logging.getLogger(__name__)
 
@@ -374,6 +375,53 @@ class FileStore:
         if st.opens == 0:
             await self._seal_state(st, publish=True)
             self._forget_if_idle(st)
+
+    # --- history ----------------------------------------------------------------------
+
+    async def restore(self, src: int, version: int, *, into: int | None = None) -> tuple[int, int]:
+        """Make version `version` of file `src` the live contents of file `into` (default:
+        `src`) as a new version, naming the same blocks (cloudfs.versions). Unsealed
+        writes of the target are sealed and published first, so they stay in its
+        history. Returns (the new version, its size)."""
+        st = await self.state(src if into is None else into)
+        async with self._locked(st):
+            st.sealing = True
+            try:
+                await self._seal_locked(st, publish=True, durable=False)
+                result = await self.meta.run(self._restore_commit, st, src, version)
+            finally:
+                st.sealing = False
+        self._forget_if_idle(st)
+        return result
+
+    async def _restore_commit(self, st: FileState, src: int, version: int) -> tuple[int, int]:
+        async with self.meta.transaction() as tx:
+            new_version, size = await restore_into(
+                tx, src, version, st.ino, origin=self.origin, now_ns=time.time_ns()
+            )
+            st.extents = await tx.live_extents(st.ino)
+        st.size = st.sealed_size = st.keep_below = size
+        st.mtime_ns = None
+        st.working_version = None
+        return new_version, size
+
+    async def read_version(
+        self, extents: list[Extent], size: int, offset: int, length: int
+    ) -> bytes:
+        """Bytes [offset, offset + length) of a file version of `size` bytes made of
+        `extents` (by offset); holes read as zeros."""
+        end = min(offset + length, size)
+        if offset >= end:
+            return b""
+        buf = bytearray(end - offset)
+        i = _first_overlap(extents, offset)
+        while i < len(extents) and extents[i].offset < end:
+            ext = extents[i]
+            a, b = max(ext.offset, offset), min(ext.end, end)
+            data = await self._block_bytes(ext, a - ext.offset, b - a, extents, i)
+            buf[a - offset : b - offset] = data
+            i += 1
+        return bytes(buf)
 
     # --- seal -------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from typing import Any
 import pyfuse3
 import trio
 from cloudfs.daemon.control import DaemonClient, ensure_daemon
-from cloudfs.mount.operations import Operations
+from cloudfs.mount.history import HistoryOperations
 from cloudfs.mount.options import MountOptions, parse
 from cloudfs.tools._cli import hide_url_password, metadata_password, open_cli_store, run_cli
 
@@ -423,7 +423,7 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
 
     upload = opts.upload or ("sync" if is_mysql(prep.meta_url) else "async")
     log.info("uploads: %s", upload)
-    ops = Operations(ns, files, space, wait_stored=wait_stored if upload == "sync" else None)
+    ops = HistoryOperations(ns, files, space, wait_stored=wait_stored if upload == "sync" else None)
     fuse_opts = (
         set(pyfuse3.default_options)
         | opts.fuse_options

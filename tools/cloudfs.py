@@ -189,6 +189,9 @@ def _parser() -> argparse.ArgumentParser:
     from cloudfs.tools.upgrade import add_parser as add_upgrade_parser
 
     add_upgrade_parser(sub)
+    from cloudfs.tools.history import add_parser as add_history_parser
+
+    add_history_parser(sub)
     return p
 
 

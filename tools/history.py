@@ -1,0 +1,246 @@
+"""The history commands of `cloudfs`: versions, restore (later: snapshot, trash,
+retention, prune, gc).
+
+They work on a mounted filesystem. What only reads (listing versions, snapshots,
+trash) reads the metadata database the mount uses; what changes the namespace or a
+file's contents asks the mount process to do it, through the virtual extended
+attribute `user.cloudfs.command` of the mount's root, so that the mount's in-memory
+file state and the kernel's caches follow. The mount answers a command with an errno;
+its result (JSON) is read back from `user.cloudfs.result` by the same thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+from cloudfs.tools._cli import open_config_meta
+
+from cloudfs.cache import CacheDir
+from cloudfs.errors import CloudfsError, NotMounted, UsageError
+from cloudfs.meta.base import MetaStore, VersionRow
+from cloudfs.versions import CONFLICT, RESTORED, parse_time, version_at
+
+#: the command's result, per calling thread, answered by the mount (never stored)
+XATTR_RESULT = b"user.cloudfs.result"
+
+
+class CommandFailed(CloudfsError):
+    """the mount refused the command"""
+
+    exit_code = 1
+
+
+# --- finding the mount ------------------------------------------------------------------
+
+
+@dataclass
+class Mount:
+    """A cloudfs mount that holds a path."""
+
+    root: Path
+    cache: CacheDir
+
+    def meta(self) -> MetaStore:
+        return open_config_meta(self.cache.read_config())
+
+
+def find_mount(path: str | os.PathLike[str]) -> Mount:
+    """The cloudfs mount holding `path` (which need not exist: its nearest existing
+    ancestor decides). NotMounted when that is not in a cloudfs mount."""
+    from cloudfs.tools.cloudfs import cache_of
+
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    try:
+        return Mount(p, cache_of(str(p)))
+    except NotMounted:
+        raise NotMounted(f"{path} is not in a cloudfs mount") from None
+
+
+def _relative(mount: Mount, path: str | os.PathLike[str]) -> str:
+    """`path` as a path from the mount's root, starting with '/'."""
+    rel = os.path.relpath(os.path.abspath(path), mount.root)
+    if rel == ".":
+        return "/"
+    if rel.startswith(".."):
+        raise UsageError(f"{path} is not under {mount.root}")
+    return "/" + rel
+
+
+def _command_sync(root: Path, verb: str, args: dict[str, Any]) -> dict[str, Any]:
+    from cloudfs.tools.cloudfs import XATTR_COMMAND
+
+    value = verb.encode() + b" " + json.dumps(args).encode()
+    try:
+        os.setxattr(root, XATTR_COMMAND.decode(), value)
+        failure: OSError | None = None
+    except OSError as exc:
+        failure = exc
+    try:
+        result = json.loads(os.getxattr(root, XATTR_RESULT.decode()) or b"{}")
+    except (OSError, ValueError):
+        result = {}
+    if failure is not None:
+        if failure.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM) and not result:
+            raise NotMounted(f"{root}: the mount does not know the command {verb!r}")
+        message = result.get("error") or os.strerror(failure.errno or errno.EIO)
+        raise CommandFailed(message)
+    return dict(result)
+
+
+async def mount_command(mount: Mount, verb: str, **args: Any) -> dict[str, Any]:
+    """Have the mount run `verb`; its result. CommandFailed with the mount's message."""
+    # one thread for both calls: the mount keeps each caller's result by thread id
+    return await trio.to_thread.run_sync(_command_sync, mount.root, verb, args)
+
+
+# --- output -------------------------------------------------------------------------------
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def show_time(ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9))
+
+
+def print_table(
+    header: list[str], rows: list[list[str]], right: frozenset[int] = frozenset()
+) -> None:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
+    ]
+    for line in [header, *rows]:
+        cells = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        ]
+        print("  ".join(cells).rstrip())
+
+
+# --- versions and restore -----------------------------------------------------------------
+
+
+def _regular_file(path: str) -> os.stat_result:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{path}: not a regular file")
+    return st
+
+
+async def _versions_of(mount: Mount, ino: int) -> tuple[list[VersionRow], int]:
+    meta = mount.meta()
+    try:
+        async with meta.reading() as tx:
+            attrs = await tx.get_inode(ino)
+            rows = await tx.versions(ino)
+    finally:
+        await meta.close()
+    return rows, attrs.version if attrs else 0
+
+
+async def cmd_versions(args: argparse.Namespace) -> int:
+    st = _regular_file(args.file)
+    mount = find_mount(args.file)
+    rows, current = await _versions_of(mount, st.st_ino)
+    if args.json:
+        print(json.dumps([
+            {"version": v.version, "committed_ns": v.committed_ns, "mtime_ns": v.mtime_ns,
+             "size": v.size, "origin": v.origin, "conflict": bool(v.flags & CONFLICT),
+             "restored": bool(v.flags & RESTORED), "current": v.version == current}
+            for v in rows
+        ], indent=2))  # fmt: skip
+        return 0
+    if not rows:
+        print(f"{args.file}: no versions yet")
+        return 0
+    table = []
+    for v in rows:
+        marks = []
+        if v.version == current:
+            marks.append("current")
+        if v.flags & CONFLICT:
+            marks.append("conflict")
+        if v.flags & RESTORED:
+            marks.append("restored")
+        table.append(
+            [str(v.version), show_time(v.committed_ns), human_size(v.size), v.origin,
+             ", ".join(marks)]
+        )  # fmt: skip
+    print_table(["VERSION", "COMMITTED", "SIZE", "ORIGIN", ""], table, right=frozenset({0, 2}))
+    return 0
+
+
+async def cmd_restore(args: argparse.Namespace) -> int:
+    st = _regular_file(args.file)
+    mount = find_mount(args.file)
+    rows, _current = await _versions_of(mount, st.st_ino)
+    if args.version is not None:
+        chosen = next((v for v in rows if v.version == args.version), None)
+        if chosen is None:
+            known = ", ".join(str(v.version) for v in rows) or "none"
+            raise UsageError(f"{args.file} has no version {args.version} (versions: {known})")
+    else:
+        at = parse_time(args.at)
+        chosen = version_at(rows, at)
+        if chosen is None:
+            raise UsageError(f"{args.file} has no version from {show_time(at)} or earlier")
+    fields: dict[str, Any] = {"inode": st.st_ino, "version": chosen.version}
+    if args.to is not None:
+        if find_mount(args.to).root != mount.root:
+            raise UsageError(f"{args.to} is not in the same cloudfs as {args.file}")
+        if os.path.lexists(args.to):
+            raise UsageError(f"{args.to} exists")
+        parent = os.stat(os.path.dirname(os.path.abspath(args.to)))
+        fields["parent"] = parent.st_ino
+        fields["name"] = os.fsencode(os.path.basename(os.path.abspath(args.to))).hex()
+    result = await mount_command(mount, "restore", **fields)
+    where = args.to if args.to is not None else args.file
+    print(
+        f"restored version {chosen.version} of {args.file} ({human_size(result['size'])}) "
+        f"as version {result['version']} of {where}"
+    )
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    v = sub.add_parser("versions", help="list the versions of a file")
+    v.add_argument("file")
+    v.add_argument("--json", action="store_true", help="machine-readable output")
+    v.set_defaults(func=cmd_versions)
+
+    r = sub.add_parser(
+        "restore",
+        help="bring back a version of a file as its newest version (or as a new file); "
+        "no data is copied",
+    )
+    r.add_argument("file")
+    which = r.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", type=int, metavar="N", help="version number (see versions)")
+    which.add_argument("--at", metavar="TIME",
+                       help="the newest version at TIME: '2024-05-01 12:30', @EPOCH, '2h ago'")  # fmt: skip
+    r.add_argument("--to", metavar="NEWPATH", help="restore into a new file instead")
+    r.set_defaults(func=cmd_restore)
+
+
+__all__ = ["XATTR_RESULT", "add_parser", "find_mount", "mount_command"]
