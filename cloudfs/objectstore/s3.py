@@ -26,6 +26,11 @@ Errors reach callers as cloudfs errors with one-line messages: ObjectNotFound,
 BucketMissing, StoreAccessDenied, StoreUnreachable, StoreTemporaryError or
 StorePermanentError.
 
+Conditional writes (the mount lease) use If-None-Match: * and If-Match: <ETag>, which
+AWS S3, MinIO and R2 honour, so they are atomic there. Each also checks first, so a
+server that ignores those headers still gets a check followed by a write. A write whose
+answer was lost and that is then retried finds its own bytes and reports success.
+
 Cut connections: a GET body shorter than its Content-Length, an object answer without
 Content-Length and a listing without its IsTruncated element are temporary failures,
 never data. One case stays out of reach over plain http: a connection cut inside a
@@ -161,6 +166,10 @@ def _check_endpoint(endpoint_url: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise BadStorageURL(f"invalid S3 endpoint {endpoint_url!r} (use http(s)://host[:port])")
     return endpoint_url
+
+
+def _code(exc: bex.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 def _one_line(text: str) -> str:
@@ -362,6 +371,18 @@ class S3Store(ObjectStore):
             "list", prefix or "/", self._list_sync, prefix, start_after, min(limit, 1000)
         )
 
+    #: If-None-Match / If-Match make put_new, replace_if and delete_if atomic
+    conditional_writes = True
+
+    async def put_new(self, key: str, data: bytes) -> bool:
+        return await self._run("put", key, self._put_new_sync, check_key(key), data)
+
+    async def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
+        return await self._run("put", key, self._replace_if_sync, check_key(key), data, expected)
+
+    async def delete_if(self, key: str, expected: bytes) -> bool:
+        return await self._run("delete", key, self._delete_if_sync, check_key(key), expected)
+
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
@@ -401,7 +422,7 @@ class S3Store(ObjectStore):
             data = data[int(start) : int(end) + 1]
         return data
 
-    def _put_sync(self, key: str, data: bytes) -> None:
+    def _put_sync(self, key: str, data: bytes, **condition: str) -> None:
         md5 = hashlib.md5(data, usedforsecurity=False).digest()
         self._client.put_object(
             Bucket=self.bucket,
@@ -409,7 +430,68 @@ class S3Store(ObjectStore):
             Body=data,
             ContentLength=len(data),
             ContentMD5=base64.b64encode(md5).decode("ascii"),
+            **condition,
         )
+
+    def _current(self, key: str) -> tuple[bytes, str] | None:
+        """(bytes, ETag) of the object, or None if there is none."""
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=key)
+        except bex.ClientError as exc:
+            if _code(exc) in ("NoSuchKey", "404"):
+                return None
+            raise
+        body = response["Body"]
+        try:
+            data: bytes = body.read()
+        finally:
+            body.close()
+        if response.get("ContentLength") is None or len(data) != response["ContentLength"]:
+            raise TruncatedBody(f"got {len(data)} of {response.get('ContentLength')} bytes")
+        return data, str(response["ETag"])
+
+    def _refused(self, key: str, data: bytes) -> bool:
+        """After a 412: True when the object holds `data` all the same (an earlier try
+        of this very write succeeded, but its answer was lost)."""
+        current = self._current(key)
+        return current is not None and current[0] == data
+
+    def _put_new_sync(self, key: str, data: bytes) -> bool:
+        if self._head_sync(key) is not None:  # for servers that ignore If-None-Match
+            return self._refused(key, data)
+        try:
+            self._put_sync(key, data, IfNoneMatch="*")
+        except bex.ClientError as exc:
+            if _code(exc) in ("PreconditionFailed", "412"):
+                return self._refused(key, data)
+            raise
+        return True
+
+    def _replace_if_sync(self, key: str, data: bytes, expected: bytes) -> bool:
+        current = self._current(key)
+        if current is None:
+            return False
+        if current[0] != expected:
+            return current[0] == data
+        try:
+            self._put_sync(key, data, IfMatch=current[1])
+        except bex.ClientError as exc:
+            if _code(exc) in ("PreconditionFailed", "412", "NoSuchKey", "404"):
+                return self._refused(key, data)
+            raise
+        return True
+
+    def _delete_if_sync(self, key: str, expected: bytes) -> bool:
+        current = self._current(key)
+        if current is None or current[0] != expected:
+            return False
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=key, IfMatch=current[1])
+        except bex.ClientError as exc:
+            if _code(exc) in ("PreconditionFailed", "412", "NoSuchKey", "404"):
+                return False
+            raise
+        return True
 
     def _head_sync(self, key: str) -> ObjectInfo | None:
         try:

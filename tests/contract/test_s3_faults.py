@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import trio
+from botocore.exceptions import ClientError
 from faultproxy import FAULTS, FaultProxy, FaultRates
 from s3util import Bucket
 
@@ -147,3 +148,45 @@ async def test_retry_store_over_a_faulty_network(s3_bucket: Bucket) -> None:
     # the network really was bad: every kind of fault happened, many times
     for fault in (*FAULTS, "delay"):
         assert proxy.counts[fault] >= 3, proxy.counts
+
+
+async def test_conditional_writes_survive_lost_answers(s3_bucket: Bucket) -> None:
+    """A conditional write the server carried out but whose answer was cut is retried;
+    the retry finds the object as written and reports success, not "refused"."""
+    rates = FaultRates(cut_response=0.5)
+    with _proxy(s3_bucket, rates, seed=5) as proxy:
+        store = RetryStore(
+            S3Store(s3_bucket.name, endpoint_url=proxy.endpoint), attempts=20, base_delay=0.01
+        )
+        try:
+            for i in range(15):
+                assert await store.put_new(f"lease-{i}", b"mine %d" % i)
+                assert await store.replace_if(f"lease-{i}", b"renewed %d" % i, b"mine %d" % i)
+                assert not await store.put_new(f"lease-{i}", b"someone else")
+                assert not await store.replace_if(f"lease-{i}", b"x", b"mine %d" % i)
+        finally:
+            await store.aclose()
+    assert proxy.counts["cut_response"] >= 10, proxy.counts
+    assert s3_bucket.objects() == {f"lease-{i}": len(b"renewed %d" % i) for i in range(15)}
+    assert s3_bucket.read("lease-3") == b"renewed 3"
+
+
+async def test_conditional_headers_reach_the_server(s3_bucket: Bucket) -> None:
+    """The server itself refuses a conditional write that lost a race (the check that
+    comes first cannot see a writer that got in between)."""
+    store = S3Store(s3_bucket.name, endpoint_url=s3_bucket.endpoint)
+    try:
+        s3_bucket.write("lease", b"theirs")
+        with pytest.raises(ClientError) as info:
+            await trio.to_thread.run_sync(
+                lambda: store._put_sync("lease", b"mine", IfNoneMatch="*")
+            )
+        assert info.value.response["Error"]["Code"] == "PreconditionFailed"
+        with pytest.raises(ClientError) as info:
+            await trio.to_thread.run_sync(
+                lambda: store._put_sync("lease", b"mine", IfMatch='"0123456789abcdef"')
+            )
+        assert info.value.response["Error"]["Code"] == "PreconditionFailed"
+    finally:
+        await store.aclose()
+    assert s3_bucket.read("lease") == b"theirs"
