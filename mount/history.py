@@ -1,10 +1,15 @@
-"""The mount's side of history: the admin tool's history commands (restore, ...),
-answered through the virtual xattrs of the root.
+"""The mount's side of history: the admin tool's history commands, the read-only
+view `.cloudfs/` (mount/view.py) and read-only trees.
 
-`HistoryOperations` extends the FUSE adapter: a command the admin tool sets as
-`user.cloudfs.command` on the root runs here, in the mount, so that the in-memory state
-of open files and the kernel's caches follow the change; its result (JSON, or the
-error message) is kept per calling thread and read back as `user.cloudfs.result`.
+`HistoryOperations` extends the FUSE adapter:
+- a command the admin tool sets as `user.cloudfs.command` on the root (restore, ...)
+  runs here, in the mount, so that the in-memory state of open files and the kernel's
+  caches follow the change; its result (JSON, or the error message) is kept per
+  calling thread and read back as `user.cloudfs.result`;
+- requests on the view's virtual inodes go to the view; every change to them is
+  refused with EROFS, and no entry named `.cloudfs` can be made in the root (EEXIST);
+- every change to an inode of a read-only tree (inodes.flags, cloudfs.snapshots) is
+  refused with EROFS.
 """
 
 from __future__ import annotations
@@ -12,24 +17,42 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import stat
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pyfuse3
 import trio
 from cloudfs.mount.operations import Operations, _caller, fuse_errors
+from cloudfs.mount.view import (
+    DOT,
+    MIRROR,
+    VERSION_FILE,
+    VIEW_NAME,
+    HistoryView,
+    VersionHandle,
+    is_virtual,
+)
 from cloudfs.tools.cloudfs import XATTR_COMMAND
 from cloudfs.tools.history import XATTR_RESULT
 
 from cloudfs.errors import CloudfsError, FSOpError
+from cloudfs.meta.base import InodeAttrs
 from cloudfs.meta.schema import ROOT_INODE
+from cloudfs.snapshots import readonly_among
 
 log = logging.getLogger(__name__)
 
 #: results kept for callers that have not read them yet
 _RESULTS_KEPT = 64
+#: how long the kernel may keep names and attributes of the view: its directories
+#: change as files get new versions, a version file never changes
+VIEW_DIR_TIMEOUT = 1.0
+VERSION_FILE_TIMEOUT = 60.0
+#: file handles of open version files
+_VIRTUAL_FH = 1 << 62
 
 _Json = dict[str, Any]
 _Handler = Callable[[_Json, pyfuse3.RequestContext], Awaitable[_Json]]
@@ -53,6 +76,9 @@ class HistoryOperations(Operations):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._results: OrderedDict[int, bytes] = OrderedDict()
+        self.view = HistoryView(self.ns.meta, self.files)
+        self._vhandles: dict[int, VersionHandle] = {}
+        self._next_vfh = _VIRTUAL_FH
         self._handlers: dict[bytes, _Handler] = {
             b"restore": self._cmd_restore,
         }
@@ -69,12 +95,16 @@ class HistoryOperations(Operations):
             if handler is not None:
                 await self._run_command(handler, body, ctx)
                 return
+        if inode != ROOT_INODE or not name.startswith(b"user.cloudfs."):
+            await self._refuse_readonly(inode)
         await super().setxattr(inode, name, value, ctx)
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if inode == ROOT_INODE and name == XATTR_RESULT:
             return self._results.get(ctx.pid, b"{}")
+        if is_virtual(inode):
+            raise FSOpError(errno.ENODATA)
         return await super().getxattr(inode, name, ctx)
 
     def _keep_result(self, pid: int, result: _Json) -> None:
@@ -151,3 +181,234 @@ class HistoryOperations(Operations):
         )
         await self._invalidate([target])
         return {"inode": target, "version": new_version, "size": size}
+
+    # --- guards ----------------------------------------------------------------------------
+
+    async def _refuse_readonly(self, *inodes: int) -> None:
+        """EROFS when one of `inodes` belongs to a read-only tree or the view."""
+        if any(is_virtual(i) for i in inodes):
+            raise FSOpError(errno.EROFS)
+        async with self.ns.meta.reading() as tx:
+            if await readonly_among(tx, list(inodes)):
+                raise FSOpError(errno.EROFS)
+
+    async def _may_create(self, parent: int, name: bytes) -> None:
+        if parent == ROOT_INODE and name == VIEW_NAME:
+            raise FSOpError(errno.EEXIST)  # the view's name is taken
+        await self._refuse_readonly(parent)
+
+    async def _may_remove(self, parent: int, name: bytes) -> None:
+        """Removing (or renaming away) `name`: its directory and itself must be writable."""
+        if parent == ROOT_INODE and name == VIEW_NAME:
+            raise FSOpError(errno.EROFS)
+        if is_virtual(parent):
+            raise FSOpError(errno.EROFS)
+        async with self.ns.meta.reading() as tx:
+            child = await tx.lookup(parent, name)
+            inodes = [parent] if child is None else [parent, child]
+            if await readonly_among(tx, inodes):
+                raise FSOpError(errno.EROFS)
+
+    # --- the view: names and attributes ------------------------------------------------------
+
+    def _virtual_entry(self, attrs: InodeAttrs) -> pyfuse3.EntryAttributes:
+        """An entry reply for a node of the view (the kernel takes a reference)."""
+        entry = self._entry(attrs)
+        timeout = VERSION_FILE_TIMEOUT if VERSION_FILE <= attrs.id < MIRROR else VIEW_DIR_TIMEOUT
+        entry.entry_timeout = entry.attr_timeout = timeout
+        return entry
+
+    def _view_known(self, attrs: InodeAttrs) -> pyfuse3.EntryAttributes:
+        if is_virtual(attrs.id):
+            self.view.remember(attrs.id)
+            return self._virtual_entry(attrs)
+        return self._known(attrs)  # a snapshot's root: a real inode
+
+    @fuse_errors
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if parent_inode == ROOT_INODE and name == VIEW_NAME:
+            return self._view_known(await self.view.getattr(DOT))
+        if is_virtual(parent_inode):
+            return self._view_known(await self.view.lookup(parent_inode, name))
+        return await super().lookup(parent_inode, name, ctx)
+
+    @fuse_errors
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        real = []
+        for ino, n in inode_list:
+            if is_virtual(ino):
+                self.view.forget(ino, n)
+            else:
+                real.append((ino, n))
+        if real:
+            await super().forget(real)
+
+    @fuse_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if is_virtual(inode):
+            return self._virtual_entry(await self.view.getattr(inode))
+        return await super().getattr(inode, ctx)
+
+    @fuse_errors
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:  # fmt: skip
+        await self._refuse_readonly(inode)
+        return await super().setattr(inode, attr, fields, fh, ctx)
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        if is_virtual(inode):
+            raise FSOpError(errno.EINVAL)
+        return await super().readlink(inode, ctx)
+
+    # --- changes of names -------------------------------------------------------------------
+
+    @fuse_errors
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        await self._may_create(parent_inode, name)
+        return await super().mknod(parent_inode, name, mode, rdev, ctx)
+
+    @fuse_errors
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        await self._may_create(parent_inode, name)
+        return await super().mkdir(parent_inode, name, mode, ctx)
+
+    @fuse_errors
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        await self._may_create(parent_inode, name)
+        return await super().symlink(parent_inode, name, target, ctx)
+
+    @fuse_errors
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        await self._may_create(parent_inode, name)
+        return await super().create(parent_inode, name, mode, flags, ctx)
+
+    @fuse_errors
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        await self._may_create(new_parent_inode, new_name)
+        await self._refuse_readonly(inode)  # its link count would change
+        return await super().link(inode, new_parent_inode, new_name, ctx)
+
+    @fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._may_remove(parent_inode, name)
+        await super().unlink(parent_inode, name, ctx)
+
+    @fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._may_remove(parent_inode, name)
+        await super().rmdir(parent_inode, name, ctx)
+
+    @fuse_errors
+    async def rename(
+        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:  # fmt: skip
+        await self._may_remove(parent_inode_old, name_old)
+        if parent_inode_new == ROOT_INODE and name_new == VIEW_NAME:
+            raise FSOpError(errno.EEXIST)
+        await self._may_remove(parent_inode_new, name_new)
+        await super().rename(parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx)
+
+    # --- contents -------------------------------------------------------------------------
+
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        writes = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
+        if is_virtual(inode):
+            if writes:
+                raise FSOpError(errno.EROFS)
+            handle = await self.view.open(inode)
+            self._next_vfh += 1
+            self._vhandles[self._next_vfh] = handle
+            return pyfuse3.FileInfo(fh=self._next_vfh, keep_cache=True)
+        if writes:
+            await self._refuse_readonly(inode)
+        return await super().open(inode, flags, ctx)
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._vhandles.get(fh)
+        if handle is not None:
+            return await self.view.read(handle, off, size)
+        return await super().read(fh, off, size)
+
+    @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        if fh in self._vhandles:
+            raise FSOpError(errno.EBADF)
+        return await super().write(fh, off, buf)
+
+    @fuse_errors
+    async def flush(self, fh: int) -> None:
+        if fh not in self._vhandles:
+            await super().flush(fh)
+
+    @fuse_errors
+    async def release(self, fh: int) -> None:
+        if self._vhandles.pop(fh, None) is None:
+            await super().release(fh)
+
+    @fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        if fh not in self._vhandles:
+            await super().fsync(fh, datasync)
+
+    # --- directories --------------------------------------------------------------------
+
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if is_virtual(inode):
+            attrs = await self.view.getattr(inode)
+            if not stat.S_ISDIR(attrs.mode):
+                raise FSOpError(errno.ENOTDIR)
+            return inode
+        return await super().opendir(inode, ctx)
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        if not is_virtual(fh):
+            await super().readdir(fh, start_id, token)
+            return
+        for name, attrs, next_cookie in await self.view.readdir(fh, start_id):
+            entry = self._virtual_entry(attrs) if is_virtual(attrs.id) else self._entry(attrs)
+            if not pyfuse3.readdir_reply(token, name, entry, next_cookie):
+                return
+            if name not in (b".", b".."):
+                # readdirplus: an accepted entry gives the kernel a lookup reference
+                if is_virtual(attrs.id):
+                    self.view.remember(attrs.id)
+                else:
+                    self.ns.remember(attrs.id)
+
+    @fuse_errors
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        if not is_virtual(fh):
+            await super().fsyncdir(fh, datasync)
+
+    # --- extended attributes ------------------------------------------------------------
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        if is_virtual(inode):
+            return []
+        return await super().listxattr(inode, ctx)
+
+    @fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._refuse_readonly(inode)
+        await super().removexattr(inode, name, ctx)
