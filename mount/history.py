@@ -19,9 +19,10 @@ import json
 import logging
 import os
 import stat
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import pyfuse3
 import trio
@@ -38,12 +39,15 @@ from cloudfs.mount.view import (
 from cloudfs.tools.cloudfs import XATTR_COMMAND
 from cloudfs.tools.history import XATTR_RESULT
 
+from cloudfs import snapshots
 from cloudfs.errors import CloudfsError, FSOpError
 from cloudfs.meta.base import InodeAttrs
 from cloudfs.meta.schema import ROOT_INODE
 from cloudfs.snapshots import readonly_among
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: results kept for callers that have not read them yet
 _RESULTS_KEPT = 64
@@ -81,6 +85,9 @@ class HistoryOperations(Operations):
         self._next_vfh = _VIRTUAL_FH
         self._handlers: dict[bytes, _Handler] = {
             b"restore": self._cmd_restore,
+            b"snapshot": self._cmd_snapshot,
+            b"snapshot-delete": self._cmd_snapshot_delete,
+            b"unlock": self._cmd_unlock,
         }
 
     # --- the command channel ---------------------------------------------------------
@@ -181,6 +188,56 @@ class HistoryOperations(Operations):
         )
         await self._invalidate([target])
         return {"inode": target, "version": new_version, "size": size}
+
+    async def _cmd_snapshot(self, args: _Json, ctx: pyfuse3.RequestContext) -> _Json:
+        """{"source", "path", "readonly", and "name" | "parent" + "dst"}: copy the tree at
+        inode `source` (its path `path`, for the record) as named snapshot `name`, or
+        as entry `dst` of directory `parent`. Unsealed writes are sealed first, so the
+        copy holds everything written before the command."""
+        src = _int(args, "source")
+        if is_virtual(src):
+            raise FSOpError(errno.EINVAL, "the source is in the history view")
+        readonly = bool(args.get("readonly"))
+        origin = self.files.origin
+        await self.files.seal_all()
+        started = time.monotonic()
+        now = time.time_ns()
+        if "name" in args:
+            name = _name(args)
+            path = os.fsencode(str(args.get("path", "")))
+            root, count = await self.ns.meta.run(self._in_transaction, snapshots.create_named,
+                                                 src, name, path, origin=origin, now_ns=now)  # fmt: skip
+        else:
+            parent, dst = _int(args, "parent"), _name(args, "dst")
+            await self._may_create(parent, dst)
+            root, count = await self.ns.meta.run(
+                self._in_transaction, snapshots.create_at, src, parent, dst,
+                readonly=readonly, origin=origin, now_ns=now,
+            )  # fmt: skip
+            await self._invalidate([parent])
+        elapsed = time.monotonic() - started
+        log.info("snapshot of inode %d: %d inodes copied in %.2f s", src, count, elapsed)
+        return {"root": root, "inodes": count, "seconds": elapsed}
+
+    async def _cmd_snapshot_delete(self, args: _Json, ctx: pyfuse3.RequestContext) -> _Json:
+        """{"name"}: delete a named snapshot and free its tree."""
+        count = await self.ns.meta.run(
+            self._in_transaction, snapshots.delete_named, _name(args), time.time_ns()
+        )
+        return {"inodes": count}
+
+    async def _cmd_unlock(self, args: _Json, ctx: pyfuse3.RequestContext) -> _Json:
+        """{"inode"}: make the read-only tree at `inode` writable."""
+        root = _int(args, "inode")
+        if is_virtual(root):
+            raise FSOpError(errno.EROFS, "the history view stays read-only")
+        count = await self.ns.meta.run(self._in_transaction, snapshots.unlock, root)
+        return {"inodes": count}
+
+    async def _in_transaction(self, fn: Callable[..., Awaitable[T]], *args: Any, **kw: Any) -> T:
+        """`fn(tx, *args, **kw)` in one write transaction (for MetaStore.run)."""
+        async with self.ns.meta.transaction() as tx:
+            return await fn(tx, *args, **kw)
 
     # --- guards ----------------------------------------------------------------------------
 

@@ -223,6 +223,86 @@ async def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- snapshots ----------------------------------------------------------------------------
+
+
+async def cmd_snapshot_create(args: argparse.Namespace) -> int:
+    try:
+        src = os.lstat(args.source)
+    except FileNotFoundError:
+        raise UsageError(f"{args.source}: no such file or directory") from None
+    mount = find_mount(args.source)
+    fields: dict[str, Any] = {"source": src.st_ino, "readonly": args.readonly}
+    named = "/" not in args.target
+    if named:
+        fields["name"] = os.fsencode(args.target).hex()
+        fields["path"] = _relative(mount, args.source)
+    else:
+        dst = os.path.abspath(args.target)
+        if find_mount(dst).root != mount.root:
+            raise UsageError(f"{args.target} is not in the same cloudfs as {args.source}")
+        if os.path.lexists(dst):
+            raise UsageError(f"{args.target} exists")
+        try:
+            fields["parent"] = os.stat(os.path.dirname(dst)).st_ino
+        except FileNotFoundError:
+            raise UsageError(f"{os.path.dirname(dst)}: no such directory") from None
+        fields["dst"] = os.fsencode(os.path.basename(dst)).hex()
+    result = await mount_command(mount, "snapshot", **fields)
+    what = f"snapshot {args.target}" if named else args.target
+    mode = " (read-only)" if named or args.readonly else ""
+    print(
+        f"{what}{mode}: {result['inodes']} entries of {args.source} copied in "
+        f"{result['seconds']:.2f} s, no data copied"
+    )
+    return 0
+
+
+async def cmd_snapshot_list(args: argparse.Namespace) -> int:
+    from cloudfs.snapshots import list_snapshots
+
+    mount = find_mount(args.mountpoint)
+    meta = mount.meta()
+    try:
+        async with meta.reading() as tx:
+            snaps = await list_snapshots(tx)
+    finally:
+        await meta.close()
+    if args.json:
+        print(json.dumps([
+            {"name": os.fsdecode(s.name), "created_ns": s.created_ns,
+             "source": os.fsdecode(s.source), "readonly": s.readonly}
+            for s in snaps
+        ], indent=2))  # fmt: skip
+        return 0
+    if not snaps:
+        print("no snapshots")
+        return 0
+    rows = [[os.fsdecode(s.name), show_time(s.created_ns), os.fsdecode(s.source)] for s in snaps]
+    print_table(["NAME", "CREATED", "SOURCE"], rows)
+    return 0
+
+
+async def cmd_snapshot_delete(args: argparse.Namespace) -> int:
+    mount = find_mount(args.mountpoint)
+    result = await mount_command(mount, "snapshot-delete", name=os.fsencode(args.name).hex())
+    print(f"deleted snapshot {args.name} ({result['inodes']} entries)")
+    return 0
+
+
+async def cmd_snapshot_unlock(args: argparse.Namespace) -> int:
+    try:
+        st = os.lstat(args.path)
+    except FileNotFoundError:
+        raise UsageError(f"{args.path}: no such file or directory") from None
+    mount = find_mount(args.path)
+    if _relative(mount, args.path).startswith("/.cloudfs/"):
+        raise UsageError("the history view and named snapshots stay read-only; copy them")
+    result = await mount_command(mount, "unlock", inode=st.st_ino)
+    print(f"{args.path}: writable ({result['inodes']} entries were read-only)")
+    return 0
+
+
 def add_parser(sub: Any) -> None:
     v = sub.add_parser("versions", help="list the versions of a file")
     v.add_argument("file")
@@ -241,6 +321,30 @@ def add_parser(sub: Any) -> None:
                        help="the newest version at TIME: '2024-05-01 12:30', @EPOCH, '2h ago'")  # fmt: skip
     r.add_argument("--to", metavar="NEWPATH", help="restore into a new file instead")
     r.set_defaults(func=cmd_restore)
+
+    s = sub.add_parser("snapshot", help="copy-on-write copies of trees (metadata only)")
+    ssub = s.add_subparsers(dest="snapshot_command", required=True)
+    c = ssub.add_parser(
+        "create",
+        help="copy the tree SRC as a named read-only snapshot (NAME, seen under "
+        "MOUNTPOINT/.cloudfs/snapshots/NAME) or to a path DST (anything with a '/')",
+    )
+    c.add_argument("source", metavar="SRC")
+    c.add_argument("target", metavar="NAME|DST")
+    c.add_argument("--readonly", action="store_true",
+                   help="DST refuses every change (EROFS) until `snapshot unlock`")  # fmt: skip
+    c.set_defaults(func=cmd_snapshot_create)
+    ls = ssub.add_parser("list", help="the named snapshots of a mount")
+    ls.add_argument("mountpoint")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=cmd_snapshot_list)
+    d = ssub.add_parser("delete", help="delete a named snapshot")
+    d.add_argument("mountpoint")
+    d.add_argument("name")
+    d.set_defaults(func=cmd_snapshot_delete)
+    u = ssub.add_parser("unlock", help="make a read-only copy (made with --readonly) writable")
+    u.add_argument("path")
+    u.set_defaults(func=cmd_snapshot_unlock)
 
 
 __all__ = ["XATTR_RESULT", "add_parser", "find_mount", "mount_command"]
