@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Concatenate, ParamSpec, TypeVar
 
+from cloudfs import trash
 from cloudfs.errors import FSOpError
 from cloudfs.files import FileStore
 from cloudfs.meta.base import InodeAttrs, MetaStore, Txn
@@ -309,6 +310,8 @@ class Namespace:
             await tx.update_inode(parent, nlink=pattrs.nlink - 1)
         else:
             await tx.update_inode(ino, nlink=attrs.nlink - 1, ctime_ns=now)
+        if stat.S_ISDIR(attrs.mode) or attrs.nlink <= 1:
+            await trash.keep(tx, ino, parent, name, now)  # its last name: kept in the trash
 
     @_retried
     async def unlink(self, parent: int, name: bytes) -> None:
@@ -457,6 +460,8 @@ class Namespace:
             attrs = await tx.get_inode(ino)
             if attrs is None or attrs.nlink > 0 or ino == ROOT_INODE:
                 return
+            if await trash.holds(tx, ino):
+                return  # kept for the retention period (cloudfs.trash)
             await tx.free_inode(ino, time.time_ns())
         self.files.drop(ino)
 

@@ -39,7 +39,7 @@ from cloudfs.mount.view import (
 from cloudfs.tools.cloudfs import XATTR_COMMAND
 from cloudfs.tools.history import XATTR_RESULT
 
-from cloudfs import snapshots
+from cloudfs import snapshots, trash
 from cloudfs.errors import CloudfsError, FSOpError
 from cloudfs.meta.base import InodeAttrs
 from cloudfs.meta.schema import ROOT_INODE
@@ -88,6 +88,8 @@ class HistoryOperations(Operations):
             b"snapshot": self._cmd_snapshot,
             b"snapshot-delete": self._cmd_snapshot_delete,
             b"unlock": self._cmd_unlock,
+            b"trash-restore": self._cmd_trash_restore,
+            b"trash-purge": self._cmd_trash_purge,
         }
 
     # --- the command channel ---------------------------------------------------------
@@ -233,6 +235,41 @@ class HistoryOperations(Operations):
             raise FSOpError(errno.EROFS, "the history view stays read-only")
         count = await self.ns.meta.run(self._in_transaction, snapshots.unlock, root)
         return {"inodes": count}
+
+    async def _cmd_trash_restore(self, args: _Json, ctx: pyfuse3.RequestContext) -> _Json:
+        """{"path"[, "id"][, "to"]}: bring back what the trash holds at `path` (entry
+        `id`), at its old path or at path `to`."""
+        path = _name(args, "path")
+        entry_id = _int(args, "id") if "id" in args else None
+        to = _name(args, "to") if "to" in args else None
+        restored = await self.ns.meta.run(
+            self._in_transaction, trash.restore, path, entry_id=entry_id, to=to,
+            now_ns=time.time_ns(),
+        )  # fmt: skip
+        async with self.ns.meta.reading() as tx:
+            parent = await trash.resolve(tx, restored[0][0].rpartition(b"/")[0])
+        if parent is not None:
+            await self._invalidate([parent])
+        return {"restored": [p.hex() for p, _ino in restored]}
+
+    async def _cmd_trash_purge(self, args: _Json, ctx: pyfuse3.RequestContext) -> _Json:
+        """{["path"][, "before_ns"]}: free what the trash holds (at or below `path`,
+        deleted before `before_ns`). An inode still open here is freed at its last close."""
+        under = _name(args, "path") if "path" in args else None
+        before = _int(args, "before_ns") if "before_ns" in args else None
+
+        async def take() -> tuple[int, list[int]]:
+            async with self.ns.meta.transaction() as tx:
+                chosen = [
+                    e for e in await trash.entries(tx, under)
+                    if before is None or e.deleted_ns < before
+                ]  # fmt: skip
+                return len(chosen), await trash.take_out(tx, chosen)
+
+        count, nameless = await self.ns.meta.run(take)
+        for ino in nameless:
+            await self.ns.maybe_free(ino)
+        return {"entries": count}
 
     async def _in_transaction(self, fn: Callable[..., Awaitable[T]], *args: Any, **kw: Any) -> T:
         """`fn(tx, *args, **kw)` in one write transaction (for MetaStore.run)."""

@@ -303,6 +303,79 @@ async def cmd_snapshot_unlock(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- trash ---------------------------------------------------------------------------------
+
+
+def _type_of(mode: int) -> str:
+    return {stat.S_IFDIR: "dir", stat.S_IFREG: "file", stat.S_IFLNK: "symlink"}.get(
+        stat.S_IFMT(mode), "special"
+    )
+
+
+async def cmd_trash_list(args: argparse.Namespace) -> int:
+    from cloudfs.trash import entries
+
+    mount = find_mount(args.path)
+    under = os.fsencode(_relative(mount, args.path))
+    meta = mount.meta()
+    try:
+        async with meta.reading() as tx:
+            found = await entries(tx, None if under == b"/" else under)
+    finally:
+        await meta.close()
+    if args.json:
+        print(json.dumps([
+            {"id": e.id, "path": os.fsdecode(e.path), "deleted_ns": e.deleted_ns,
+             "type": _type_of(e.mode), "size": e.size}
+            for e in found
+        ], indent=2))  # fmt: skip
+        return 0
+    if not found:
+        print("the trash is empty" if under == b"/" else "nothing in the trash there")
+        return 0
+    rows = [
+        [str(e.id), show_time(e.deleted_ns), _type_of(e.mode),
+         human_size(e.size) if stat.S_ISREG(e.mode) else "", os.fsdecode(e.path)]
+        for e in found
+    ]  # fmt: skip
+    print_table(["ID", "DELETED", "TYPE", "SIZE", "PATH"], rows, right=frozenset({0, 3}))
+    return 0
+
+
+async def cmd_trash_restore(args: argparse.Namespace) -> int:
+    mount = find_mount(args.path)
+    fields: dict[str, Any] = {"path": os.fsencode(_relative(mount, args.path)).hex()}
+    if args.id is not None:
+        fields["id"] = args.id
+    if args.to is not None:
+        if find_mount(args.to).root != mount.root:
+            raise UsageError(f"{args.to} is not in the same cloudfs")
+        fields["to"] = os.fsencode(_relative(mount, args.to)).hex()
+    result = await mount_command(mount, "trash-restore", **fields)
+    restored = [os.fsdecode(bytes.fromhex(p)) for p in result["restored"]]
+    print(f"restored {len(restored)} entr{'y' if len(restored) == 1 else 'ies'}: "
+          f"{mount.root}{restored[0]}" + (" and below" if len(restored) > 1 else ""))  # fmt: skip
+    return 0
+
+
+async def cmd_trash_purge(args: argparse.Namespace) -> int:
+    from cloudfs.retention import parse_duration
+
+    mount = find_mount(args.path)
+    fields: dict[str, Any] = {}
+    under = _relative(mount, args.path)
+    if under != "/":
+        fields["path"] = os.fsencode(under).hex()
+    if args.older_than is not None:
+        age = parse_duration(args.older_than)
+        if age is None:
+            raise UsageError("--older-than forever purges nothing")
+        fields["before_ns"] = int((time.time() - age) * 1e9)
+    result = await mount_command(mount, "trash-purge", **fields)
+    print(f"purged {result['entries']} entries from the trash")
+    return 0
+
+
 def add_parser(sub: Any) -> None:
     v = sub.add_parser("versions", help="list the versions of a file")
     v.add_argument("file")
@@ -345,6 +418,24 @@ def add_parser(sub: Any) -> None:
     u = ssub.add_parser("unlock", help="make a read-only copy (made with --readonly) writable")
     u.add_argument("path")
     u.set_defaults(func=cmd_snapshot_unlock)
+
+    t = sub.add_parser("trash", help="unlinked files and removed trees, kept for a while")
+    tsub = t.add_subparsers(dest="trash_command", required=True)
+    tl = tsub.add_parser("list", help="what the trash holds (of a mount, or below a path)")
+    tl.add_argument("path", metavar="MOUNTPOINT|PATH")
+    tl.add_argument("--json", action="store_true", help="machine-readable output")
+    tl.set_defaults(func=cmd_trash_list)
+    tr = tsub.add_parser(
+        "restore", help="bring back what was deleted at PATH (a directory with its contents)"
+    )
+    tr.add_argument("path", metavar="PATH", help="the path it had (in the mount)")
+    tr.add_argument("--id", type=int, help="the entry to restore (see trash list)")
+    tr.add_argument("--to", metavar="NEWPATH", help="restore it at another path")
+    tr.set_defaults(func=cmd_trash_restore)
+    tp = tsub.add_parser("purge", help="free what the trash holds, for good")
+    tp.add_argument("path", metavar="MOUNTPOINT|PATH")
+    tp.add_argument("--older-than", metavar="DURATION", help="only entries deleted this long ago")
+    tp.set_defaults(func=cmd_trash_purge)
 
 
 __all__ = ["XATTR_RESULT", "add_parser", "find_mount", "mount_command"]

@@ -218,9 +218,12 @@ class Txn:
         ])  # fmt: skip
 
     async def orphan_inodes(self) -> list[int]:
-        """Inodes no dentry names (open-unlinked files left by a crash)."""
+        """Inodes no dentry names (open-unlinked files left by a crash), except those
+        the trash keeps."""
         rows = await self.conn.query(
-            "SELECT id FROM inodes WHERE nlink = 0 AND id <> ?", (ROOT_INODE,)
+            "SELECT id FROM inodes WHERE nlink = 0 AND id <> ?"
+            " AND id NOT IN (SELECT inode FROM trash)",
+            (ROOT_INODE,),
         )
         return [r[0] for r in rows]
 
@@ -475,6 +478,8 @@ class Txn:
         n_inodes, n_files, logical = await self._one(
             "SELECT COUNT(*), COALESCE(SUM(CASE WHEN mode & 61440 = 32768 THEN 1 ELSE 0 END), 0),"
             " COALESCE(SUM(CASE WHEN mode & 61440 = 32768 THEN size ELSE 0 END), 0) FROM inodes"
+            # what has a name (or is the root): not what the trash keeps
+            " WHERE nlink > 0 OR id = 1"
         )
         n_blocks, block_bytes, stored, stored_plain = await self._one(
             "SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(SUM(stored_size), 0),"

@@ -8,6 +8,7 @@ from the store alone."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import signal
@@ -202,7 +203,7 @@ def test_remount_after_kill_9_clears_what_the_crash_left(make_fs: Callable[..., 
     """A crash of both processes leaves a dead mount point, a mount.lock naming a dead
     process, the daemon's socket and pid file, a dirty overlay of unsealed writes and
     an open-unlinked inode: the next mount starts anyway, drops the unsealed writes
-    (never acknowledged), frees the inode and clears the overlay."""
+    (never acknowledged), keeps the inode in the trash and clears the overlay."""
     fs = make_fs()
     kept = os.urandom(2 * MiB)
     with open(fs.mnt / "kept", "wb") as f:
@@ -238,6 +239,8 @@ def test_remount_after_kill_9_clears_what_the_crash_left(make_fs: Callable[..., 
     assert sorted(os.listdir(fs.mnt)) == ["kept"]
     stats = fs.stat_json()
     assert stats["files"] == 1 and stats["inodes"] == 2, stats  # the root and "kept"
-    assert "freed 1 inodes left open-unlinked" in (fs.cache / "mount.log").read_text()
+    # the open-unlinked file was unlinked by the user: the trash keeps it (issue 6)
+    trash = json.loads(fs.check("cloudfs", "trash", "list", "--json", fs.mnt).stdout)
+    assert [e["path"] for e in trash] == ["/doomed"]
     fs.flush()
     assert fs.stat_json()["pending_uploads"] == 0

@@ -98,8 +98,10 @@ def test_hard_links_share_data_and_count(fs: CloudFS) -> None:
     assert (m / "a" / "three").read_bytes() == expected
     assert fs.stat_json()["referenced_bytes"] == referenced_before
 
-    # the last unlink frees the inode and releases its blocks (all versions)
+    # the last unlink puts the inode in the trash; purged from there, it is freed and
+    # its blocks (all versions) are released
     os.unlink(m / "a" / "three")
+    fs.check("cloudfs", "trash", "purge", fs.mnt)  # unlinked files are kept in the trash
     wait_for(lambda: fs.stat_json()["referenced_bytes"] == 0, what="blocks released")
     report = fs.stat_json()
     assert report["files"] == 0

@@ -58,6 +58,7 @@ def test_unlinked_open_file_keeps_working_then_frees(fs: CloudFS) -> None:
     reader = os.open(m / "victim", os.O_RDONLY)
     try:
         os.unlink(m / "victim")
+        fs.check("cloudfs", "trash", "purge", fs.mnt)  # unlinked files are kept in the trash
         assert os.listdir(m) == ["keep"]
         # a new file of the same name is another file
         (m / "victim").write_bytes(b"new file")
@@ -91,6 +92,7 @@ def test_rename_over_open_file(fs: CloudFS) -> None:
     fs.flush()
     with open(m / "target", "r+b", buffering=0) as f:
         os.rename(m / "new", m / "target")
+        fs.check("cloudfs", "trash", "purge", fs.mnt)  # unlinked files are kept in the trash
         assert (m / "target").read_bytes() == new
         expected = _check_handle_works(f.fileno(), old, m / "new")
         assert (m / "target").read_bytes() == new, "writes to the old file reach the new one"
@@ -114,6 +116,7 @@ def test_open_unlinked_survives_mmap_and_remount_frees(fs: CloudFS) -> None:
     with open(m / "mapped", "r+b") as f:
         mm = mmap.mmap(f.fileno(), 0)
         os.unlink(m / "mapped")
+        fs.check("cloudfs", "trash", "purge", fs.mnt)  # unlinked files are kept in the trash
         assert mm[:100] == data[:100]
         mm[2 * MiB : 2 * MiB + 5] = b"hello"
         mm.flush()

@@ -1,0 +1,227 @@
+"""The trash: unlinked files and removed directories, kept with their paths for the
+retention period.
+
+When the last name of an inode goes (unlink, rmdir, a rename over it), the namespace
+records it here, in the same transaction, with the path it had; the inode then stays
+(nlink 0) instead of being freed, with its extents, versions, xattrs and blocks. `rm -rf`
+of a tree leaves one entry per file and directory, children deleted before their
+directory; restoring the directory's path brings each of them back where it was.
+
+Restoring a directory also restores the entries below its path that were deleted no
+later than it and after its previous deletion (if the same path was deleted before):
+the entries of the removal that took the tree. Purging frees the inodes.
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+from dataclasses import dataclass
+
+from cloudfs import retention
+from cloudfs.errors import FSOpError
+from cloudfs.meta.base import Txn
+from cloudfs.meta.schema import ROOT_INODE
+
+#: deepest directory chain a path is computed through
+_MAX_DEPTH = 4096
+
+
+@dataclass(frozen=True)
+class TrashEntry:
+    id: int
+    inode: int
+    path: bytes
+    deleted_ns: int
+    mode: int
+    size: int
+
+
+async def path_of(tx: Txn, parent: int, name: bytes) -> bytes:
+    """The path of entry `name` of directory `parent` ('/a/b/name'); a directory not
+    reachable from the root shows as '?'."""
+    parts = [name]
+    ino = parent
+    for _ in range(_MAX_DEPTH):
+        if ino == ROOT_INODE:
+            break
+        row = await tx.conn.query_one(
+            "SELECT parent, name FROM dentries WHERE inode = ? LIMIT 1", (ino,)
+        )
+        if row is None:
+            parts.append(b"?")
+            break
+        parts.append(bytes(row[1]))
+        ino = row[0]
+    return b"/" + b"/".join(reversed(parts))
+
+
+async def keep(tx: Txn, ino: int, parent: int, name: bytes, now_ns: int) -> bool:
+    """Record inode `ino`, whose last name (`name` in `parent`) is going, in the trash
+    (unless the policy keeps no trash). True when it was kept."""
+    policy = await retention.load(tx)
+    if policy.trash is not None and policy.trash <= 0:
+        return False
+    await tx.conn.execute(
+        "INSERT INTO trash (inode, path, deleted_ns) VALUES (?, ?, ?)",
+        (ino, await path_of(tx, parent, name), now_ns),
+    )
+    return True
+
+
+async def holds(tx: Txn, ino: int) -> bool:
+    """Is inode `ino` in the trash (so it must not be freed)?"""
+    row = await tx.conn.query_one("SELECT 1 FROM trash WHERE inode = ? LIMIT 1", (ino,))
+    return row is not None
+
+
+async def entries(tx: Txn, under: bytes | None = None) -> list[TrashEntry]:
+    """Entries in the trash, oldest first; `under`: only that path and below."""
+    rows = await tx.conn.query(
+        "SELECT t.id, t.inode, t.path, t.deleted_ns, i.mode, i.size FROM trash t"
+        " JOIN inodes i ON i.id = t.inode ORDER BY t.deleted_ns, t.id"
+    )
+    found = [TrashEntry(i, ino, bytes(p), d, m, s) for i, ino, p, d, m, s in rows]
+    if under is not None:
+        prefix = under.rstrip(b"/") + b"/"
+        found = [e for e in found if e.path == under.rstrip(b"/") or e.path.startswith(prefix)]
+    return found
+
+
+def _is_below(path: bytes, top: bytes) -> bool:
+    return path.startswith(top.rstrip(b"/") + b"/")
+
+
+def removal_of(all_entries: list[TrashEntry], root: TrashEntry) -> list[TrashEntry]:
+    """`root` and, when it is a directory, the entries of the same removal below it
+    (module docstring): the newest of each path. Parents come before children."""
+    group = {root.path: root}
+    if stat.S_ISDIR(root.mode):
+        earlier = [
+            e.deleted_ns for e in all_entries
+            if e.path == root.path and (e.deleted_ns, e.id) < (root.deleted_ns, root.id)
+        ]  # fmt: skip
+        since = max(earlier, default=-1)
+        for e in all_entries:  # oldest first: a later deletion of a path wins
+            if _is_below(e.path, root.path) and since < e.deleted_ns <= root.deleted_ns:
+                group[e.path] = e
+    return sorted(group.values(), key=lambda e: (e.path.count(b"/"), e.path))
+
+
+async def resolve(tx: Txn, path: bytes) -> int | None:
+    """The inode at `path` (from the root), or None."""
+    ino = ROOT_INODE
+    for part in filter(None, path.split(b"/")):
+        found = await tx.lookup(ino, part)
+        if found is None:
+            return None
+        ino = found
+    return ino
+
+
+async def restore(
+    tx: Txn, path: bytes, *, entry_id: int | None = None, to: bytes | None = None, now_ns: int
+) -> list[tuple[bytes, int]]:
+    """Bring back the newest entry at `path` (or entry `entry_id`) with, for a
+    directory, the rest of its removal; at its old path, or at `to`. Directories above
+    it that are gone come back too when the trash holds them (only themselves).
+    Returns the (path, inode) restored, the first being `path`'s. ENOENT when there is
+    nothing to restore or a directory above is gone for good, EEXIST when the path is
+    taken."""
+    everything = await entries(tx)
+    if entry_id is not None:
+        candidates = [e for e in everything if e.id == entry_id]
+    else:
+        candidates = [e for e in everything if e.path == path.rstrip(b"/")]
+    if not candidates:
+        raise FSOpError(errno.ENOENT, f"nothing in the trash at {path.decode(errors='replace')}")
+    root = candidates[-1]
+    target = (to if to is not None else root.path).rstrip(b"/")
+    ancestors = await _restore_ancestors(tx, everything, target, now_ns)
+    restored: list[tuple[bytes, int]] = []
+    for e in removal_of(everything, root):
+        dest = target + e.path[len(root.path) :]
+        if await _restore_one(tx, e, dest, now_ns, required=e is root):
+            restored.append((dest, e.inode))
+    return restored + ancestors
+
+
+async def _restore_ancestors(
+    tx: Txn, everything: list[TrashEntry], path: bytes, now_ns: int
+) -> list[tuple[bytes, int]]:
+    """Restore the missing directories above `path` from the trash (each alone)."""
+    missing: list[bytes] = []
+    parent = path.rpartition(b"/")[0]
+    while parent and await resolve(tx, parent) is None:
+        missing.append(parent)
+        parent = parent.rpartition(b"/")[0]
+    restored = []
+    for dir_path in reversed(missing):
+        dirs = [e for e in everything if e.path == dir_path and stat.S_ISDIR(e.mode)]
+        if not dirs:
+            shown = dir_path.decode(errors="replace")
+            raise FSOpError(errno.ENOENT, f"the directory {shown} does not exist")
+        await _restore_one(tx, dirs[-1], dir_path, now_ns, required=True)
+        restored.append((dir_path, dirs[-1].inode))
+    return restored
+
+
+async def _restore_one(tx: Txn, e: TrashEntry, dest: bytes, now_ns: int, *, required: bool) -> bool:
+    """Give entry `e`'s inode the name `dest` and take it out of the trash. When its
+    directory is missing or the name taken: an error if `required`, else False."""
+    parent_path, _, name = dest.rpartition(b"/")
+    parent = await resolve(tx, parent_path)
+    shown = dest.decode(errors="replace")
+    if parent is None:
+        if required:
+            raise FSOpError(errno.ENOENT, f"the directory of {shown} does not exist")
+        return False  # its directory was not restored: it stays in the trash
+    pattrs = await tx.get_inode(parent)
+    if pattrs is None or not stat.S_ISDIR(pattrs.mode):
+        raise FSOpError(errno.ENOTDIR, f"the parent of {shown} is not a directory")
+    if await tx.lookup(parent, name) is not None:
+        if required:
+            raise FSOpError(errno.EEXIST, f"{shown} exists (restore it elsewhere with --to)")
+        return False
+    attrs = await tx.get_inode(e.inode)
+    assert attrs is not None  # entries() joins inodes
+    await tx.add_dentry(parent, name, e.inode)
+    is_dir = stat.S_ISDIR(attrs.mode)
+    await tx.update_inode(e.inode, nlink=2 if is_dir else attrs.nlink + 1, ctime_ns=now_ns)
+    await tx.update_inode(
+        parent, nlink=pattrs.nlink + (1 if is_dir else 0), mtime_ns=now_ns, ctime_ns=now_ns
+    )
+    await tx.conn.execute("DELETE FROM trash WHERE id = ?", (e.id,))
+    return True
+
+
+async def take_out(tx: Txn, chosen: list[TrashEntry]) -> list[int]:
+    """Delete `chosen` entries; the inodes left without entry and without name, which
+    the caller frees (now, or once the mount no longer uses them)."""
+    nameless = []
+    for e in chosen:
+        await tx.conn.execute("DELETE FROM trash WHERE id = ?", (e.id,))
+        attrs = await tx.get_inode(e.inode)
+        if attrs is not None and attrs.nlink == 0 and not await holds(tx, e.inode):
+            nameless.append(e.inode)
+    return nameless
+
+
+async def purge_older(tx: Txn, cutoff_ns: int, now_ns: int, limit: int = 1000) -> int:
+    """Free at most `limit` entries deleted before `cutoff_ns` (the retention pruner,
+    which runs outside the mount: an inode still open there is freed all the same,
+    after a whole retention period). Returns how many entries went."""
+    rows = await tx.conn.query(
+        "SELECT t.id, t.inode, t.path, t.deleted_ns, i.mode, i.size FROM trash t"
+        " JOIN inodes i ON i.id = t.inode WHERE t.deleted_ns < ? ORDER BY t.deleted_ns LIMIT ?",
+        (cutoff_ns, limit),
+    )
+    chosen = [TrashEntry(i, ino, bytes(p), d, m, s) for i, ino, p, d, m, s in rows]
+    for ino in await take_out(tx, chosen):
+        await tx.free_inode(ino, now_ns)
+    # rows whose inode is gone (freed by fsck, ...) are dropped as well
+    await tx.conn.execute(
+        "DELETE FROM trash WHERE deleted_ns < ? AND inode NOT IN (SELECT id FROM inodes)",
+        (cutoff_ns,),
+    )
+    return len(chosen)
