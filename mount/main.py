@@ -349,16 +349,11 @@ async def serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
         await lease.renew()  # now naming this process, the one that serves
         await _serve(prep, ready)
     finally:
-        with trio.CancelScope(shield=True):
-            # the metadata is consistent now: back it up, before another machine may
-            # take the lease (and restore the newest backup)
-            with trio.move_on_after(BACKUP_AT_UNMOUNT_S):
-                await _backup_metadata(prep, lease.store)
-            with trio.move_on_after(60):
-                try:
-                    await lease.release()
-                except CloudfsError as exc:
-                    log.warning("cannot release the mount lease: %s", exc.message)
+        with trio.CancelScope(shield=True), trio.move_on_after(60):
+            try:
+                await lease.release()
+            except CloudfsError as exc:
+                log.warning("cannot release the mount lease: %s", exc.message)
         await lease.store.aclose()
 
 
@@ -463,6 +458,12 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
             log.error("unmount failed: %s", exc)
         files.blockfiles.close()
         await meta.close()
+        if prep.lease is not None:
+            # the metadata is consistent now: back it up before the daemon sees this
+            # mount leave (or it would take a backup of its own) and before the lease
+            # is released (another machine may then restore the newest backup)
+            with trio.CancelScope(shield=True), trio.move_on_after(BACKUP_AT_UNMOUNT_S):
+                await _backup_metadata(prep, prep.lease.store)
         await link.aclose()
     log.info("unmounted %s (clean=%s)", opts.mountpoint, unmounted)
 
