@@ -43,6 +43,8 @@ cat >"$build/config.h" <<'SHIM'
 #define HAVE_ASSERT_H 1
 #define HAVE_STRINGS_H 1
 #define HAVE_SIGNAL_H 1
+#define HAVE_ERR_H 1
+#define HAVE_LINUX_FALLOC_H 1
 #include <getopt.h>
 SHIM
 echo "==> building fsx in $build" >&2
