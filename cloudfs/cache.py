@@ -7,6 +7,8 @@ Layout (one cache dir per filesystem and machine):
     blocks/ab/<64 hex>   plaintext of one block: complete and immutable
     tmp/                 temporary files, renamed into place when complete
     dirty/<ino>          dirty overlays of the mount (sparse files)
+    holds/<64 hex>.<pid>.<n>  hard links to block files a seal re-uses: the plaintext
+                         stays while the seal commits (see FileStore._commit)
     daemon.sock, daemon.lock, daemon.pid, daemon.log
 
 A block file is written to tmp/, (fsynced,) and renamed: a reader never sees a partial
@@ -23,6 +25,7 @@ never evicted; when they alone fill the cache, the mount's writers wait for uplo
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import logging
 import os
@@ -100,12 +103,16 @@ def default_cache_size(root: Path, cache_bytes: int) -> int:
     )
 
 
+_hold_numbers = itertools.count()
+
+
 class CacheDir:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).absolute()
         self.blocks = self.root / "blocks"
         self.tmp = self.root / "tmp"
         self.dirty = self.root / "dirty"
+        self.holds = self.root / "holds"
         self.config_path = self.root / "config.json"
         self.meta_path = self.root / "meta.db"
         self.socket_path = self.root / "daemon.sock"
@@ -114,7 +121,7 @@ class CacheDir:
         self.log_path = self.root / "daemon.log"
 
     def create(self) -> None:
-        for d in (self.root, self.blocks, self.tmp, self.dirty):
+        for d in (self.root, self.blocks, self.tmp, self.dirty, self.holds):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         for i in range(256):
             (self.blocks / f"{i:02x}").mkdir(exist_ok=True)
@@ -183,6 +190,38 @@ class CacheDir:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+    def hold_block(self, block_id: bytes) -> Path | None:
+        """Hold on to a cached block's plaintext with a hard link in holds/, so that it
+        outlives a deletion of the block file (eviction, gc); None when the block is
+        not cached. Blocking: call from a thread (or for one block)."""
+        hold = self.holds / f"{block_id.hex()}.{os.getpid()}.{next(_hold_numbers)}"
+        try:
+            os.link(self.block_path(block_id), hold)
+        except FileNotFoundError:
+            return None
+        return hold
+
+    def restore_held(self, block_id: bytes, hold: Path) -> bool:
+        """Put a held block file back in place if it went; False if the hold is gone."""
+        try:
+            os.link(hold, self.block_path(block_id))
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            return False
+        return True
+
+    @staticmethod
+    def release_holds(holds: list[Path]) -> None:
+        for hold in holds:
+            hold.unlink(missing_ok=True)
+
+    def clear_holds(self) -> None:
+        """Remove the holds of a mount that died (one mount per cache dir)."""
+        if self.holds.exists():
+            for p in self.holds.iterdir():
+                p.unlink(missing_ok=True)
 
     def remove_block(self, block_id: bytes) -> int:
         """Delete a block file; return the bytes freed (0 if it was not there)."""

@@ -22,13 +22,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
 from cloudfs import _native
 from cloudfs.cache import BlockFiles, CacheDir
 from cloudfs.chunking import ChunkerParams
-from cloudfs.errors import FSOpError
+from cloudfs.errors import CloudfsError, FSOpError
 from cloudfs.meta.base import Extent, FsStats, MetaStore
 from cloudfs.overlay import DirtyOverlay
 from cloudfs.stream import BACKLOG_LIMIT, CUT_BATCH, AppendStream, can_stream
@@ -103,6 +104,7 @@ class _SealResult:
     stop: int  # old extents at or past this offset are kept
     tail: int | None  # offset of the held-back tail still dirty, if any
     written: list[bytes]  # block files this seal put in the cache
+    holds: dict[bytes, Path]  # block files it re-uses, held until the commit
 
 
 class FileStore:
@@ -482,9 +484,13 @@ class FileStore:
             st.unsynced.extend(result.written)
         replaced = [e for e in plan.old if e.offset < result.stop or e.offset >= plan.size]
         size = st.size
-        await self.meta.run(
-            self._commit, st, replaced, result.extents, publish=publish, durable=durable, size=size
-        )
+        try:
+            await self.meta.run(
+                self._commit, st, replaced, result.extents, publish=publish, durable=durable,
+                size=size, holds=result.holds,
+            )  # fmt: skip
+        finally:
+            CacheDir.release_holds(list(result.holds.values()))
         # the overlay's sealed part is now in blocks
         if st.overlay is not None:
             if result.tail is not None:
@@ -508,11 +514,15 @@ class FileStore:
             self._give_chunker(stream.chunker)
             st.size = st.sealed_size
             raise error
-        extents, written, boundary = stream.take_extents()
+        extents, written, holds, boundary = stream.take_extents()
         size = st.size
-        await self.meta.run(
-            self._commit, st, [], extents, publish=publish, durable=durable, size=size
-        )
+        try:
+            await self.meta.run(
+                self._commit, st, [], extents, publish=publish, durable=durable, size=size,
+                holds=holds,
+            )  # fmt: skip
+        finally:
+            CacheDir.release_holds(list(holds.values()))
         stream.committed(len(extents), boundary)
         if durable:
             earlier, st.unsynced = [*st.unsynced, *written], []
@@ -563,15 +573,20 @@ class FileStore:
         runs = _data_runs(plan, st)
         new: list[Extent] = []
         written: list[bytes] = []
+        holds: dict[bytes, Path] = {}
         chunker = self._take_chunker()  # list pop/append are atomic: safe from a thread
 
         def emit(chunk: bytes | bytearray, at: int) -> None:
             if _native.is_zero(chunk):
                 return  # a hole: costs nothing in the store
             block_id = _native.block_id(self.id_key, chunk)
-            if not self.cache.has_block(block_id):
-                self.cache.write_block(block_id, chunk, durable=durable)
-                written.append(block_id)
+            if block_id not in holds and block_id not in written:
+                hold = self.cache.hold_block(block_id)
+                if hold is None:
+                    self.cache.write_block(block_id, chunk, durable=durable)
+                    written.append(block_id)
+                else:
+                    holds[block_id] = hold
             new.append(Extent(at, len(chunk), block_id))
 
         stop = plan.size
@@ -607,7 +622,7 @@ class FileStore:
                 else:
                     emit(pending, pos)
         self._give_chunker(chunker)
-        return _SealResult(new, stop, tail, written)
+        return _SealResult(new, stop, tail, written, holds)
 
     def _merged(self, st: FileState, plan: _SealPlan, start: int, end: int) -> bytearray:
         """File bytes [start, end) as the seal sees them: overlay over old blocks."""
@@ -628,6 +643,16 @@ class FileStore:
             st.overlay.read_into(buf, start, end)
         return buf
 
+    def _ensure_plaintext(self, block_id: bytes, holds: dict[bytes, Path]) -> None:
+        """The block file is in the cache dir, put back from its hold if it went."""
+        if self.cache.has_block(block_id):
+            return
+        hold = holds.get(block_id)
+        if hold is None or not self.cache.restore_held(block_id, hold):
+            raise PlaintextMissing(f"block {block_id.hex()}")
+        log.info("block %s came back from its hold (gone from the cache meanwhile)",
+                 block_id.hex())  # fmt: skip
+
     async def _commit(
         self,
         st: FileState,
@@ -637,9 +662,16 @@ class FileStore:
         publish: bool,
         durable: bool,
         size: int,
+        holds: dict[bytes, Path] | None = None,
     ) -> None:
         """Replace extents and count references in one transaction (run through
-        MetaStore.run: everything it changes outside the database it sets afresh)."""
+        MetaStore.run: everything it changes outside the database it sets afresh).
+
+        A block this commit makes pending — a new one, or one a deletion pass had
+        claimed (cloudfs.gc) — must have its plaintext in the cache dir when the
+        transaction commits: it is checked inside the transaction (a deletion pass
+        removes block files only inside its own), and a block file that went since
+        the seal looked is put back from the seal's hold on it."""
         now = time.time_ns()
         refs: dict[bytes, tuple[int, int]] = {}
         for e in new:
@@ -657,7 +689,8 @@ class FileStore:
                 st.ino, version, [e.offset for e in replaced if e.v_from != version]
             )
             # a block's size is its chunk's length (a block may back shorter extents later)
-            await tx.add_block_refs(refs, now)
+            for block_id in await tx.add_block_refs(refs, now):
+                self._ensure_plaintext(block_id, holds or {})
             await tx.add_extents(st.ino, version, new)
             mtime = st.mtime_ns or attrs.mtime_ns
             await tx.update_inode(
@@ -672,6 +705,10 @@ class FileStore:
             st.extents = await tx.live_extents(st.ino)
         st.working_version = None if publish else version
         st.mtime_ns = None
+
+
+class PlaintextMissing(CloudfsError):
+    """the plaintext of a block this seal needs left the cache dir"""
 
 
 def _first_overlap(extents: list[Extent], offset: int) -> int:
@@ -708,6 +745,8 @@ def _data_runs(plan: _SealPlan, st: FileState) -> list[tuple[int, int]]:
 
 
 def clear_stale_overlays(cache: CacheDir) -> None:
-    """Remove overlays a crashed mount left behind (never acknowledged by fsync)."""
+    """Remove overlays a crashed mount left behind (never acknowledged by fsync), and
+    its holds on block files."""
     for p in cache.dirty.iterdir():
         os.unlink(p)
+    cache.clear_holds()

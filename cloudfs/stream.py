@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cloudfs import _native
 from cloudfs.cache import CacheDir
@@ -42,6 +43,8 @@ class AppendStream:
     extents: list[Extent] = field(default_factory=list)
     #: block files written by the stream and not fsynced
     written: list[bytes] = field(default_factory=list)
+    #: block files the stream re-uses, held until the commit (CacheDir.hold_block)
+    holds: dict[bytes, Path] = field(default_factory=dict)
     #: bytes after the last cut; buffer[0] is file offset `tail_start`
     buffer: bytearray = field(default_factory=bytearray)
     tail_start: int = 0
@@ -109,21 +112,27 @@ class AppendStream:
         if _native.is_zero(chunk):
             return None  # a hole: costs nothing in the store
         block_id = _native.block_id(self.id_key, chunk)
-        if not self.cache.has_block(block_id):
-            self.cache.write_block(block_id, chunk, durable=False)
-            self.written.append(block_id)
+        if block_id not in self.holds:
+            hold = self.cache.hold_block(block_id)
+            if hold is None:
+                self.cache.write_block(block_id, chunk, durable=False)
+                self.written.append(block_id)
+            else:
+                self.holds[block_id] = hold
         return Extent(at, len(chunk), block_id)
 
-    def take_extents(self) -> tuple[list[Extent], list[bytes], int]:
-        """What a commit may take: the extents cut so far, their new block files, and
-        the offset up to which the stream is then committed (holes included). The
-        extents stay readable here until `committed` drops them, so a reader never
-        finds them in neither place."""
+    def take_extents(self) -> tuple[list[Extent], list[bytes], dict[bytes, Path], int]:
+        """What a commit may take: the extents cut so far, their new block files, the
+        holds on the block files they re-use (the caller releases them after the
+        commit), and the offset up to which the stream is then committed (holes
+        included). The extents stay readable here until `committed` drops them, so a
+        reader never finds them in neither place."""
         with self._lock:
             extents = list(self.extents)
             boundary = self.tail_start
-        written, self.written = self.written, []
-        return extents, written, boundary
+            written, self.written = self.written, []
+            holds, self.holds = self.holds, {}
+        return extents, written, holds, boundary
 
     def committed(self, count: int, boundary: int) -> None:
         """The metadata now holds the first `count` extents and everything below

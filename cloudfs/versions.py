@@ -93,7 +93,8 @@ def parse_duration(text: str) -> float:
 
 def parse_time(text: str, now: float | None = None) -> int:
     """Nanoseconds since the epoch of a time given as ISO 8601 (`2024-05-01 12:30`,
-    local time unless it names a zone), `@SECONDS`, or `N[smhdw] ago` / `-N[smhdw]`."""
+    local time unless it names a zone), `@SECONDS`, `N[smhdw] ago` / `-N[smhdw]`, or
+    `+N[smhdw]` (from now on: a clock moved forward, for tests and dry runs)."""
     now = time.time() if now is None else now
     t = text.strip()
     if t.startswith("@"):
@@ -101,8 +102,10 @@ def parse_time(text: str, now: float | None = None) -> int:
             return int(float(t[1:]) * 1e9)
         except ValueError:
             raise UsageError(f"not a time: {text!r}") from None
-    rel = t.removeprefix("-")
+    rel = t.removeprefix("-").removeprefix("+")
     m = _RELATIVE.match(rel.lower())
+    if m is not None and t.startswith("+") and not rel.lower().endswith("ago"):
+        return int((now + float(m.group(1)) * _UNITS[m.group(2)]) * 1e9)
     if m is not None and (t.startswith("-") or rel.lower().endswith("ago")):
         return int((now - float(m.group(1)) * _UNITS[m.group(2)]) * 1e9)
     try:

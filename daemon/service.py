@@ -21,12 +21,13 @@ from cloudfs.daemon.backup import Backups
 from cloudfs.daemon.control import ControlServer, SocketPath
 from cloudfs.daemon.evictor import Evictor
 from cloudfs.daemon.fetcher import Fetcher, FetchFailed
+from cloudfs.daemon.remover import Remover
 from cloudfs.daemon.uploader import Uploader
 
 from cloudfs.cache import CacheDir, default_cache_size
 from cloudfs.codec.crypto import Keys
+from cloudfs.gc import remove_stored_block_files
 from cloudfs.meta.base import MetaStore
-from cloudfs.meta.schema import BLOCK_STORED
 from cloudfs.meta.sqlite import SqliteMetaStore
 from cloudfs.metabackup import DEFAULT_INTERVAL_S, DEFAULT_KEEP
 from cloudfs.objectstore.sealed import SealedStore
@@ -104,6 +105,7 @@ class DaemonService:
             on_pending=self.evictor.pending_seen, on_stored=self.evictor.stored,
         )  # fmt: skip
         self.fetcher = Fetcher(cache, store, fetches=fetches, on_fetched=self.evictor.fetched)
+        self.remover = Remover(meta, store.inner, cache)
         self.control = ControlServer(self)
         self.idle_exit = idle_exit
         self.mounts = 0
@@ -122,6 +124,7 @@ class DaemonService:
                 await nursery.start(self.fetcher.run)
                 await nursery.start(self.evictor.run)
                 await nursery.start(self.backups.run)
+                await nursery.start(self.remover.run)
                 log.info("cache: %d of %d bytes used", self.evictor.used, self.cache_limit())
                 upload_scope = trio.CancelScope()
                 upload_done = trio.Event()
@@ -281,6 +284,8 @@ class DaemonService:
             **self.evictor.status(),
             **self.backups.status(),
             "mounts": self.mounts,
+            "remover_rounds": self.remover.rounds,
+            "remover_last": self.remover.last,
             "pid": os.getpid(),
         }
 
@@ -293,22 +298,16 @@ class DaemonService:
         """Delete the cache copies of stored blocks, so reads fetch them again (cold
         reads, `cloudfs drop-cache`). Only a block whose row says `stored` loses its
         file: a pending block's file is its only copy, and a file without a row may
-        belong to a seal that has not committed yet. A stored row never turns pending
-        again, so a file seen as stored can go even while a seal re-uses its block."""
+        belong to a seal that has not committed yet. A stored row can be revived by a
+        seal after garbage collection claimed it (then its plaintext is needed again),
+        so each file goes inside a transaction that sees its row stored (cloudfs.gc)."""
         block_ids = await trio.to_thread.run_sync(self.cache.cached_block_ids)
         dropped = dropped_bytes = 0
         for i in range(0, len(block_ids), DROP_BATCH):
             part = block_ids[i : i + DROP_BATCH]
-            async with self.meta.transaction(write=False) as tx:
-                rows = [await tx.get_block(block_id) for block_id in part]
-            stored = [r.id for r in rows if r is not None and r.state == BLOCK_STORED]
-            freed = await trio.to_thread.run_sync(self._remove_blocks, stored)
-            self.evictor.removed(stored)
+            freed = await remove_stored_block_files(self.meta, self.cache, part)
+            self.evictor.removed([b for b, n in zip(part, freed, strict=True) if n])
             dropped += sum(1 for n in freed if n)
             dropped_bytes += sum(freed)
         log.info("dropped %d cached blocks (%d bytes)", dropped, dropped_bytes)
         return {"dropped": dropped, "dropped_bytes": dropped_bytes}
-
-    def _remove_blocks(self, block_ids: list[bytes]) -> list[int]:
-        """Delete block files (blocking); the bytes each one freed."""
-        return [self.cache.remove_block(b) for b in block_ids]

@@ -376,6 +376,96 @@ async def cmd_trash_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- retention and garbage collection ------------------------------------------------------
+
+
+async def cmd_retention(args: argparse.Namespace) -> int:
+    from cloudfs import retention
+
+    mount = find_mount(args.mountpoint)
+    meta = mount.meta()
+    try:
+        if args.policy is None:
+            async with meta.reading() as tx:
+                policy = await retention.load(tx)
+        else:
+            async with meta.transaction() as tx:
+                policy = retention.parse_policy(args.policy, await retention.load(tx))
+                await retention.save(tx, policy)
+    finally:
+        await meta.close()
+    print(policy.describe())
+    return 0
+
+
+def _now(args: argparse.Namespace) -> int:
+    return parse_time(args.now) if args.now else time.time_ns()
+
+
+async def cmd_prune(args: argparse.Namespace) -> int:
+    from cloudfs import retention, trash
+
+    mount = find_mount(args.mountpoint)
+    now = _now(args)
+    meta = mount.meta()
+    try:
+        report = await retention.prune(meta, now, dry_run=args.dry_run, trash=False)
+        async with meta.reading() as tx:
+            policy = await retention.load(tx)
+            before = None if policy.trash is None else now - int(policy.trash * 1e9)
+            if before is not None and args.dry_run:
+                report.trash = len([e for e in await trash.entries(tx) if e.deleted_ns < before])
+    finally:
+        await meta.close()
+    if before is not None and not args.dry_run:
+        # through the mount: what it still has open is freed at the last close
+        report.trash = (await mount_command(mount, "trash-purge", before_ns=before))["entries"]
+    if args.json:
+        print(json.dumps(report.to_json()))
+        return 0
+    verb = "would drop" if args.dry_run else "dropped"
+    print(f"{verb} {report.versions} versions of {report.files} files "
+          f"({report.extents} extent rows) and {report.trash} trash entries")  # fmt: skip
+    return 0
+
+
+async def cmd_gc(args: argparse.Namespace) -> int:
+    from cloudfs.tools._cli import open_cli_store
+
+    from cloudfs import gc
+    from cloudfs.retention import parse_duration
+
+    mount = find_mount(args.mountpoint)
+    grace = parse_duration(args.grace) if args.grace is not None else gc.GRACE_S
+    if grace is None:
+        raise UsageError("--grace forever collects nothing")
+    now = _now(args)
+    config = mount.cache.read_config()
+    meta = mount.meta()
+    try:
+        if args.dry_run:
+            report = await gc.collectable(meta, now, grace)
+        else:
+            store = open_cli_store(config.storage, dict(config.options))
+            try:
+                report = await gc.collect(meta, store, mount.cache, now_ns=now, grace_s=grace)
+            finally:
+                await store.aclose()
+    finally:
+        await meta.close()
+    if args.json:
+        print(json.dumps(report.to_json()))
+    elif report.skipped:
+        print(f"nothing done: {report.skipped}")
+    else:
+        verb = "would free" if args.dry_run else "freed"
+        print(f"{verb} {report.blocks} blocks: {human_size(report.stored_bytes)} in the store "
+              f"({human_size(report.plain_bytes)} of data)")  # fmt: skip
+    if report.errors:
+        raise CommandFailed("; ".join(report.errors))
+    return 0
+
+
 def add_parser(sub: Any) -> None:
     v = sub.add_parser("versions", help="list the versions of a file")
     v.add_argument("file")
@@ -436,6 +526,32 @@ def add_parser(sub: Any) -> None:
     tp.add_argument("path", metavar="MOUNTPOINT|PATH")
     tp.add_argument("--older-than", metavar="DURATION", help="only entries deleted this long ago")
     tp.set_defaults(func=cmd_trash_purge)
+
+    rt = sub.add_parser(
+        "retention",
+        help="show or change how long versions and the trash are kept "
+        "(keep-all=1d,hourly=7d,daily=30d,trash=30d)",
+    )
+    rt.add_argument("mountpoint")
+    rt.add_argument("policy", nargs="?", metavar="NAME=DURATION[,...]",
+                    help="keep-all, hourly, daily, trash; durations like 30d, 12h, 0, forever")  # fmt: skip
+    rt.set_defaults(func=cmd_retention)
+    pr = sub.add_parser("prune", help="apply the retention policy now (the daemon does hourly)")
+    pr.add_argument("mountpoint")
+    pr.add_argument("--dry-run", action="store_true", help="only report what would go")
+    pr.add_argument("--now", metavar="TIME", help="the time to apply it at (default: now)")
+    pr.add_argument("--json", action="store_true", help="machine-readable output")
+    pr.set_defaults(func=cmd_prune)
+    g = sub.add_parser(
+        "gc", help="delete from the store the blocks nothing references (the daemon does hourly)"
+    )
+    g.add_argument("mountpoint")
+    g.add_argument("--dry-run", action="store_true", help="only report what would be freed")
+    g.add_argument("--grace", metavar="DURATION",
+                   help="how long a block stays unreferenced first (default 1h)")  # fmt: skip
+    g.add_argument("--now", metavar="TIME", help="the time to run at (default: now)")
+    g.add_argument("--json", action="store_true", help="machine-readable output")
+    g.set_defaults(func=cmd_gc)
 
 
 __all__ = ["XATTR_RESULT", "add_parser", "find_mount", "mount_command"]

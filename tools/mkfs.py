@@ -19,7 +19,7 @@ from cloudfs.tools._cli import (
     storage_options_from_args,
 )
 
-from cloudfs import config
+from cloudfs import config, retention
 from cloudfs.cache import CacheConfig, CacheDir
 from cloudfs.errors import FilesystemExists, UsageError
 from cloudfs.meta import open_meta
@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
         "--compression-level", type=int, default=config.DEFAULT_LEVEL, help="zstd level (default 3)"
     )
     p.add_argument("--debug", action="store_true")
+    p.add_argument(
+        "--retention", metavar="NAME=DURATION[,...]",
+        help="how long versions and the trash are kept (default keep-all=1d,hourly=7d,"
+        "daily=30d,trash=30d; change it later with `cloudfs retention`)",
+    )  # fmt: skip
     add_metadata_arguments(p)
     add_storage_arguments(p)
     return p
@@ -49,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 
 async def mkfs(args: argparse.Namespace) -> int:
     options = storage_options_from_args(args)
+    policy = retention.parse_policy(args.retention or "")  # bad input fails before any change
     store = open_cli_store(args.storage, options)
     meta: MetaStore | None = None
     try:
@@ -93,6 +99,8 @@ async def mkfs(args: argparse.Namespace) -> int:
         elif args.force:
             await meta.wipe()
         await meta.initialize(sb.uuid, uid=os.getuid(), gid=os.getgid())
+        async with meta.transaction() as tx:
+            await retention.save(tx, policy)
     finally:
         if meta is not None:
             await meta.close()

@@ -27,7 +27,14 @@ from cloudfs.errors import (
     UnsupportedFormat,
 )
 from cloudfs.meta import schema
-from cloudfs.meta.schema import BLOCK_PENDING, BLOCK_STORED, LIVE, ROOT_INODE
+from cloudfs.meta.schema import (
+    BLOCK_DELETING,
+    BLOCK_PENDING,
+    BLOCK_REVIVED,
+    BLOCK_STORED,
+    LIVE,
+    ROOT_INODE,
+)
 
 log = logging.getLogger(__name__)
 
@@ -401,20 +408,34 @@ class Txn:
 
     async def add_block_refs(self, refs: dict[bytes, tuple[int, int]], now_ns: int) -> list[bytes]:
         """Count `n` more references to each block {id: (size, n)}; blocks without a row get
-        one in state `pending` (their plaintext must already be sealed in the cache dir).
-        Return the ids that were new."""
-        new: list[bytes] = []
+        one in state `pending`, and a block a deletion pass claimed (`deleting`: its
+        object may be gone already) is revived (`revived`, see cloudfs.gc). Return the
+        ids whose plaintext the caller must have in its cache dir before it commits:
+        the new ones and the revived ones."""
+        needs: list[bytes] = []
         for block_id, (size, n) in sorted(refs.items()):  # by id: one lock order (unref_blocks)
             if not await self.conn.execute(
-                "UPDATE blocks SET refcount = refcount + ? WHERE id = ?", (n, block_id)
+                "UPDATE blocks SET refcount = refcount + ?,"
+                " state = CASE WHEN state = ? THEN ? ELSE state END WHERE id = ?",
+                (n, BLOCK_DELETING, BLOCK_REVIVED, block_id),
             ):
                 await self.conn.execute(
                     "INSERT INTO blocks (id, size, stored_size, refcount, state, created_ns, unref_ns)"
                     " VALUES (?, ?, NULL, ?, ?, ?, NULL)",
                     (block_id, size, n, BLOCK_PENDING, now_ns),
                 )
-                new.append(block_id)
-        return new
+                needs.append(block_id)
+        new = set(needs)
+        known = [b for b in sorted(refs) if b not in new]
+        for i in range(0, len(known), 500):
+            part = known[i : i + 500]
+            marks = ", ".join("?" * len(part))
+            rows = await self.conn.query(
+                f"SELECT id FROM blocks WHERE state = ? AND id IN ({marks})",
+                (BLOCK_REVIVED, *part),
+            )
+            needs.extend(bytes(r[0]) for r in rows)
+        return needs
 
     async def known_blocks(self, ids: Sequence[bytes]) -> set[bytes]:
         """Those of `ids` that have a row."""

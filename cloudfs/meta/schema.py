@@ -20,7 +20,10 @@ ROOT_INODE = 1
 # block states (blocks.state)
 BLOCK_PENDING = 0  # plaintext sealed in a cache dir, not yet in the object store
 BLOCK_STORED = 1  # object exists in the object store
-BLOCK_DELETING = 2  # refcount reached 0 and a deletion pass claimed it
+BLOCK_DELETING = 2  # refcount reached 0 and a deletion pass claimed it (cloudfs.gc)
+#: referenced again while a deletion pass may be deleting its object: the plaintext is
+#: in the reviving cache dir, and the pass turns it `pending` once the object is gone
+BLOCK_REVIVED = 3
 
 
 @dataclass(frozen=True)
