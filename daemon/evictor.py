@@ -3,8 +3,9 @@ of stored blocks, least recently used first.
 
 What counts: block files (pending, stored, or not in the metadata yet) and dirty
 overlays. What may go: only the file of a block whose row says `stored` — its object
-is in the store, and a stored row never turns pending again, so a read that misses it
-fetches it back. A pending block's file is its only copy, a file without a row may
+is in the store, so a read that misses it fetches it back; the file goes inside a
+write transaction that sees the row stored (garbage collection may claim a stored row,
+and a seal revive it: then its plaintext is needed again). A pending block's file is its only copy, a file without a row may
 belong to a seal that has not committed yet, and overlays are unsealed writes: none
 of them is ever deleted here (the mount's writers wait instead, see
 cloudfs.cache.CacheSpace).
@@ -315,9 +316,7 @@ class Evictor:
                 break
             chosen.append(block)
             excess -= block.size
-        freed_each = await trio.to_thread.run_sync(
-            lambda: [self.cache.remove_block(b.id) for b in chosen]
-        )
+        freed_each = await self._remove_stored([b.id for b in chosen])
         for block in chosen:
             self._forget(block.id)
         freed = sum(freed_each)
@@ -326,6 +325,24 @@ class Evictor:
         if self.used > limit:
             log.debug("cache at %d of %d bytes after evicting %d: the rest is not uploaded",
                       self.used, limit, freed)  # fmt: skip
+        return freed
+
+    async def _remove_stored(self, block_ids: list[bytes]) -> list[int]:
+        """Delete the files of those blocks whose row is still `stored`, inside a write
+        transaction that sees it so: garbage collection may claim a stored row and a
+        seal revive it, and then its plaintext is needed again (cloudfs.gc). Returns
+        the bytes each freed (0: kept)."""
+        freed = [0] * len(block_ids)
+
+        async def remove(start: int, part: list[bytes]) -> None:
+            async with self.meta.transaction() as tx:
+                states = await tx.block_states(part)
+                for n, block_id in enumerate(part):
+                    if states.get(block_id) == BLOCK_STORED:
+                        freed[start + n] = self.cache.remove_block(block_id)
+
+        for i in range(0, len(block_ids), 500):
+            await self.meta.run(remove, i, block_ids[i : i + 500])
         return freed
 
     def status(self) -> dict[str, int]:
