@@ -1,8 +1,10 @@
-"""fsck.cloudfs: check and repair a filesystem. For now one mode: --restore-metadata
-rebuilds a lost metadata database from the newest backup in the store (the checks of
-DESIGN §3, one per invariant, come as modes of their own).
+"""fsck.cloudfs: check and repair a filesystem that is not mounted.
 
-    fsck.cloudfs --restore-metadata STORAGE [--cachedir DIR] [--force]
+fsck.cloudfs STORAGE [--cachedir DIR] [--repair] [--check-data] [--orphan-grace D]
+    one check per invariant of DESIGN §3 (cloudfs.fsck); exit 0 clean, 1 errors
+    corrected, 4 errors left, 8 operational error
+fsck.cloudfs --restore-metadata STORAGE [--cachedir DIR] [--force]
+    rebuild a lost metadata database from the newest backup in the store
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from cloudfs.tools._cli import (
 from cloudfs import config
 from cloudfs.cache import CacheConfig, CacheDir
 from cloudfs.codec.crypto import Keys
-from cloudfs.errors import MountpointError, UsageError
+from cloudfs.errors import CloudfsError, MountpointError, UsageError
 from cloudfs.metabackup import restore_newest
 
 
@@ -39,6 +41,16 @@ def _parser() -> argparse.ArgumentParser:
                       help="rebuild the metadata database (SQLite, in the cache dir) from "
                       "the newest backup in the store; files written after that backup "
                       "are not in it")  # fmt: skip
+    mode.add_argument("--repair", action="store_true",
+                      help="fix what the checks find: unreachable inodes into /lost+found, "
+                      "counts recomputed, leftovers of crashes removed, orphan objects "
+                      "deleted after --orphan-grace")  # fmt: skip
+    mode.add_argument("--check-data", action="store_true",
+                      help="also download and verify every stored block (needs the "
+                      "passphrase); damaged blocks are named with the files that use them")  # fmt: skip
+    p.add_argument("--orphan-grace", metavar="DURATION",
+                   help="objects without a row are deleted by a repair once seen this long "
+                   "(default 0 with SQLite metadata, 1h with MySQL)")  # fmt: skip
     p.add_argument("--cachedir", help="cache dir (default ~/.cache/cloudfs/<fs uuid>)")
     p.add_argument("--passphrase-file", help="read the passphrase from this file")
     p.add_argument("--force", action="store_true",
@@ -101,6 +113,35 @@ async def restore_metadata(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_filesystem(args: argparse.Namespace) -> int:
+    """The check mode, with fsck's exit codes (cloudfs.fsck.runner)."""
+    from cloudfs.fsck import runner
+    from cloudfs.retention import parse_duration
+
+    grace = None
+    if args.orphan_grace is not None:
+        grace = parse_duration(args.orphan_grace)
+        if grace is None:
+            raise UsageError("--orphan-grace forever: use a check without --repair")
+    opts = runner.Options(
+        cachedir=args.cachedir, repair=args.repair, check_data=args.check_data,
+        orphan_grace_s=grace, passphrase_file=args.passphrase_file,
+    )  # fmt: skip
+
+    async def run() -> int:
+        store = open_cli_store(args.storage, storage_options_from_args(args))
+        try:
+            return await runner.check(store, opts)
+        finally:
+            await store.aclose()
+
+    try:
+        return trio.run(run)
+    except CloudfsError as exc:
+        print(f"fsck.cloudfs: {exc.message}", file=sys.stderr)
+        return runner.EXIT_OPERATIONAL
+
+
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         try:
@@ -110,9 +151,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError("see fsck.cloudfs --help") from None
             return 0
         setup_logging(args.debug)
-        if not args.restore_metadata:
-            raise UsageError("fsck.cloudfs checks nothing yet: only --restore-metadata is there")
-        return trio.run(restore_metadata, args)
+        if args.restore_metadata:
+            if args.repair or args.check_data:
+                raise UsageError("--restore-metadata is a mode of its own")
+            return trio.run(restore_metadata, args)
+        return check_filesystem(args)
 
     return run_cli("fsck.cloudfs", body)
 

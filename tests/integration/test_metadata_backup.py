@@ -203,5 +203,6 @@ def test_restore_without_backups_or_with_the_wrong_passphrase(
                tmp_path / "fresh", env=env)  # fmt: skip
     assert r.returncode == 3 and r.stderr.strip() == "fsck.cloudfs: wrong passphrase"
     assert not (tmp_path / "fresh" / "meta.db").exists()
-    r = fs.run("fsck.cloudfs", fs.storage_url)
-    assert r.returncode == 2 and "only --restore-metadata" in r.stderr
+    # without the mode, fsck checks the filesystem (issue 6): here its cache dir is missing
+    r = fs.run("fsck.cloudfs", fs.storage_url, "--cachedir", tmp_path / "fresh")
+    assert r.returncode == 8 and "is no cache dir of this filesystem" in r.stderr
