@@ -6,7 +6,6 @@ with its plaintext in the cache — even when the block file went meanwhile."""
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from collections.abc import Iterator
@@ -14,89 +13,14 @@ from pathlib import Path
 
 import pytest
 import trio
+from historyutil import Env
 
 from cloudfs import gc, retention
-from cloudfs.cache import CacheDir
-from cloudfs.chunking import ChunkerParams
 from cloudfs.codec.framing import block_key
-from cloudfs.files import FileStore
-from cloudfs.meta import open_meta
 from cloudfs.meta.schema import BLOCK_PENDING, BLOCK_REVIVED, BLOCK_STORED
-from cloudfs.namespace import Caller, Namespace
-from cloudfs.objectstore.local import LocalStore
 
-PARAMS = ChunkerParams(64, 256, 1024)
-CALLER = Caller(uid=0, gid=0)
 HOUR = 3600 * 10**9
 DAY = 24 * HOUR
-_names = itertools.count()
-
-
-class Env:
-    def __init__(self, root: Path, meta_url: str | None) -> None:
-        self.cache = CacheDir(root / "cache")
-        self.cache.create()
-        self.store = LocalStore(root / "store")
-        self.meta = open_meta(meta_url or str(self.cache.meta_path))
-
-        async def fetch(ids: list[bytes], prefetch: list[bytes]) -> None:
-            raise AssertionError("every block of these tests is in the cache")
-
-        self.files = FileStore(
-            self.meta, self.cache, id_key=b"i" * 32, gear_key=b"g" * 32, chunker=PARAMS,
-            fetch=fetch, on_sealed=lambda: None, origin="test",
-        )  # fmt: skip
-        self.ns = Namespace(self.meta, self.files)
-
-    async def file(self, *contents: bytes) -> int:
-        """A new file, each of `contents` written and published as one version."""
-        if not await self.meta.is_initialized():
-            await self.meta.initialize("00000000-0000-0000-0000-000000000000", uid=0, gid=0)
-        ino = (await self.ns.mknod(1, b"f%d" % next(_names), 0o100644, 0, CALLER)).id
-        for data in contents:
-            await self.files.open(ino)
-            await self.files.truncate(ino, 0)
-            await self.files.write(ino, 0, data)
-            await self.files.release(ino)
-        return ino
-
-    async def upload_all(self) -> None:
-        """What the daemon does: put every pending block in the store, mark it stored."""
-        async with self.meta.transaction() as tx:
-            pending = await tx.pending_blocks(100_000)
-            for block_id, _size in pending:
-                data = (self.cache.block_path(block_id)).read_bytes()
-                await self.store.put(block_key(block_id), data)
-                await tx.mark_stored(block_id, len(data))
-
-    async def version_bytes(self, ino: int, version: int) -> bytes:
-        async with self.meta.reading() as tx:
-            rows = [v for v in await tx.versions(ino) if v.version == version]
-            extents = await tx.version_extents(ino, version)
-        return await self.files.read_version(extents, rows[0].size, 0, rows[0].size)
-
-    async def refcounts_match(self) -> None:
-        async with self.meta.reading() as tx:
-            rows = await tx.conn.query(
-                "SELECT b.id, b.refcount, (SELECT COUNT(*) FROM extents e WHERE e.block = b.id)"
-                " FROM blocks b"
-            )
-        bad = [(bytes(i).hex()[:8], n, m) for i, n, m in rows if n != m]
-        assert bad == [], "refcount differs from the extent rows naming the block"
-
-    async def set_committed(self, ino: int, times: list[int]) -> None:
-        """Pretend version i+1 of `ino` was committed at times[i]."""
-        async with self.meta.transaction() as tx:
-            for n, t in enumerate(times, start=1):
-                await tx.conn.execute(
-                    "UPDATE versions SET committed_ns = ? WHERE inode = ? AND version = ?",
-                    (t, ino, n),
-                )
-
-    async def states(self) -> dict[bytes, tuple[int, int]]:
-        async with self.meta.reading() as tx:
-            rows = await tx.conn.query("SELECT id, state, refcount FROM blocks")
-        return {bytes(i): (s, n) for i, s, n in rows}
 
 
 @pytest.fixture(params=["sqlite", "mysql"])

@@ -1,0 +1,161 @@
+"""Versions, snapshots and the trash called directly (issue 6), on SQLite and MariaDB:
+the SQL of cloudfs.versions, cloudfs.snapshots and cloudfs.trash on both engines, and
+the invariants every change keeps (refcounts equal extent rows, nlink equals names)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from historyutil import CALLER, Env
+
+from cloudfs import snapshots, trash
+from cloudfs.meta.schema import ROOT_INODE
+
+
+@pytest.fixture(params=["sqlite", "mysql"])
+def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
+    url = request.getfixturevalue("mysql_url") if request.param == "mysql" else None
+    e = Env(tmp_path, url)
+    yield e
+    trio.run(e.meta.close)
+
+
+async def _nlinks_match(env: Env) -> None:
+    async with env.meta.reading() as tx:
+        rows = await tx.conn.query(
+            "SELECT i.id, i.mode, i.nlink, (SELECT COUNT(*) FROM dentries d WHERE d.inode = i.id),"
+            " (SELECT COUNT(*) FROM dentries d JOIN inodes c ON c.id = d.inode"
+            "  WHERE d.parent = i.id AND (c.mode & 61440) = 16384) FROM inodes i"
+        )
+        roots = {r[0] for r in await tx.conn.query("SELECT root FROM snapshots")}
+    for ino, mode, nlink, names, subdirs in rows:
+        named = names > 0 or ino == ROOT_INODE or ino in roots
+        if stat.S_ISDIR(mode):
+            assert nlink == (2 + subdirs if named else 0), f"directory {ino}"
+        else:
+            assert nlink == names + (1 if ino in roots else 0), f"inode {ino}"
+
+
+async def _tree(env: Env) -> tuple[int, dict[str, bytes]]:
+    """/src with a subdirectory, files (one with two names), a symlink and an xattr."""
+    await env.file()  # initializes the filesystem
+    src = (await env.ns.mkdir(ROOT_INODE, b"src", 0o755, CALLER)).id
+    sub = (await env.ns.mkdir(src, b"sub", 0o750, CALLER)).id
+    contents = {"a": os.urandom(5000), "sub/b": os.urandom(3000), "sub/empty": b""}
+    for name, data in contents.items():
+        parent = sub if name.startswith("sub/") else src
+        ino = (await env.ns.mknod(parent, name.split("/")[-1].encode(), 0o100640, 0, CALLER)).id
+        if data:
+            await env.files.open(ino)
+            await env.files.write(ino, 0, data)
+            await env.files.release(ino)
+    a = await env.ns.lookup(src, b"a")
+    await env.ns.link(a.id, sub, b"a-again")
+    await env.ns.symlink(src, b"link", b"sub/b", CALLER)
+    await env.ns.setxattr(sub, b"user.k", b"v")
+    return src, contents
+
+
+async def _read_tree(env: Env, root: int) -> dict[str, tuple]:
+    out: dict[str, tuple] = {}
+
+    async def walk(ino: int, prefix: str) -> None:
+        for name, attrs, _cookie in await env.ns.readdir(ino, 2, 1000):
+            path = prefix + name.decode()
+            if stat.S_ISDIR(attrs.mode):
+                out[path] = (
+                    "dir",
+                    attrs.mode,
+                    attrs.nlink,
+                    tuple(await env.ns.listxattr(attrs.id)),
+                )
+                await walk(attrs.id, path + "/")
+            elif stat.S_ISLNK(attrs.mode):
+                out[path] = ("link", await env.ns.readlink(attrs.id))
+            else:
+                data = await env.files.read(attrs.id, 0, attrs.size + 1)
+                out[path] = ("file", attrs.mode, attrs.nlink, data)
+
+    await walk(root, "")
+    return out
+
+
+async def test_snapshots_copy_and_free(env: Env) -> None:
+    src, _contents = await _tree(env)
+    before = await _read_tree(env, src)
+    async with env.meta.transaction() as tx:
+        copy, count = await snapshots.create_at(
+            tx, src, ROOT_INODE, b"copy", readonly=True, origin="t", now_ns=time.time_ns()
+        )
+        named, _ = await snapshots.create_named(
+            tx, src, b"snap", b"/src", origin="t", now_ns=time.time_ns()
+        )
+        assert await snapshots.readonly_among(tx, [copy]) and not await snapshots.readonly_among(
+            tx, [src]
+        )
+    assert count == 6  # src, sub, a (two names, one inode), b, empty, link
+    assert await _read_tree(env, copy) == before
+    assert await _read_tree(env, named) == before
+    await env.refcounts_match()
+    await _nlinks_match(env)
+    async with env.meta.transaction() as tx:
+        assert await snapshots.unlock(tx, copy) == count
+        assert not await snapshots.readonly_among(tx, [copy])
+        with pytest.raises(Exception, match="stays read-only"):
+            await snapshots.unlock(tx, named)
+        assert await snapshots.delete_named(tx, b"snap", time.time_ns()) == count
+        assert await snapshots.list_snapshots(tx) == []
+    await env.refcounts_match()
+    await _nlinks_match(env)
+    assert await _read_tree(env, copy) == before
+
+
+async def test_trash_keeps_and_restores_a_tree(env: Env) -> None:
+    src, _contents = await _tree(env)
+    before = await _read_tree(env, src)
+    sub = (await env.ns.lookup(src, b"sub")).id
+    for name in (b"a-again", b"b", b"empty"):
+        await env.ns.unlink(sub, name)
+    await env.ns.rmdir(src, b"sub")
+    await env.ns.unlink(src, b"a")  # its last name: into the trash
+    async with env.meta.reading() as tx:
+        paths = [e.path for e in await trash.entries(tx)]
+    assert paths == [b"/src/sub/b", b"/src/sub/empty", b"/src/sub", b"/src/a"]
+    await env.refcounts_match()
+    await _nlinks_match(env)
+    async with env.meta.transaction() as tx:
+        restored = await trash.restore(tx, b"/src/sub", now_ns=time.time_ns())
+        assert [p for p, _i in restored] == [b"/src/sub", b"/src/sub/b", b"/src/sub/empty"]
+        await trash.restore(tx, b"/src/a", now_ns=time.time_ns())
+    after = await _read_tree(env, src)
+    # the second name of a hard-linked file does not come back
+    expected = {k: v for k, v in before.items() if k != "sub/a-again"}
+    expected["a"] = (*before["a"][:2], 1, before["a"][3])
+    assert after == expected
+    await _nlinks_match(env)
+    await env.ns.unlink(src, b"a")
+    async with env.meta.transaction() as tx:
+        assert await trash.purge_older(tx, time.time_ns() + 1, time.time_ns()) == 1
+    await env.refcounts_match()
+    await _nlinks_match(env)
+
+
+async def test_restore_into_makes_a_new_version(env: Env) -> None:
+    first, second = os.urandom(4000), os.urandom(7000)
+    ino = await env.file(first, second)
+    await env.files.restore(ino, 1)
+    assert await env.files.read(ino, 0, 10_000) == first
+    async with env.meta.reading() as tx:
+        versions = await tx.versions(ino)
+    assert [(v.version, v.size, v.flags) for v in versions] == [(1, 4000, 0), (2, 7000, 0),
+                                                                 (3, 4000, 2)]  # fmt: skip
+    other = await env.file()
+    await env.files.restore(ino, 2, into=other)
+    assert await env.files.read(other, 0, 10_000) == second
+    await env.refcounts_match()
