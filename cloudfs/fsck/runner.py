@@ -105,10 +105,12 @@ async def _stop_daemon(cache: CacheDir) -> int:
 
 
 def _keys(sb: config.Superblock, opts: Options) -> Keys | None:
-    """The filesystem's keys when a passphrase is at hand (file, environment or a
-    terminal); None otherwise."""
+    """The filesystem's keys when a repair or the scrub may need them and a passphrase
+    is at hand (file, environment or a terminal); None otherwise."""
     if not sb.encryption:
         return config.unlock(sb, None)
+    if not (opts.repair or opts.check_data):
+        return None  # checking alone needs no passphrase: ask for none
     has_source = (
         opts.passphrase_file is not None
         or os.environ.get(config.PASSPHRASE_ENV)
@@ -164,7 +166,7 @@ async def check(store: ObjectStore, opts: Options) -> int:
         if daemon_fd is not None:
             os.close(daemon_fd)
         os.close(mount_fd)
-    return report(checker, keys is None)
+    return report(checker, keys is None and (opts.repair or opts.check_data))
 
 
 def report(checker: Checker, no_keys: bool) -> int:
