@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,7 +104,9 @@ async def test_write_seal_read(env: Env) -> None:
 
 async def test_edit_in_middle_reuses_blocks(env: Env) -> None:
     ino = await env.setup()
-    data = bytearray(os.urandom(50_000))
+    # seeded: how soon cuts realign after an edit varies with the data (with these
+    # tiny chunks, more than 4 new blocks in about 4% of random inputs)
+    data = bytearray(random.Random(20261122).randbytes(50_000))
     await env.files.open(ino)
     await env.files.write(ino, 0, bytes(data))
     await env.files.fsync(ino)
