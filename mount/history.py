@@ -181,10 +181,13 @@ class HistoryOperations(Operations):
         target = src
         if "parent" in args:
             parent, name = _int(args, "parent"), _name(args)
+            await self._may_create(parent, name)
             new = await self.ns.mknod(
                 parent, name, stat.S_IFREG | (attrs.mode & 0o7777), 0, _caller(ctx)
             )
             target = new.id
+        else:
+            await self._refuse_readonly(src)
         new_version, size = await self.files.restore(
             src, version, into=None if target == src else target
         )
@@ -281,10 +284,10 @@ class HistoryOperations(Operations):
     async def _refuse_readonly(self, *inodes: int) -> None:
         """EROFS when one of `inodes` belongs to a read-only tree or the view."""
         if any(is_virtual(i) for i in inodes):
-            raise FSOpError(errno.EROFS)
+            raise FSOpError(errno.EROFS, "the history view is read-only")
         async with self.ns.meta.reading() as tx:
             if await readonly_among(tx, list(inodes)):
-                raise FSOpError(errno.EROFS)
+                raise FSOpError(errno.EROFS, "read-only tree (cloudfs snapshot unlock)")
 
     async def _may_create(self, parent: int, name: bytes) -> None:
         if parent == ROOT_INODE and name == VIEW_NAME:

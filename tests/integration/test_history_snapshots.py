@@ -116,6 +116,11 @@ def test_readonly_copy_refuses_changes_until_unlocked(fs: CloudFS) -> None:
             shutil.rmtree(tree)
         assert err.value.errno == errno.EROFS
     expect_errno(errno.EROFS, os.rename, m / "ro", m / "ro2")
+    r = fs.run("cloudfs", "restore", m / "ro" / "big.bin", "--version", "1")
+    assert r.returncode != 0 and "read-only tree" in r.stderr
+    r = fs.run("cloudfs", "restore", m / "src" / "big.bin", "--version", "1", "--to",
+               m / "ro" / "into")  # fmt: skip
+    assert r.returncode != 0 and "read-only tree" in r.stderr
     assert tree_state(m / "ro") == original
 
     r = fs.run("cloudfs", "snapshot", "unlock", m / ".cloudfs" / "snapshots" / "named")
