@@ -35,6 +35,19 @@ def run_cli(prog: str, body: Callable[[], int | None]) -> int:
         return 1
 
 
+def parse_args(
+    parser: argparse.ArgumentParser, argv: list[str] | None, prog: str
+) -> argparse.Namespace | None:
+    """Parse a command line (sys.argv when `argv` is None); None after --help, and a
+    UsageError (exit code 2) for a bad one, after argparse has said what is wrong."""
+    try:
+        return parser.parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:
+        if exc.code:
+            raise UsageError(f"see {prog} --help") from None
+        return None
+
+
 def setup_logging(debug: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.WARNING,

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
-from cloudfs.tools._cli import open_config_meta, run_cli, setup_logging
+from cloudfs.tools._cli import open_config_meta, parse_args, run_cli, setup_logging
 
 from cloudfs.cache import CacheDir
-from cloudfs.errors import DaemonError, NotMounted, UsageError
+from cloudfs.errors import DaemonError, NotMounted
 
 if TYPE_CHECKING:
     from cloudfs.daemon.control import DaemonClient as DaemonClientType
@@ -197,11 +197,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
-        try:
-            args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-        except SystemExit as exc:
-            if exc.code:
-                raise UsageError("see cloudfs --help") from None
+        args = parse_args(_parser(), argv, "cloudfs")
+        if args is None:
             return 0
         setup_logging(args.debug)
         return trio.run(args.func, args)

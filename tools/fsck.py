@@ -18,6 +18,7 @@ import trio
 from cloudfs.tools._cli import (
     add_storage_arguments,
     open_cli_store,
+    parse_args,
     run_cli,
     setup_logging,
     storage_options_from_args,
@@ -144,11 +145,8 @@ def check_filesystem(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
-        try:
-            args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-        except SystemExit as exc:
-            if exc.code:
-                raise UsageError("see fsck.cloudfs --help") from None
+        args = parse_args(_parser(), argv, "fsck.cloudfs")
+        if args is None:
             return 0
         setup_logging(args.debug)
         if args.restore_metadata:

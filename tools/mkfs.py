@@ -14,6 +14,7 @@ from cloudfs.tools._cli import (
     hide_url_password,
     metadata_password,
     open_cli_store,
+    parse_args,
     run_cli,
     setup_logging,
     storage_options_from_args,
@@ -21,7 +22,7 @@ from cloudfs.tools._cli import (
 
 from cloudfs import config, retention
 from cloudfs.cache import CacheConfig, CacheDir
-from cloudfs.errors import FilesystemExists, UsageError
+from cloudfs.errors import FilesystemExists
 from cloudfs.meta import open_meta
 from cloudfs.meta.base import MetaStore
 from cloudfs.meta.url import redact
@@ -116,11 +117,8 @@ async def mkfs(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
-        try:
-            args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-        except SystemExit as exc:
-            if exc.code:
-                raise UsageError("see mkfs.cloudfs --help") from None
+        args = parse_args(_parser(), argv, "mkfs.cloudfs")
+        if args is None:
             return 0
         if args.metadata:
             metadata_password(args.metadata, args.mysql_password_file)  # given twice?
