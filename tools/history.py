@@ -226,11 +226,16 @@ async def cmd_restore(args: argparse.Namespace) -> int:
 # --- snapshots ----------------------------------------------------------------------------
 
 
-async def cmd_snapshot_create(args: argparse.Namespace) -> int:
+def _lstat(path: str) -> os.stat_result:
+    """lstat a path named on the command line; a missing one is a usage error."""
     try:
-        src = os.lstat(args.source)
+        return os.lstat(path)
     except FileNotFoundError:
-        raise UsageError(f"{args.source}: no such file or directory") from None
+        raise UsageError(f"{path}: no such file or directory") from None
+
+
+async def cmd_snapshot_create(args: argparse.Namespace) -> int:
+    src = _lstat(args.source)
     mount = find_mount(args.source)
     fields: dict[str, Any] = {"source": src.st_ino, "readonly": args.readonly}
     named = "/" not in args.target
@@ -291,10 +296,7 @@ async def cmd_snapshot_delete(args: argparse.Namespace) -> int:
 
 
 async def cmd_snapshot_unlock(args: argparse.Namespace) -> int:
-    try:
-        st = os.lstat(args.path)
-    except FileNotFoundError:
-        raise UsageError(f"{args.path}: no such file or directory") from None
+    st = _lstat(args.path)
     mount = find_mount(args.path)
     if _relative(mount, args.path).startswith("/.cloudfs/"):
         raise UsageError("the history view and named snapshots stay read-only; copy them")
