@@ -14,6 +14,7 @@ view `.cloudfs/` (mount/view.py) and read-only trees.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -21,7 +22,7 @@ import os
 import stat
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -306,6 +307,16 @@ class HistoryOperations(Operations):
             if await readonly_among(tx, inodes):
                 raise FSOpError(errno.EROFS)
 
+    @contextlib.contextmanager
+    def _remover(self, ctx: pyfuse3.RequestContext) -> Iterator[None]:
+        """Names removed meanwhile are recorded in the trash as removed by the calling
+        process (which groups an `rm -rf` into one removal, cloudfs.trash)."""
+        token = trash.REMOVER.set(f"{self.files.origin}:{ctx.pid}")
+        try:
+            yield
+        finally:
+            trash.REMOVER.reset(token)
+
     # --- the view: names and attributes ------------------------------------------------------
 
     def _virtual_entry(self, attrs: InodeAttrs) -> pyfuse3.EntryAttributes:
@@ -403,12 +414,14 @@ class HistoryOperations(Operations):
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self._may_remove(parent_inode, name)
-        await super().unlink(parent_inode, name, ctx)
+        with self._remover(ctx):
+            await super().unlink(parent_inode, name, ctx)
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self._may_remove(parent_inode, name)
-        await super().rmdir(parent_inode, name, ctx)
+        with self._remover(ctx):
+            await super().rmdir(parent_inode, name, ctx)
 
     @fuse_errors
     async def rename(
@@ -419,7 +432,10 @@ class HistoryOperations(Operations):
         if parent_inode_new == ROOT_INODE and name_new == VIEW_NAME:
             raise FSOpError(errno.EEXIST)
         await self._may_remove(parent_inode_new, name_new)
-        await super().rename(parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx)
+        with self._remover(ctx):
+            await super().rename(
+                parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx
+            )
 
     # --- contents -------------------------------------------------------------------------
 
