@@ -58,6 +58,38 @@ def test_rm_rf_then_restore_gives_the_identical_tree(fs: CloudFS) -> None:
     assert (m / "keep").read_bytes() == b"not removed"
 
 
+def _dir_mtimes(root: os.PathLike[str]) -> dict[str, int]:
+    return {
+        os.path.relpath(d, root): os.stat(d).st_mtime_ns for d, _dirs, _files in os.walk(root)
+    }
+
+
+def test_restore_gives_back_one_removal_with_links_and_directory_times(fs: CloudFS) -> None:
+    """A hard-linked file comes back with all its names, directories with their
+    mtimes, and a file deleted from the tree earlier (another command) stays out."""
+    m = fs.mnt
+    make_tree(m / "project", files=8, big=MiB)  # docs/f003.txt is also docs/deep/er/hard
+    os.link(m / "project" / "docs" / "f005.txt", m / "outside")  # a name outside the tree
+    os.unlink(m / "project" / "docs" / "f001.txt")  # earlier, by this process
+    for n, (d, _dirs, _files) in enumerate(os.walk(m / "project")):
+        os.utime(d, ns=(1_600_000_000_000_000_000 + n, 1_600_000_000_000_000_000 + n * 1000))
+    before, mtimes = tree_state(m / "project"), _dir_mtimes(m / "project")
+    assert before["docs/f003.txt"][3] == 2 and before["docs/f005.txt"][3] == 2
+    subprocess.run(["rm", "-rf", m / "project"], check=True)
+
+    r = fs.check("cloudfs", "trash", "restore", m / "project")
+    assert f"restored {len(before) + 1} entries" in r.stdout  # every name, and the top
+    assert tree_state(m / "project") == before
+    assert _dir_mtimes(m / "project") == mtimes
+    assert os.stat(m / "outside").st_nlink == 2
+    assert [e["path"] for e in _trash(fs)] == ["/project/docs/f001.txt"]
+    fs.remount()
+    assert tree_state(m / "project") == before
+    assert _dir_mtimes(m / "project") == mtimes
+    fs.check("cloudfs", "trash", "restore", m / "project" / "docs" / "f001.txt")
+    assert (m / "project" / "docs" / "f001.txt").stat().st_size == 1997
+
+
 def test_unlinked_and_replaced_files_are_kept(fs: CloudFS) -> None:
     m = fs.mnt
     (m / "d").mkdir()
