@@ -305,3 +305,15 @@ async def clear_open_marks(tx: Txn, holders: list[str] | None = None) -> int:
     for holder in holders:
         count += await tx.conn.execute("DELETE FROM open_inodes WHERE holder = ?", (holder,))
     return count
+
+
+async def usage(tx: Txn) -> tuple[int, int]:
+    """(entries, bytes): how many names the trash holds, and the size of the files
+    it keeps (each inode once; one that still has a name elsewhere not counted)."""
+    row = await tx.conn.query_one("SELECT COUNT(*) FROM trash")
+    count = int(row[0]) if row else 0
+    row = await tx.conn.query_one(
+        "SELECT COALESCE(SUM(i.size), 0) FROM inodes i WHERE i.nlink = 0"
+        " AND i.id IN (SELECT inode FROM trash)"
+    )
+    return count, int(row[0]) if row else 0

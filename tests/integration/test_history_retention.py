@@ -59,6 +59,7 @@ def test_prune_and_gc_on_a_moved_clock(fs: CloudFS) -> None:
     assert _json(fs, "gc", m, "--dry-run", "--now", "+31d")["blocks"] == 0
     assert fs.store_block_bytes() == with_removed
 
+    assert fs.stat_json()["old_version_bytes"] == 2 * 2 * MiB  # versions 1 and 2 of doc
     r = fs.check("cloudfs", "prune", m, "--now", "+31d")
     assert r.stdout.startswith("dropped 2 versions of 1 files (")
     assert "and 1 trash entries" in r.stdout
@@ -66,6 +67,7 @@ def test_prune_and_gc_on_a_moved_clock(fs: CloudFS) -> None:
     assert os.listdir(m / ".cloudfs" / "versions" / "doc") == ["3"]
     versions = _json(fs, "versions", m / "doc")
     assert [v["version"] for v in versions] == [3]
+    assert fs.stat_json()["old_version_bytes"] == 0
 
     # unreferenced blocks wait for the grace period, then leave the store
     assert _json(fs, "gc", m, "--now", "+31d", "--grace", "100d")["blocks"] == 0

@@ -151,7 +151,10 @@ def test_purge_frees(fs: CloudFS) -> None:
     fs.flush()
     referenced = fs.stat_json()["referenced_bytes"]
     os.unlink(m / "big")
-    assert fs.stat_json()["referenced_bytes"] == referenced, "kept in the trash"
+    stats = fs.stat_json()
+    assert stats["referenced_bytes"] == referenced, "kept in the trash"
+    assert (stats["trash_entries"], stats["trash_bytes"]) == (1, 6 * MiB)
+    assert "1 entries (6.0 MiB of files)" in fs.check("cloudfs", "stat", m).stdout
     r = fs.check("cloudfs", "trash", "purge", m, "--older-than", "1h")
     assert "purged 0 entries" in r.stdout
     # an open file purged from the trash is freed at its last close
@@ -164,3 +167,4 @@ def test_purge_frees(fs: CloudFS) -> None:
     assert all(n == 0 for n in block_refcounts(fs.cache).values())
     assert _trash(fs) == []
     assert fs.check("cloudfs", "trash", "list", m).stdout.strip() == "the trash is empty"
+    assert (fs.stat_json()["trash_entries"], fs.stat_json()["trash_bytes"]) == (0, 0)
