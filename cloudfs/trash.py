@@ -112,6 +112,21 @@ def _entry(row: tuple) -> TrashEntry:
     return TrashEntry(i, ino, bytes(p), d, m, s, remover or "", pmtime)
 
 
+async def entries_by_id(tx: Txn, ids: list[int]) -> list[TrashEntry]:
+    """The entries of `ids` that are (still) in the trash."""
+    found: list[TrashEntry] = []
+    for start in range(0, len(ids), 500):
+        part = ids[start : start + 500]
+        marks = ", ".join("?" * len(part))
+        rows = await tx.conn.query(
+            f"SELECT {_ENTRY_COLUMNS} FROM trash t JOIN inodes i ON i.id = t.inode"
+            f" WHERE t.id IN ({marks}) ORDER BY t.deleted_ns, t.id",
+            part,
+        )
+        found.extend(_entry(row) for row in rows)
+    return found
+
+
 def _is_below(path: bytes, top: bytes) -> bool:
     return path.startswith(top.rstrip(b"/") + b"/")
 

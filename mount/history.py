@@ -257,17 +257,24 @@ class HistoryOperations(Operations):
         return {"restored": [p.hex() for p, _ino in restored]}
 
     async def _cmd_trash_purge(self, args: _Json, ctx: pyfuse3.RequestContext) -> _Json:
-        """{["path"][, "before_ns"]}: free what the trash holds (at or below `path`,
-        deleted before `before_ns`). An inode still open here is freed at its last close."""
+        """{["path"][, "before_ns"][, "ids"]}: free what the trash holds (at or below
+        `path`, deleted before `before_ns`, among entries `ids`: the tool sends batches).
+        An inode still open here is freed at its last close."""
         under = _name(args, "path") if "path" in args else None
         before = _int(args, "before_ns") if "before_ns" in args else None
+        ids = args.get("ids")
+        if ids is not None and not (
+            isinstance(ids, list) and all(isinstance(i, int) for i in ids)
+        ):
+            raise FSOpError(errno.EINVAL, "'ids' must be a list of integers")
 
         async def take() -> tuple[int, list[int]]:
             async with self.ns.meta.transaction() as tx:
-                chosen = [
-                    e for e in await trash.entries(tx, under)
-                    if before is None or e.deleted_ns < before
-                ]  # fmt: skip
+                listed = (
+                    await trash.entries(tx, under) if ids is None
+                    else await trash.entries_by_id(tx, ids)
+                )  # fmt: skip
+                chosen = [e for e in listed if before is None or e.deleted_ns < before]
                 return len(chosen), await trash.take_out(tx, chosen)
 
         count, nameless = await self.ns.meta.run(take)
