@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -33,7 +34,10 @@ from cloudfs.errors import CloudfsError, FSOpError
 from cloudfs.meta.base import Extent, FsStats, MetaStore
 from cloudfs.overlay import DirtyOverlay
 from cloudfs.stream import BACKLOG_LIMIT, CUT_BATCH, AppendStream, can_stream
-from cloudfs.versions import restore_into
+from cloudfs.versions import CONFLICT, restore_into
+
+if TYPE_CHECKING:
+    from cloudfs.clients import Client
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,9 @@ class FileState:
     ino: int
     size: int  # logical size now (sealed or not)
     sealed_size: int  # size in the metadata row
+    #: the inode's version the sizes and extents here were read at or committed as;
+    #: a commit finding another version in the row lost a race with another machine
+    base_version: int
     #: bytes of the old extents at or past this offset are gone (the file was truncated
     #: below them since the last seal); equals sealed_size when nothing was cut
     keep_below: int
@@ -134,6 +141,10 @@ class FileStore:
         #: where append streams cut in the background (None: cut inline)
         self.nursery: trio.Nursery | None = None
         self._chunkers: list[_native.Chunker] = []  # reset ones, ready for reuse
+        #: shared mode: this mount's `clients` row; an open file is held there
+        self.client: Client | None = None
+        #: called with (inode, version) after each commit of a file's contents
+        self.on_commit: Callable[[int, int], None] | None = None
 
     def _take_chunker(self) -> _native.Chunker:
         if self._chunkers:
@@ -155,7 +166,10 @@ class FileStore:
                 attrs = await tx.get_inode(ino)
             if attrs is None:
                 raise FSOpError(2, f"inode {ino}")
-            st = FileState(ino=ino, size=attrs.size, sealed_size=attrs.size, keep_below=attrs.size)
+            st = FileState(
+                ino=ino, size=attrs.size, sealed_size=attrs.size, base_version=attrs.version,
+                keep_below=attrs.size,
+            )  # fmt: skip
             self.states[ino] = st
         return st
 
@@ -213,8 +227,21 @@ class FileStore:
 
     # --- open / close ---------------------------------------------------------------
 
-    async def open(self, ino: int) -> FileState:
+    async def open(self, ino: int, version: int | None = None) -> FileState:
+        """One more handle on `ino`. `version`: the inode's version as just read from
+        the metadata (close-to-open: a state with nothing unsealed that another
+        machine's commit made stale is read again)."""
+        if self.client is not None and ino not in self.states:
+            await self.client.hold(ino)
         st = await self.state(ino)
+        if version is not None and version != st.base_version:
+            if not (st.dirty or st.sealing or st.pins or st.stream or st.working_version):
+                async with self.meta.reading() as tx:
+                    attrs = await tx.get_inode(ino)
+                if attrs is not None:
+                    st.size = st.sealed_size = st.keep_below = attrs.size
+                    st.base_version = attrs.version
+                    st.extents = None
         st.opens += 1
         return st
 
@@ -232,6 +259,8 @@ class FileStore:
         if st is not None and st.opens == 0:
             await self._seal_state(st, publish=True)
             self._forget_if_idle(st)
+            if self.client is not None and ino not in self.states:
+                await self.client.release(ino)
 
     async def release(self, ino: int) -> int:
         """Close one handle; seal and publish on the last close. Returns opens left."""
@@ -405,6 +434,9 @@ class FileStore:
         st.size = st.sealed_size = st.keep_below = size
         st.mtime_ns = None
         st.working_version = None
+        st.base_version = new_version
+        if self.on_commit is not None:
+            self.on_commit(st.ino, new_version)
         return new_version, size
 
     async def read_version(
@@ -681,13 +713,40 @@ class FileStore:
             attrs = await tx.get_inode(st.ino)
             if attrs is None:
                 return  # freed meanwhile
-            version = st.working_version or attrs.version + 1
-            # rows born in the unpublished working version are no one's history
-            born_now = [e for e in replaced if e.v_from == version]
-            await tx.drop_extents(st.ino, born_now, now)
-            await tx.close_extents(
-                st.ino, version, [e.offset for e in replaced if e.v_from != version]
-            )
+            if attrs.version != st.base_version:
+                # another mount committed since this one read the file: the later
+                # commit (this one) wins with the whole file as this mount sees it,
+                # and the one it overwrites stays in the history, marked a conflict
+                version = attrs.version + 1
+                gone = {(e.offset, e.block) for e in replaced}
+                ours = st.extents
+                if ours is None:
+                    ours = await tx.version_extents(st.ino, st.base_version)
+                kept = [e for e in ours if (e.offset, e.block) not in gone]
+                new = sorted(
+                    [e for e in kept if e.offset < size] + list(new), key=lambda e: e.offset
+                )
+                refs = {}
+                for e in new:
+                    _, n = refs.get(e.block, (0, 0))
+                    refs[e.block] = (e.length, n + 1)
+                theirs = await tx.live_extents(st.ino)
+                await tx.close_extents(st.ino, version, [e.offset for e in theirs])
+                await tx.conn.execute(
+                    "UPDATE versions SET flags = flags | ? WHERE inode = ? AND version = ?",
+                    (CONFLICT, st.ino, attrs.version),
+                )
+                log.info("inode %d: version %d overwrites version %d, committed meanwhile by"
+                         " another mount (kept as a conflict)", st.ino, version, attrs.version)
+                publish = True
+            else:
+                version = st.working_version or attrs.version + 1
+                # rows born in the unpublished working version are no one's history
+                born_now = [e for e in replaced if e.v_from == version]
+                await tx.drop_extents(st.ino, born_now, now)
+                await tx.close_extents(
+                    st.ino, version, [e.offset for e in replaced if e.v_from != version]
+                )
             # a block's size is its chunk's length (a block may back shorter extents later)
             for block_id in await tx.add_block_refs(refs, now):
                 self._ensure_plaintext(block_id, holds or {})
@@ -704,7 +763,10 @@ class FileStore:
                 await tx.add_version(st.ino, version, size=size, mtime_ns=mtime, origin=self.origin)
             st.extents = await tx.live_extents(st.ino)
         st.working_version = None if publish else version
+        st.base_version = version
         st.mtime_ns = None
+        if self.on_commit is not None:
+            self.on_commit(st.ino, version)
 
 
 class PlaintextMissing(CloudfsError):

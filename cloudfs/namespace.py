@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Concatenate, ParamSpec, TypeVar
 
-from cloudfs import trash
+from cloudfs import clients, trash
 from cloudfs.errors import FSOpError
 from cloudfs.files import FileStore
 from cloudfs.meta.base import InodeAttrs, MetaStore, Txn
@@ -102,6 +102,9 @@ class Namespace:
         self.atime = atime
         #: kernel lookup counts: an inode with no name stays until they reach 0
         self.kernel_refs: dict[int, int] = {}
+        #: shared mode: this mount's `clients` row; an inode another mount holds open
+        #: stays too (cloudfs.clients)
+        self.client: clients.Client | None = None
 
     # --- attributes -------------------------------------------------------------------
 
@@ -462,6 +465,8 @@ class Namespace:
                 return
             if await trash.holds(tx, ino):
                 return  # kept for the retention period (cloudfs.trash)
+            if self.client is not None and await clients.held_elsewhere(tx, ino, self.client.id):
+                return  # open on another machine: its last close frees it
             await tx.free_inode(ino, time.time_ns())
         self.files.drop(ino)
 

@@ -554,3 +554,33 @@ async def test_a_failed_migration_changes_nothing(opener: Opener) -> None:
 
 def test_every_schema_version_has_a_migration() -> None:
     assert sorted(migrate.MIGRATIONS) == list(range(2, schema.SCHEMA_VERSION + 1))
+
+
+async def test_schema_2_gains_clients_and_holds(opener: Opener) -> None:
+    """Migration 3 on a schema-2 database (an unused `clients` table of another shape,
+    no `holds`), and again after it ran (MySQL commits DDL at once: a retry must work)."""
+    meta = await fresh(opener)
+    async with meta.transaction() as tx:
+        await tx.conn.execute("DROP TABLE holds")
+        await tx.conn.execute("DROP TABLE clients")
+        await tx.conn.execute(
+            "CREATE TABLE clients (id BIGINT PRIMARY KEY, hostname VARCHAR(255) NOT NULL,"
+            " pid INTEGER NOT NULL, started_ns BIGINT NOT NULL, heartbeat_ns BIGINT NOT NULL)"
+        )
+        await tx.set_info("schema_version", "2")
+    assert await migrate.upgrade(meta, FS_UUID) == [3]
+    for _again in range(2):
+        async with meta.transaction() as tx:
+            await tx.conn.execute(
+                "INSERT INTO clients (hostname, pid, cachedir, started_ns, heartbeat_ns, state)"
+                " VALUES ('h', 1, '/c', 1, 1, 0)"
+            )
+            (client,) = await tx.conn.query_one("SELECT MAX(id) FROM clients") or (0,)
+            await tx.conn.execute("INSERT INTO holds (client, inode) VALUES (?, 1)", (client,))
+            assert await tx.conn.query("SELECT inode FROM holds WHERE client = ?", (client,)) == [
+                (1,)
+            ]
+        async with meta.transaction() as tx:  # as if the version had not been written
+            await tx.set_info("schema_version", "2")
+        assert await migrate.upgrade(meta, FS_UUID) == [3]
+    assert await meta.check(FS_UUID) == 3
