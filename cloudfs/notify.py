@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from cloudfs.errors import CloudfsError, UsageError
 
@@ -48,7 +50,7 @@ MAX_BACKOFF_S = 5.0
 
 
 class RedisUnavailable(CloudfsError):
-    """the Redis server cannot be reached or refuses this login"""
+    """cannot use the Redis server"""
 
     exit_code = 12
 
@@ -70,6 +72,8 @@ class RedisTarget:
             host=self.host, port=self.port, db=self.db, username=self.username,
             password=self.password, socket_timeout=SOCKET_TIMEOUT_S,
             socket_connect_timeout=SOCKET_TIMEOUT_S, health_check_interval=5,
+            # no retries inside redis-py: the threads here pause and try again themselves
+            retry=Retry(NoBackoff(), 0),
         )  # fmt: skip
 
 
@@ -137,7 +141,7 @@ def check_redis(target: RedisTarget) -> None:
     except redis.ResponseError as exc:  # NOAUTH, WRONGPASS, a bad db number
         raise RedisUnavailable(f"{target.display()}: {exc}") from None
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-        raise RedisUnavailable(f"{target.display()} is unreachable: {exc}") from None
+        raise RedisUnavailable(f"{target.display()}: {exc}") from None
     finally:
         client.close()
 

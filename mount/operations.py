@@ -270,6 +270,10 @@ class Operations(pyfuse3.Operations):
         # it, except, in shared mode, another mount's (close-to-open: drop it then)
         keep_cache = not self.shared or self._cached_version.get(inode) == attrs.version
         if self.shared:
+            if not keep_cache:
+                # the kernel's cached size may be another mount's older one: reads stop
+                # at it, so it must ask again
+                await trio.to_thread.run_sync(_invalidate_attributes, inode)
             self._cached_version[inode] = attrs.version
         if flags & os.O_TRUNC:
             try:
