@@ -71,6 +71,7 @@ class FileState:
     keep_below: int
     lock: trio.Lock = field(default_factory=trio.Lock)
     opens: int = 0
+    held: bool = False  # shared mode: this mount's `holds` row for the inode exists
     overlay: DirtyOverlay | None = None
     extents: list[Extent] | None = None  # live extents, loaded on demand
     mtime_ns: int | None = None  # unsealed data change time
@@ -231,9 +232,10 @@ class FileStore:
         """One more handle on `ino`. `version`: the inode's version as just read from
         the metadata (close-to-open: a state with nothing unsealed that another
         machine's commit made stale is read again)."""
-        if self.client is not None and ino not in self.states:
-            await self.client.hold(ino)
         st = await self.state(ino)
+        if self.client is not None and not st.held:
+            await self.client.hold(ino)  # another mount's unlink must not free it now
+            st.held = True
         if version is not None and version != st.base_version:
             if not (st.dirty or st.sealing or st.pins or st.stream or st.working_version):
                 async with self.meta.reading() as tx:
@@ -258,9 +260,10 @@ class FileStore:
         st = self.states.get(ino)
         if st is not None and st.opens == 0:
             await self._seal_state(st, publish=True)
-            self._forget_if_idle(st)
-            if self.client is not None and ino not in self.states:
+            if self.client is not None and st.held and st.opens == 0:
+                st.held = False
                 await self.client.release(ino)
+            self._forget_if_idle(st)
 
     async def release(self, ino: int) -> int:
         """Close one handle; seal and publish on the last close. Returns opens left."""
