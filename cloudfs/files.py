@@ -716,7 +716,12 @@ class FileStore:
             attrs = await tx.get_inode(st.ino)
             if attrs is None:
                 return  # freed meanwhile
-            if attrs.version != st.base_version:
+            stale = attrs.version != st.base_version
+            if not stale and self.client is not None and st.extents is not None:
+                # shared mode: another mount may have amended its unpublished working
+                # version (same number, other extents) since this one read them
+                stale = await tx.live_extents(st.ino) != st.extents
+            if stale:
                 # another mount committed since this one read the file: the later
                 # commit (this one) wins with the whole file as this mount sees it,
                 # and the one it overwrites stays in the history, marked a conflict

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 import pytest
 
@@ -125,13 +126,9 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 class Pair:
-    def __init__(self, a: CloudFS, b: CloudFS, mysql_url: str, redis_args: list[str]) -> None:
+    def __init__(self, a: CloudFS, b: CloudFS, redis_url: str) -> None:
         self.a, self.b = a, b
-        self.mysql_url = mysql_url
-        self.redis_args = redis_args
-
-    def mount_b(self, *extra: str) -> None:
-        self.b.mount("--metadata", self.mysql_url, *self.redis_args, *extra)
+        self.redis_url = redis_url
 
 
 @pytest.fixture
@@ -147,13 +144,14 @@ def pair(
     b = make_fs("b", bucket=s3_bucket, mkfs=False, mount=False)
     b.storage_url = a.storage_url
     b.key_prefix = a.key_prefix  # type: ignore[attr-defined]
+    # A: the Redis password from a file; B: in the URL, given as a -o option (the
+    # mount runs itself again without it)
     password_file = a.root / "redis-password"
     password_file.write_text(redis_server.password + "\n")
-    redis_args = ["--redis", redis_server.url, "--redis-password-file", str(password_file)]
-    a.mount(*redis_args)
-    p = Pair(a, b, mysql_url, redis_args)
-    p.mount_b()
-    return p
+    a.mount("--redis", redis_server.url, "--redis-password-file", str(password_file))
+    with_password = redis_server.url.replace("//", f"//:{quote(REDIS_PASSWORD, safe='')}@")
+    b.mount("-o", f"metadata={mysql_url},redis={with_password}")
+    return Pair(a, b, redis_server.url)
 
 
 def seen_after(check: Callable[[], bool], deadline_s: float, what: str) -> float:
@@ -257,12 +255,15 @@ def _write_on_a_reads_identical_on_b(pair: Pair) -> None:
     assert (a.mnt / "f").read_bytes() == bytes(edited) + b"tail from b"
 
     # the password of Redis is nowhere in sight
-    config = (b.cache / "config.json").read_text()
-    assert json.loads(config)["redis"] == pair.redis_args[1]
-    needle = REDIS_PASSWORD.encode()
-    assert b.mount_pid is not None
-    assert needle not in Path(f"/proc/{b.mount_pid}/cmdline").read_bytes()
-    assert needle not in config.encode()
+    for fs in (a, b):
+        config = (fs.cache / "config.json").read_text()
+        assert json.loads(config)["redis"] == pair.redis_url
+        assert fs.mount_pid is not None
+        cmdline = Path(f"/proc/{fs.mount_pid}/cmdline").read_bytes()
+        for needle in (REDIS_PASSWORD, quote(REDIS_PASSWORD, safe="")):
+            assert needle not in config and needle.encode() not in cmdline
+            assert needle not in (fs.cache / "mount.log").read_text()
+    assert REDIS_PASSWORD.encode() not in Path(f"/proc/{a.mount_pid}/environ").read_bytes()
 
 
 def _open_unlinked_on_b_survives_unlink_on_a(pair: Pair) -> None:
@@ -474,7 +475,9 @@ def test_kill_one_mount_mid_write_the_other_goes_on_and_fsck_is_clean(pair: Pair
     assert r.returncode == 4, r.stdout + r.stderr
     assert "died" in r.stdout and "is mounted" in r.stdout, r.stdout
 
-    b.mount()  # the cache dir remembers MySQL and Redis; the dead mount's rows go
+    # the cache dir remembers MySQL and Redis (the password: from the environment now);
+    # the dead mount's rows go
+    b.mount(env=dict(b.env, CLOUDFS_REDIS_PASSWORD=REDIS_PASSWORD))
     assert "change notifications through" in (b.cache / "mount.log").read_text()
     assert (b.mnt / "after").read_bytes() == payload
     b.unmount()
