@@ -234,8 +234,17 @@ class FileStore:
         machine's commit made stale is read again)."""
         st = await self.state(ino)
         if self.client is not None and not st.held:
-            await self.client.hold(ino)  # another mount's unlink must not free it now
+            # another mount's unlink must not free it now; marked first (a concurrent
+            # open does not hold it twice) and pinned (the state stays meanwhile)
             st.held = True
+            st.pins += 1
+            try:
+                await self.client.hold(ino)
+            except BaseException:
+                st.held = False
+                raise
+            finally:
+                st.pins -= 1
         if version is not None and version != st.base_version:
             if not (st.dirty or st.sealing or st.pins or st.stream or st.working_version):
                 async with self.meta.reading() as tx:
@@ -261,8 +270,8 @@ class FileStore:
         if st is not None and st.opens == 0:
             await self._seal_state(st, publish=True)
             if self.client is not None and st.held and st.opens == 0:
-                st.held = False
                 await self.client.release(ino)
+                st.held = False
             self._forget_if_idle(st)
 
     async def release(self, ino: int) -> int:

@@ -230,7 +230,7 @@ class Notifier:
                     log.info("Redis %s reachable again: change notifications resume",
                              self.target.display())  # fmt: skip
                 failures = 0
-            except (redis.RedisError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever failed, the thread lives on
                 self.dropped += 1
                 if not failures:
                     log.warning("cannot publish changes to Redis %s (%s): other mounts see "
@@ -257,7 +257,7 @@ class Notifier:
                     msg = pubsub.get_message(timeout=0.5)
                     if msg is not None and msg.get("type") == "message":
                         self._apply(msg["data"])
-            except (redis.RedisError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - as above
                 if not failures:
                     log.warning("lost the Redis subscription %s (%s); trying again",
                                 self.target.display(), exc)  # fmt: skip
@@ -267,7 +267,7 @@ class Notifier:
                 try:
                     pubsub.close()
                     client.close()
-                except (redis.RedisError, OSError):
+                except Exception:  # noqa: BLE001 - closing a broken connection
                     pass
 
     def _apply(self, data: bytes) -> None:

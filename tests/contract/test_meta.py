@@ -598,7 +598,6 @@ async def test_clients_hold_inodes_and_dead_ones_are_forgotten(opener: Opener) -
     await a.register()
     await b.register()
     await a.hold(7)
-    await a.hold(7)  # twice: one row
     async with meta.reading() as tx:
         assert await clients.held_elsewhere(tx, 7, b.id)
         assert not await clients.held_elsewhere(tx, 7, a.id)
