@@ -315,6 +315,54 @@ def _namespace_round(pair: Pair, tag: str, limit_s: float) -> dict[str, float]:
     return took
 
 
+def _race(first: Callable[[], None], second: Callable[[], None]) -> list[str]:
+    """Run both at once (threads released together); each one's outcome: "ok" or
+    the errno name."""
+    barrier = threading.Barrier(2)
+    out = ["", ""]
+
+    def run(i: int, fn: Callable[[], None]) -> None:
+        barrier.wait()
+        try:
+            fn()
+            out[i] = "ok"
+        except OSError as exc:
+            out[i] = errno.errorcode[exc.errno or 0]
+
+    threads = [threading.Thread(target=run, args=(i, fn)) for i, fn in enumerate((first, second))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def _racing_namespace_operations(pair: Pair) -> None:
+    """The same name made on both machines at once, two renames onto one name, rmdir
+    against a create inside: one wins and the other gets the errno one machine gives."""
+    a, b = pair.a.mnt, pair.b.mnt
+    for i in range(3):
+        got = _race(lambda: os.mkdir(a / f"same{i}"), lambda: os.mkdir(b / f"same{i}"))
+        assert sorted(got) == ["EEXIST", "ok"], got
+    (a / "r1").write_bytes(b"one")
+    (a / "r2").write_bytes(b"two")
+    seen_after(lambda: exists(b / "r2"), CONVERGE_S, "r2 on B")
+    got = _race(lambda: os.rename(a / "r1", a / "target"), lambda: os.rename(b / "r2", b / "target"))
+    assert got == ["ok", "ok"], got
+    assert (a / "target").read_bytes() in (b"one", b"two")
+    assert not exists(a / "r1") and not exists(a / "r2")
+    for i in range(3):
+        os.mkdir(a / f"gone{i}")
+        seen_after(lambda: exists(b / f"gone{i}"), CONVERGE_S, "the directory on B")  # noqa: B023
+        got = _race(lambda: os.rmdir(a / f"gone{i}"),  # noqa: B023
+                    lambda: (b / f"gone{i}" / "f").write_bytes(b"f"))  # noqa: B023  # fmt: skip
+        assert got in (["ok", "ENOENT"], ["ENOTEMPTY", "ok"]), got
+        if got[0] == "ENOTEMPTY":
+            assert (a / f"gone{i}" / "f").read_bytes() == b"f"
+        else:
+            assert not exists(a / f"gone{i}")
+
+
 def test_namespace_over_two_mounts(
     pair: Pair, redis_server: RedisServer, tmp_path: Path
 ) -> None:
@@ -322,6 +370,7 @@ def test_namespace_over_two_mounts(
     mkdir, rename and unlink on A show on B within 1 s with Redis, and within the
     attribute timeout once Redis is gone (which slows no operation down)."""
     _operations_spread_over_both_mounts_agree_with_a_local_model(pair, tmp_path)
+    _racing_namespace_operations(pair)
     with_redis = _namespace_round(pair, "1", 1.0)
     print("with Redis:", with_redis)
     for op in ("mkdir", "rename", "unlink"):
