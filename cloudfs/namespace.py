@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Concatenate, ParamSpec, TypeVar
 
-from cloudfs import trash
+from cloudfs import clients, trash
 from cloudfs.errors import FSOpError
 from cloudfs.files import FileStore
 from cloudfs.lookups import LookupCounts
@@ -107,6 +107,9 @@ class Namespace:
         #: inodes that lost their last name while the kernel knew them or a handle had
         #: them open: only these need a look when the kernel forgets one
         self._nameless: set[int] = set()
+        #: shared mode: this mount's `clients` row; an inode another mount holds open
+        #: stays too (cloudfs.clients)
+        self.client: clients.Client | None = None
         #: this mount in open_inodes ('machine:pid'), and the inodes it marked there
         self.holder = f"{files.origin}:{os.getpid()}"
         self.marked_open: set[int] = set()
@@ -515,6 +518,9 @@ class Namespace:
                 self._nameless.discard(ino)  # a purge of the trash calls lost_name again
                 self.marked_open.discard(ino)
                 return  # kept for the retention period (cloudfs.trash)
+            if self.client is not None and await clients.held_elsewhere(tx, ino, self.client.id):
+                self._nameless.discard(ino)
+                return  # open on another machine: its last close frees it
             await tx.free_inode(ino, time.time_ns())
         self._nameless.discard(ino)
         self.marked_open.discard(ino)

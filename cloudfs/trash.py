@@ -307,8 +307,10 @@ async def unmark_open(tx: Txn, ino: int, holder: str) -> None:
 
 
 async def held_open(tx: Txn, ino: int) -> bool:
-    """Does a mount still use inode `ino` (open_inodes)?"""
+    """Does a mount still use inode `ino` (open_inodes; in shared mode also `holds`)?"""
     row = await tx.conn.query_one("SELECT 1 FROM open_inodes WHERE inode = ? LIMIT 1", (ino,))
+    if row is None:
+        row = await tx.conn.query_one("SELECT 1 FROM holds WHERE inode = ? LIMIT 1", (ino,))
     return row is not None
 
 

@@ -159,8 +159,10 @@ _SETTABLE = {f.name for f in fields(InodeAttrs)} - {"id", "allocated"}
 class Txn:
     """Domain operations inside one transaction."""
 
-    def __init__(self, conn: Conn) -> None:
+    def __init__(self, conn: Conn, dialect: schema.Dialect = schema.SQLITE) -> None:
         self.conn = conn
+        #: the engine's spellings (migrations create tables with them)
+        self.dialect = dialect
 
     # --- filesystem properties ---------------------------------------------------------
 
@@ -561,7 +563,7 @@ class MetaStore(abc.ABC):
     @asynccontextmanager
     async def transaction(self, *, durable: bool = False, write: bool = True) -> AsyncIterator[Txn]:
         async with self._transaction(durable, write) as conn:
-            yield Txn(conn)
+            yield Txn(conn, self.dialect)
 
     def reading(self) -> AbstractAsyncContextManager[Txn]:
         """A read-only transaction: a consistent view, no write lock."""

@@ -162,20 +162,20 @@ async def test_restore_into_makes_a_new_version(env: Env) -> None:
     await env.refcounts_match()
 
 
-async def test_upgrade_from_schema_2_adds_the_trash_columns_and_open_inodes(env: Env) -> None:
+async def test_upgrade_from_schema_3_adds_the_trash_columns_and_open_inodes(env: Env) -> None:
     from cloudfs.meta import migrate
 
     uuid = "00000000-0000-0000-0000-000000000000"
     ino = await env.file(b"kept")
-    async with env.meta.transaction() as tx:  # back to schema 2
+    async with env.meta.transaction() as tx:  # back to schema 3
         await tx.conn.execute("DROP TABLE open_inodes")
         await tx.conn.execute("ALTER TABLE trash DROP COLUMN remover")
         await tx.conn.execute("ALTER TABLE trash DROP COLUMN parent_mtime_ns")
         await tx.conn.execute(
             "INSERT INTO trash (inode, path, deleted_ns) VALUES (?, ?, ?)", (ino, b"/old", 5)
         )
-        await tx.set_info("schema_version", "2")
-    assert await migrate.upgrade(env.meta, uuid) == [3]
+        await tx.set_info("schema_version", "3")
+    assert await migrate.upgrade(env.meta, uuid) == [4]
     assert await migrate.upgrade(env.meta, uuid) == []
     async with env.meta.transaction() as tx:
         (old,) = await trash.entries(tx)
