@@ -53,7 +53,7 @@ SEND_TIMEOUT_S = 30.0
 #: how long connect() waits for the hello reply
 HELLO_TIMEOUT_S = 10.0
 #: how long ensure_daemon waits for a new daemon to answer
-START_TIMEOUT_S = 15.0
+START_TIMEOUT_S = 60.0
 
 _Json = dict[str, Any]
 
@@ -510,7 +510,8 @@ def _last_log_line(cache: CacheDir) -> str | None:
     return lines[-1] if lines else None
 
 
-async def _answers(cache: CacheDir) -> bool:
+async def answers(cache: CacheDir) -> bool:
+    """True when a daemon answers a hello on the cache dir's socket."""
     try:
         client = await DaemonClient.connect(cache, role="probe")
     except DaemonError:
@@ -532,7 +533,7 @@ async def ensure_daemon(
     the master key hex-encoded on its stdin (never in its argv or environment), and
     the MySQL password of the metadata database, if any, on a second line.
     DaemonError, with the daemon's last words, when none answers within `timeout`."""
-    if await _answers(cache):
+    if await answers(cache):
         return
     cmd = [sys.executable, "-m", "cloudfs.daemon.main", "--cachedir", str(cache.root),
            "--key-stdin", *extra_args]  # fmt: skip
@@ -569,7 +570,7 @@ async def ensure_daemon(
             # Another daemon may still be starting, or be exiting (it holds the lock
             # until then): poll, and launch again if it went away.
             for _ in range(20):
-                if await _answers(cache):
+                if await answers(cache):
                     return
                 await trio.sleep(0.1)
     if scope.cancelled_caught:
@@ -586,6 +587,7 @@ __all__ = [
     "DaemonClient",
     "DaemonOps",
     "SocketPath",
+    "answers",
     "ensure_daemon",
     "error_from_reply",
     "error_reply",

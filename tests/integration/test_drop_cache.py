@@ -25,7 +25,7 @@ from cloudfs.objectstore.sealed import SealedStore
 if TYPE_CHECKING:  # the fixtures' type; conftest is not importable as a module
     from conftest import CloudFS
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.store_kinds("local", "s3")]
 
 MiB = 1 << 20
 

@@ -17,7 +17,7 @@ import pytest
 if TYPE_CHECKING:  # the fixtures' type; conftest is not importable as a module
     from conftest import CloudFS
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.store_kinds("local", "s3")]
 
 MiB = 1 << 20
 

@@ -22,7 +22,7 @@ import pytest
 if TYPE_CHECKING:  # the fixtures' type
     from conftest import CloudFS
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.store_kinds("local", "s3")]
 
 MiB = 1 << 20
 
