@@ -191,7 +191,7 @@ class Namespace:
         """The file or directory `attrs` was read: update its atime as the mount's atime
         mode says (relatime by default: only when atime is not newer than mtime and
         ctime, or is a day old, so reads cost no metadata write). True if it changed."""
-        if self.atime == "noatime":
+        if self.atime == "noatime" or self.meta.fenced is not None:
             return False
         now = time.time_ns()
         if (
@@ -456,6 +456,8 @@ class Namespace:
             return  # the last close (or the seal under way) calls again
         if self.kernel_refs.get(ino, 0) > 0:
             return
+        if self.meta.fenced is not None:
+            return  # changes nothing any more; the next mount's free_orphans frees it
         async with self.meta.transaction() as tx:
             attrs = await tx.get_inode(ino)
             if attrs is None or attrs.nlink > 0 or ino == ROOT_INODE:

@@ -154,6 +154,7 @@ class DaemonOps(Protocol):
     async def status(self) -> _Json: ...
     async def drop_cache(self) -> _Json: ...
     async def backup(self) -> _Json: ...
+    def fence(self, reason: str | None) -> None: ...
     def shutdown(self) -> None: ...
 
 
@@ -279,6 +280,10 @@ class ControlServer:
                 result = await self.ops.drop_cache()
             elif op == "backup":
                 result = await self.ops.backup()
+            elif op == "fence":
+                reason = msg.get("reason")
+                self.ops.fence(reason if isinstance(reason, str) else None)
+                result = {}
             elif op == "shutdown":
                 result = {}
             else:
@@ -394,6 +399,12 @@ class DaemonClient:
         backup failed: see the daemon's log)."""
         key = (await self._request("backup")).get("key")
         return key if isinstance(key, str) else None
+
+    async def fence(self, reason: str | None) -> None:
+        """With a reason: upload, remove and back up nothing more for this cache dir
+        (its mount lost the lease to another machine); flushes fail with LeaseLost.
+        None lifts that (a mount holds the lease again)."""
+        await self._request("fence", reason=reason)
 
     async def shutdown(self) -> None:
         """Ask the daemon to exit (it finishes the bookkeeping of running uploads)."""
