@@ -174,9 +174,9 @@ async def _put_parts(
     """Put the file `dump_path` as parts of `backup_key`, one part in memory at a time."""
     parts: list[tuple[bytes, int]] = []
     whole = hashlib.sha256()
-    with open(dump_path, "rb") as f:
+    async with await trio.open_file(dump_path, "rb") as f:
         while True:
-            data = await trio.to_thread.run_sync(f.read, PART_SIZE)
+            data = await f.read(PART_SIZE)
             if not data and parts:
                 break
             whole.update(data)
@@ -205,17 +205,15 @@ async def read_backup(store: ObjectStore, keys: Keys, key: str, out: Path) -> in
     _id, raw = await trio.to_thread.run_sync(_open, MANIFEST_MAGIC, keys, body, 1 << 30)
     manifest = Manifest.from_json(raw)
     whole = hashlib.sha256()
-    with open(out, "wb") as f:
+    async with await trio.open_file(out, "wb") as f:
         for n, (part_id, size) in enumerate(manifest.parts):
             part_body = await store.get(part_key(key, n))
-            got_id, data = await trio.to_thread.run_sync(
-                _open, MAGIC, keys, part_body, PART_SIZE
-            )
+            got_id, data = await trio.to_thread.run_sync(_open, MAGIC, keys, part_body, PART_SIZE)
             if got_id != part_id or len(data) != size:
                 raise CorruptBlock(f"part {n} of metadata backup {key} is not the one "
                                    "its manifest names")  # fmt: skip
             whole.update(data)
-            await trio.to_thread.run_sync(f.write, data)
+            await f.write(data)
     if whole.hexdigest() != manifest.sha256 or sum(n for _i, n in manifest.parts) != manifest.size:
         raise CorruptBlock(f"metadata backup {key} does not add up to its manifest")
     return manifest.size

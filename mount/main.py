@@ -592,7 +592,7 @@ def _mount(argv: list[str], *, command_line: bool = False) -> int:
     _setup_logging(prep.cache, False, opts.debug)
     try:
         trio.run(serve, prep, write_fd)
-    except BaseException as exc:  # noqa: BLE001 - the waiting parent must hear of any failure
+    except BaseException as exc:
         msg = exc.message if isinstance(exc, CloudfsError) else f"{type(exc).__name__}: {exc}"
         # an unexpected failure leaves its traceback in the log
         log.error("mount failed: %s", msg, exc_info=not isinstance(exc, CloudfsError))

@@ -106,9 +106,7 @@ async def cmd_flush(args: argparse.Namespace) -> int:
     cache = cache_of(args.mountpoint)
     # seal what the mount still holds in dirty overlays, then wait for the uploads
     try:
-        await trio.to_thread.run_sync(
-            os.setxattr, args.mountpoint, XATTR_COMMAND.decode(), b"seal"
-        )
+        await trio.to_thread.run_sync(os.setxattr, args.mountpoint, XATTR_COMMAND.decode(), b"seal")
     except OSError as exc:
         # EROFS: the mount lost its lease to another machine; nothing goes up from here
         if exc.errno == errno.EROFS and cache.fence_path.exists():

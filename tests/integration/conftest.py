@@ -57,7 +57,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "store_kinds(*kinds): run each test of `fs`/`make_fs` once per object store kind "
-        "(\"local\", \"s3\"); see the store_kind fixture",
+        '("local", "s3"); see the store_kind fixture',
     )
 
 

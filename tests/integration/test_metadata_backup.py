@@ -21,10 +21,10 @@ import pytest
 import trio
 
 from cloudfs import config
-from cloudfs.codec.crypto import Keys
-from cloudfs.errors import CorruptBlock
-from cloudfs.config import create_filesystem
 from cloudfs.cache import CacheDir
+from cloudfs.codec.crypto import Keys
+from cloudfs.config import create_filesystem
+from cloudfs.errors import CorruptBlock
 from cloudfs.metabackup import (
     MAGIC,
     PART_INFIX,
@@ -235,8 +235,9 @@ async def test_backups_stream_in_parts(tmp_path: Path) -> None:
     second = await put_backup(store, keys, cache, db, encrypt=True, level=3, keep=1, force=True)
     assert second is not None
     left = sorted(str(p.name) for p in (tmp_path / "store" / "meta").iterdir())
-    assert left == sorted([second.rsplit("/")[-1]]
-                          + [part_key(second, n).rsplit("/")[-1] for n in range(len(parts))])
+    assert left == sorted(
+        [second.rsplit("/")[-1]] + [part_key(second, n).rsplit("/")[-1] for n in range(len(parts))]
+    )
 
     # the format of older versions: one object holding the whole dump
     old_key = "meta/backup-20200101T000000Z-00000009"
