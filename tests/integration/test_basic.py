@@ -150,6 +150,7 @@ def test_unencrypted_filesystem_round_trip(make_fs: Callable[..., CloudFS]) -> N
     assert_files(fs.mnt, files)
 
 
+@pytest.mark.store_kinds("local")  # store-independent: the mount's own logic
 def test_overwrite_truncate_and_sparse_writes(fs: CloudFS) -> None:
     data = bytearray(os.urandom(3 * MiB))
     write_file(fs.mnt / "f", bytes(data))
@@ -168,6 +169,7 @@ def test_overwrite_truncate_and_sparse_writes(fs: CloudFS) -> None:
     assert_files(fs.mnt, expected)
 
 
+@pytest.mark.store_kinds("local")  # store-independent: the mount's own logic
 def test_truncate_by_path_right_after_close(fs: CloudFS) -> None:
     """`truncate -s` just after a writer closed the file (its last close is still
     sealing) must not be lost."""
@@ -276,10 +278,11 @@ def test_passphrase_never_leaks(make_fs: Callable[..., CloudFS]) -> None:
 # --- the daemon -------------------------------------------------------------------------
 
 
-def test_killed_daemon_resumes_uploads(fs: CloudFS) -> None:
-    """kill -9 the daemon in the middle of uploading 200 MiB; once restarted, every
-    block ends up stored and every file reads back from the store."""
-    files = {f"part-{i}": os.urandom(20 * MiB) for i in range(10)}
+def test_killed_daemon_resumes_uploads(fs: CloudFS, store_kind: str) -> None:
+    """kill -9 the daemon in the middle of uploading 200 MiB (80 MiB to S3, where
+    uploads are slower anyway); once restarted, every block ends up stored and every
+    file reads back from the store."""
+    files = {f"part-{i}": os.urandom(20 * MiB) for i in range(10 if store_kind == "local" else 4)}
     daemon = fs.daemon_pid()
     assert daemon is not None
 
@@ -370,6 +373,7 @@ def test_daemon_stops_cleanly_on_sigterm_during_uploads(fs: CloudFS) -> None:
     assert_files(fs.mnt, files)
 
 
+@pytest.mark.store_kinds("local")  # store-independent: the mount's own logic
 def test_mount_unmounts_cleanly_on_sigterm(fs: CloudFS) -> None:
     files = {"a": os.urandom(3 * MiB), "b": b"small"}
     for name, data in files.items():
@@ -482,6 +486,7 @@ def test_store_without_filesystem(make_fs: Callable[..., CloudFS], store_kind: s
         assert "no-such-bucket" in line, line
 
 
+@pytest.mark.store_kinds("local")  # store-independent: the mount's own logic
 @pytest.mark.parametrize("kind", ["missing", "file", "mounted"])
 def test_bad_mount_point(make_fs: Callable[..., CloudFS], kind: str) -> None:
     fs = make_fs(mount=kind == "mounted")
@@ -527,6 +532,7 @@ def test_mkfs_refuses_an_existing_filesystem(make_fs: Callable[..., CloudFS]) ->
 # --- errno --------------------------------------------------------------------------------
 
 
+@pytest.mark.store_kinds("local")  # store-independent: the mount's own logic
 def test_failing_operations_return_the_right_errno(fs: CloudFS) -> None:
     m = fs.mnt
     (m / "dir").mkdir()
@@ -747,6 +753,7 @@ def _check_tree(m: Path, contents: dict[str, bytes]) -> None:
     assert os.stat(m / "a").st_nlink == 4  # ".", "b", "newdir" + its entry in the root
 
 
+@pytest.mark.store_kinds("local")  # store-independent: the mount's own logic
 def test_namespace_operations_persist(fs: CloudFS) -> None:
     contents = _build_tree(fs.mnt)
     _check_tree(fs.mnt, contents)
@@ -761,6 +768,7 @@ def test_namespace_operations_persist(fs: CloudFS) -> None:
     assert not (fs.mnt / "linked").exists()
 
 
+@pytest.mark.store_kinds("local")  # store-independent: the mount's own logic
 def test_open_unlinked_file_stays_readable(fs: CloudFS) -> None:
     data = os.urandom(2 * MiB)
     write_file(fs.mnt / "f", data)

@@ -63,6 +63,7 @@ def test_unmount_returns_while_the_daemon_uploads(fs: CloudFS) -> None:
         assert (fs.mnt / name).read_bytes() == data
 
 
+@pytest.mark.store_kinds("local")  # store-independent: the mount's own logic
 def test_status_is_stat(fs: CloudFS) -> None:
     (fs.mnt / "f").write_bytes(b"x" * 5000)
     fs.flush()
@@ -75,6 +76,7 @@ def test_status_is_stat(fs: CloudFS) -> None:
     assert re.search(r"^pending uploads +0 blocks", text, re.MULTILINE), text
 
 
+@pytest.mark.store_kinds("local")  # store-independent: the mount's own logic
 def test_flush_progress_on_a_terminal(fs: CloudFS) -> None:
     daemon = fs.daemon_pid()
     assert daemon is not None
