@@ -32,7 +32,7 @@ from cloudfs.cache import BlockFiles, CacheDir
 from cloudfs.chunking import ChunkerParams
 from cloudfs.errors import CloudfsError, FSOpError
 from cloudfs.meta.base import Extent, FsStats, MetaStore
-from cloudfs.overlay import DirtyOverlay
+from cloudfs.overlay import DirtyOverlay, Intervals
 from cloudfs.stream import BACKLOG_LIMIT, CUT_BATCH, AppendStream, can_stream
 from cloudfs.versions import restore_into
 
@@ -179,6 +179,28 @@ class FileStore:
     def current(self, ino: int) -> FileState | None:
         """The in-memory state of `ino`, if it has any (size and times not yet sealed)."""
         return self.states.get(ino)
+
+    async def allocated(self, ino: int, sealed: int) -> int:
+        """Bytes of file `ino` that hold data (st_blocks): `sealed`, the total of its
+        live extents, unless it has unsealed changes; then the old extents still in
+        the file, the dirty ranges and the appended tail, together. Call it outside a
+        transaction (it may load the extents)."""
+        st = self.states.get(ino)
+        if st is None or not st.dirty:
+            return sealed
+        extents = await self._extents(st)
+        data = Intervals()
+        kept = min(st.keep_below, st.size)  # older bytes past a truncate are gone
+        for e in extents:
+            if e.offset >= kept:
+                break
+            data.add(e.offset, min(e.end, kept))
+        if st.overlay is not None:
+            for start, end in st.overlay.ranges.overlapping(0, st.size):
+                data.add(start, end)
+        if st.stream is not None:
+            data.add(st.stream.start, min(st.stream.end, st.size))
+        return data.total
 
     async def _extents(self, st: FileState) -> list[Extent]:
         if st.extents is None:

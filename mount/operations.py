@@ -109,7 +109,10 @@ class Operations(pyfuse3.Operations):
         e.st_rdev = attrs.rdev
         e.st_size = attrs.size
         e.st_blksize = BLOCK_SIZE
-        e.st_blocks = (attrs.size + 511) // 512
+        # a regular file counts the bytes that hold data (holes cost nothing in the
+        # store, so `du` of a sparse file is small); other inodes their size
+        used = attrs.size if attrs.allocated is None else attrs.allocated
+        e.st_blocks = (used + 511) // 512
         e.st_atime_ns = attrs.atime_ns
         e.st_mtime_ns = attrs.mtime_ns
         e.st_ctime_ns = attrs.ctime_ns

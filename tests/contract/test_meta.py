@@ -337,6 +337,11 @@ async def test_extents_and_versions(opener: Opener) -> None:
         still = await tx.get_block(b[1])
     assert row is not None and row.refcount == 0
     assert still is not None and still.refcount == 1, "history keeps its reference"
+    # st_blocks: the live extents' bytes (history and holes excluded), per inode
+    async with meta.reading() as tx:
+        other = (await tx.get_inode(1)).id  # the root: no extents
+        assert await tx.allocated_bytes([ino, other]) == {ino: 300}
+        assert await tx.allocated_bytes([]) == {}
 
 
 async def test_blocks(opener: Opener) -> None:
