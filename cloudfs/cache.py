@@ -122,6 +122,9 @@ class CacheDir:
         self.socket_path = self.root / "daemon.sock"
         self.lock_path = self.root / "daemon.lock"
         self.pid_path = self.root / "daemon.pid"
+        #: present while the mount lease of this cache dir's mount was taken over by
+        #: another machine: it holds why; no daemon uploads for this cache dir then
+        self.fence_path = self.root / "fenced"
         self.log_path = self.root / "daemon.log"
 
     def create(self) -> None:

@@ -15,6 +15,7 @@ unpublished working version instead, so a 10 GiB copy is one version, not 160.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -364,6 +365,8 @@ class FileStore:
     # --- write and truncate ----------------------------------------------------------
 
     async def write(self, ino: int, offset: int, data: bytes) -> int:
+        if self.meta.fenced is not None:
+            raise FSOpError(errno.EROFS, self.meta.fenced)
         st = await self.state(ino)
         cut = False
         async with self._locked(st):
@@ -494,7 +497,11 @@ class FileStore:
     # --- seal -------------------------------------------------------------------------
 
     async def fsync(self, ino: int) -> None:
-        if ino in self.states:
+        st = self.states.get(ino)
+        if st is not None and st.dirty and self.meta.fenced is not None:
+            # never sealed here any more: the unsealed writes are not durable
+            raise FSOpError(errno.EROFS, self.meta.fenced)
+        if st is not None:
             await self.seal(ino, publish=True, durable=True)
 
     async def seal_idle(self, idle_s: float = IDLE_SEAL_S) -> None:
@@ -515,6 +522,8 @@ class FileStore:
             await self._seal_state(st, publish=publish, durable=durable)
 
     async def _seal_state(self, st: FileState, *, publish: bool, durable: bool = False) -> None:
+        if self.meta.fenced is not None:
+            return  # a fenced mount seals nothing (see MetaStore.fence)
         async with self._locked(st):
             st.sealing = True
             try:

@@ -2,14 +2,22 @@
 like a block, put in the store as meta/backup-<UTC time>-<seq>; the newest N are kept;
 and the restore that rebuilds a lost metadata database from the newest one.
 
-Object format: b"CFSMETA1", then the dump's id (HMAC-SHA256 with the id key, as a
-block's), then the dump sealed exactly like a block with that id (cloudfs.codec:
+Streamed: a backup is parts of PART_SIZE bytes of the dump plus a manifest, so no
+process ever holds a whole database in memory, however large. The parts go up first,
+as meta/backup-<time>-<seq>.part-<n>; the manifest last, as meta/backup-<time>-<seq>:
+a backup whose manifest exists is complete. Each object is b"CFSMETA1" (a part) or
+b"CFSMETA2" (a manifest), then its content's id (HMAC-SHA256 with the id key, as a
+block's), then the content sealed exactly like a block with that id (cloudfs.codec:
 zstd, AES-256-GCM with the id and header as associated data; without encryption an
-HMAC tag). So a backup opens only with the filesystem's keys, and a damaged one fails
-to open (CorruptBlock) instead of restoring wrong metadata.
+HMAC tag). The manifest lists the parts' ids and sizes and the dump's SHA-256, so a
+restore checks every part, their order and the whole; a backup opens only with the
+filesystem's keys, and a damaged one fails to open (CorruptBlock) instead of
+restoring wrong metadata. (A backup of an older version is one CFSMETA1 object
+holding the whole dump: still restored.)
 
 The copy is taken with SQLite's backup API into a temporary file: one consistent
-state, whatever the mount and the daemon commit meanwhile. Backups are taken by the
+state, whatever the mount and the daemon commit meanwhile; it is read from there one
+part at a time. Backups are taken by the
 daemon (every interval, when the last mount leaves, before it exits idle) and by the
 mount at unmount; `backup.json` in the cache dir records the state of the database
 file (sizes and mtimes of meta.db and its WAL) at the last backup, so an unchanged
@@ -23,6 +31,7 @@ after the backup), else reported as missing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -46,7 +55,15 @@ from cloudfs.objectstore.base import ObjectStore
 log = logging.getLogger(__name__)
 
 PREFIX = "meta/backup-"
+#: a sealed part of a dump (or, from older versions, a whole dump)
 MAGIC = b"CFSMETA1"
+#: a sealed manifest: the JSON list of a backup's parts
+MANIFEST_MAGIC = b"CFSMETA2"
+#: bytes of the dump per part object: what a backup or restore holds in memory
+PART_SIZE = 4 << 20
+PART_INFIX = ".part-"
+#: parts without a manifest this old are of a backup cut short: pruned
+ORPHAN_AGE_S = 3600.0
 #: backups kept by default
 DEFAULT_KEEP = 10
 #: seconds between periodic backups by default
@@ -81,9 +98,9 @@ def fingerprint(db_path: Path) -> list[int]:
     return out
 
 
-def snapshot(db_path: Path, tmp_dir: Path) -> bytes:
-    """A consistent copy of the SQLite database (blocking: run in a thread)."""
-    tmp = tmp_dir / f"meta-backup.{os.getpid()}.{time.monotonic_ns():x}"
+def snapshot(db_path: Path, tmp: Path) -> None:
+    """A consistent copy of the SQLite database into the file `tmp` (blocking: run
+    in a thread)."""
     src = sqlite3.connect(db_path, timeout=30)
     try:
         dst = sqlite3.connect(tmp)
@@ -91,25 +108,115 @@ def snapshot(db_path: Path, tmp_dir: Path) -> bytes:
             src.backup(dst)
         finally:
             dst.close()
-        return tmp.read_bytes()
     finally:
         src.close()
-        tmp.unlink(missing_ok=True)
+
+
+def _seal(magic: bytes, keys: Keys, data: bytes, *, encrypt: bool, level: int) -> bytes:
+    data_id = _native.block_id(keys.id_key, data)
+    return magic + data_id + seal_block(keys, data_id, data, encrypt=encrypt, level=level)
+
+
+def _open(magic: bytes, keys: Keys, body: bytes, max_size: int) -> tuple[bytes, bytes]:
+    """(id, content) of a sealed backup object; CorruptBlock if it is not one of this
+    filesystem of the kind `magic` says, intact."""
+    head = len(magic) + BLOCK_ID_SIZE
+    if len(body) < head or body[: len(magic)] != magic:
+        raise CorruptBlock("not a cloudfs metadata backup")
+    data_id = body[len(magic) : head]
+    return data_id, open_block(keys, data_id, body[head:], max_size=max_size)
 
 
 def seal_dump(keys: Keys, dump: bytes, *, encrypt: bool, level: int) -> bytes:
-    dump_id = _native.block_id(keys.id_key, dump)
-    return MAGIC + dump_id + seal_block(keys, dump_id, dump, encrypt=encrypt, level=level)
+    """A part (or a whole dump, the format of older versions) as an object."""
+    return _seal(MAGIC, keys, dump, encrypt=encrypt, level=level)
 
 
 def open_dump(keys: Keys, body: bytes) -> bytes:
-    """The dump in a backup object; CorruptBlock if it is not a backup of this
-    filesystem, intact."""
-    head = len(MAGIC) + BLOCK_ID_SIZE
-    if len(body) < head or body[: len(MAGIC)] != MAGIC:
-        raise CorruptBlock("not a cloudfs metadata backup")
-    dump_id = body[len(MAGIC) : head]
-    return open_block(keys, dump_id, body[head:], max_size=MAX_DUMP)
+    """The bytes in a part object (or in a whole-dump backup of an older version);
+    CorruptBlock if it is not one of this filesystem, intact."""
+    return _open(MAGIC, keys, body, MAX_DUMP)[1]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a backup's manifest object says: its parts (id, size) in order, and the
+    dump's size and SHA-256."""
+
+    parts: list[tuple[bytes, int]]
+    size: int
+    sha256: str
+
+    def to_json(self) -> bytes:
+        return json.dumps({
+            "format": 2, "size": self.size, "sha256": self.sha256,
+            "parts": [[i.hex(), n] for i, n in self.parts],
+        }).encode()  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Manifest:
+        try:
+            obj = json.loads(data)
+            return cls([(bytes.fromhex(i), int(n)) for i, n in obj["parts"]],
+                       int(obj["size"]), str(obj["sha256"]))  # fmt: skip
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptBlock(f"a metadata backup manifest that does not parse: {exc}") from None
+
+
+def part_key(backup_key: str, n: int) -> str:
+    return f"{backup_key}{PART_INFIX}{n:06d}"
+
+
+async def _put_parts(
+    store: ObjectStore, keys: Keys, dump_path: Path, backup_key: str, *, encrypt: bool,
+    level: int,
+) -> Manifest:  # fmt: skip
+    """Put the file `dump_path` as parts of `backup_key`, one part in memory at a time."""
+    parts: list[tuple[bytes, int]] = []
+    whole = hashlib.sha256()
+    async with await trio.open_file(dump_path, "rb") as f:
+        while True:
+            data = await f.read(PART_SIZE)
+            if not data and parts:
+                break
+            whole.update(data)
+
+            def seal(data: bytes = data) -> tuple[bytes, bytes]:
+                body = seal_dump(keys, data, encrypt=encrypt, level=level)
+                return body[len(MAGIC) : len(MAGIC) + BLOCK_ID_SIZE], body
+
+            part_id, body = await trio.to_thread.run_sync(seal)
+            await store.put(part_key(backup_key, len(parts)), body)
+            parts.append((part_id, len(data)))
+            if len(data) < PART_SIZE:
+                break
+    return Manifest(parts, sum(n for _i, n in parts), whole.hexdigest())
+
+
+async def read_backup(store: ObjectStore, keys: Keys, key: str, out: Path) -> int:
+    """Write the dump of the backup `key` to the file `out`, one part at a time,
+    checking every part and the whole against the manifest. Returns its size;
+    CorruptBlock when anything does not match."""
+    body = await store.get(key)
+    if body[: len(MAGIC)] == MAGIC:  # a whole dump, from an older version
+        dump = await trio.to_thread.run_sync(open_dump, keys, body)
+        await trio.to_thread.run_sync(out.write_bytes, dump)
+        return len(dump)
+    _id, raw = await trio.to_thread.run_sync(_open, MANIFEST_MAGIC, keys, body, 1 << 30)
+    manifest = Manifest.from_json(raw)
+    whole = hashlib.sha256()
+    async with await trio.open_file(out, "wb") as f:
+        for n, (part_id, size) in enumerate(manifest.parts):
+            part_body = await store.get(part_key(key, n))
+            got_id, data = await trio.to_thread.run_sync(_open, MAGIC, keys, part_body, PART_SIZE)
+            if got_id != part_id or len(data) != size:
+                raise CorruptBlock(f"part {n} of metadata backup {key} is not the one "
+                                   "its manifest names")  # fmt: skip
+            whole.update(data)
+            await f.write(data)
+    if whole.hexdigest() != manifest.sha256 or sum(n for _i, n in manifest.parts) != manifest.size:
+        raise CorruptBlock(f"metadata backup {key} does not add up to its manifest")
+    return manifest.size
 
 
 async def list_backups(store: ObjectStore) -> list[BackupName]:
@@ -144,20 +251,42 @@ async def put_backup(
     last_time = last.get("time")
     if not force and isinstance(last_time, float) and time.time() - last_time < unless_within:
         return None
-    dump = await trio.to_thread.run_sync(snapshot, db_path, cache.tmp)
-    body = await trio.to_thread.run_sync(
-        lambda: seal_dump(keys, dump, encrypt=encrypt, level=level)
-    )
     existing = await list_backups(store)
     seq = existing[-1].seq + 1 if existing else 1
     key = f"{PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{seq:08d}"
-    await store.put(key, body)
+    tmp = cache.tmp / f"meta-backup.{os.getpid()}.{time.monotonic_ns():x}"
+    try:
+        await trio.to_thread.run_sync(snapshot, db_path, tmp)
+        manifest = await _put_parts(store, keys, tmp, key, encrypt=encrypt, level=level)
+    finally:
+        tmp.unlink(missing_ok=True)
+    # last: a backup with a manifest is complete
+    await store.put(key, _seal(MANIFEST_MAGIC, keys, manifest.to_json(), encrypt=encrypt,
+                               level=level))  # fmt: skip
     _record(cache, key, before)
-    old = [n.key for n in existing[: max(0, len(existing) + 1 - keep)]]
-    if old:
-        await store.delete_many(old)
-    log.info("metadata backup %s: %d bytes (%d stored)", key, len(dump), len(body))
+    await _prune(store, existing[: max(0, len(existing) + 1 - keep)])
+    log.info("metadata backup %s: %d bytes in %d parts", key, manifest.size,
+             len(manifest.parts))  # fmt: skip
     return key
+
+
+async def _prune(store: ObjectStore, old: list[BackupName]) -> None:
+    """Delete the backups `old` with their parts, and the parts of backups that never
+    got their manifest (cut short by a crash) once ORPHAN_AGE_S old (a younger one
+    may be another process's backup under way)."""
+    complete = {n.key for n in await list_backups(store)} - {n.key for n in old}
+    doomed = {n.key for n in old}
+    cutoff = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() - ORPHAN_AGE_S))
+    parts = []
+    async for info in store.list_all(PREFIX):
+        owner, infix, _n = info.key.rpartition(PART_INFIX)
+        if not infix or owner in complete:
+            continue
+        name = BackupName.parse(owner)
+        if owner in doomed or (name is not None and name.taken < cutoff):
+            parts.append(info.key)
+    if doomed or parts:
+        await store.delete_many([*sorted(doomed), *parts])
 
 
 def _last(cache: CacheDir) -> dict[str, object]:
@@ -226,11 +355,10 @@ async def restore_newest(
     if not backups:
         raise NoMetadataBackup(store.url)
     newest = backups[-1]
-    dump = await trio.to_thread.run_sync(open_dump, keys, await store.get(newest.key))
     db_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = db_path.parent / f".{db_path.name}.restore.{os.getpid()}"
-    tmp.write_bytes(dump)
     try:
+        size = await read_backup(store, keys, newest.key, tmp)
         found, missing = await _match_pending(store, fs_uuid, tmp)
         for suffix in ("-wal", "-shm"):
             Path(f"{db_path}{suffix}").unlink(missing_ok=True)
@@ -241,4 +369,4 @@ async def restore_newest(
     if missing:
         log.warning("%d blocks the backup names as pending are not in the store: the files "
                     "using them will read as errors", missing)  # fmt: skip
-    return Restored(newest.key, newest.taken, len(dump), found, missing)
+    return Restored(newest.key, newest.taken, size, found, missing)

@@ -223,7 +223,7 @@ class Namespace:
         """The file or directory `attrs` was read: update its atime as the mount's atime
         mode says (relatime by default: only when atime is not newer than mtime and
         ctime, or is a day old, so reads cost no metadata write). True if it changed."""
-        if self.atime == "noatime":
+        if self.atime == "noatime" or self.meta.fenced is not None:
             return False
         now = time.time_ns()
         if (
@@ -506,6 +506,8 @@ class Namespace:
             return  # the last close (or the seal under way) calls again
         if self.kernel_refs.get(ino) > 0:
             return  # forget() calls again (when `ino` is in _nameless)
+        if self.meta.fenced is not None:
+            return  # changes nothing any more; the next mount's free_orphans frees it
         async with self.meta.transaction() as tx:
             if ino in self.marked_open:
                 await trash.unmark_open(tx, ino, self.holder)  # no longer used here

@@ -49,6 +49,9 @@ class Backups:
         self.taken = 0
         self.last: str | None = None
         self.failed = 0
+        #: why no backup may be put any more (the mount lease was taken over: a backup
+        #: of this database would now shadow the new holder's), or None
+        self.fenced: str | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Take periodic backups, and host those asked for with `soon`."""
@@ -82,7 +85,7 @@ class Backups:
         """Back up now if the database changed (or `force`), unless the last backup is
         less than `unless_within` seconds old; the new key, else None. A failure is
         logged and retried at the next occasion."""
-        if self.db_path is None:
+        if self.db_path is None or self.fenced is not None:
             return None
         async with self._lock:
             try:

@@ -53,7 +53,7 @@ SEND_TIMEOUT_S = 30.0
 #: how long connect() waits for the hello reply
 HELLO_TIMEOUT_S = 10.0
 #: how long ensure_daemon waits for a new daemon to answer
-START_TIMEOUT_S = 15.0
+START_TIMEOUT_S = 60.0
 
 _Json = dict[str, Any]
 
@@ -154,6 +154,7 @@ class DaemonOps(Protocol):
     async def status(self) -> _Json: ...
     async def drop_cache(self) -> _Json: ...
     async def backup(self) -> _Json: ...
+    def fence(self, reason: str | None) -> None: ...
     def shutdown(self) -> None: ...
 
 
@@ -279,6 +280,10 @@ class ControlServer:
                 result = await self.ops.drop_cache()
             elif op == "backup":
                 result = await self.ops.backup()
+            elif op == "fence":
+                reason = msg.get("reason")
+                self.ops.fence(reason if isinstance(reason, str) else None)
+                result = {}
             elif op == "shutdown":
                 result = {}
             else:
@@ -395,6 +400,12 @@ class DaemonClient:
         key = (await self._request("backup")).get("key")
         return key if isinstance(key, str) else None
 
+    async def fence(self, reason: str | None) -> None:
+        """With a reason: upload, remove and back up nothing more for this cache dir
+        (its mount lost the lease to another machine); flushes fail with LeaseLost.
+        None lifts that (a mount holds the lease again)."""
+        await self._request("fence", reason=reason)
+
     async def shutdown(self) -> None:
         """Ask the daemon to exit (it finishes the bookkeeping of running uploads)."""
         await self._request("shutdown")
@@ -510,7 +521,8 @@ def _last_log_line(cache: CacheDir) -> str | None:
     return lines[-1] if lines else None
 
 
-async def _answers(cache: CacheDir) -> bool:
+async def answers(cache: CacheDir) -> bool:
+    """True when a daemon answers a hello on the cache dir's socket."""
     try:
         client = await DaemonClient.connect(cache, role="probe")
     except DaemonError:
@@ -532,7 +544,7 @@ async def ensure_daemon(
     the master key hex-encoded on its stdin (never in its argv or environment), and
     the MySQL password of the metadata database, if any, on a second line.
     DaemonError, with the daemon's last words, when none answers within `timeout`."""
-    if await _answers(cache):
+    if await answers(cache):
         return
     cmd = [sys.executable, "-m", "cloudfs.daemon.main", "--cachedir", str(cache.root),
            "--key-stdin", *extra_args]  # fmt: skip
@@ -569,7 +581,7 @@ async def ensure_daemon(
             # Another daemon may still be starting, or be exiting (it holds the lock
             # until then): poll, and launch again if it went away.
             for _ in range(20):
-                if await _answers(cache):
+                if await answers(cache):
                     return
                 await trio.sleep(0.1)
     if scope.cancelled_caught:
@@ -586,6 +598,7 @@ __all__ = [
     "DaemonClient",
     "DaemonOps",
     "SocketPath",
+    "answers",
     "ensure_daemon",
     "error_from_reply",
     "error_reply",

@@ -33,18 +33,20 @@ import fcntl
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
+from cloudfs.daemon.control import answers
 from cloudfs.daemon.service import DaemonService
 from cloudfs.tools._cli import add_storage_arguments, storage_options_from_args
 
 from cloudfs.cache import CacheConfig, CacheDir
 from cloudfs.codec.crypto import KEY_SIZE, Keys
 from cloudfs.config import Superblock, read_passphrase, read_superblock, unlock
-from cloudfs.errors import CloudfsError, MetadataMismatch, MetadataMissing, UsageError
+from cloudfs.errors import CloudfsError, DaemonError, MetadataMismatch, MetadataMissing, UsageError
 from cloudfs.meta import open_meta
 from cloudfs.meta.base import MetaStore
 from cloudfs.meta.url import is_mysql, read_mysql_password
@@ -53,6 +55,10 @@ from cloudfs.objectstore.retry import RetryStore
 from cloudfs.objectstore.sealed import SealedStore
 
 log = logging.getLogger("cloudfs.daemon")
+
+#: how long `cloudfsd` waits for a daemon that holds the lock to answer (it may be
+#: starting, or stopping: up to service.STOP_GRACE_S for its last PUTs, then a backup)
+HOLDER_WAIT_S = 60.0
 
 _LOG_FORMAT = "%(asctime)s cloudfsd[%(process)d] %(levelname)s %(name)s: %(message)s"
 
@@ -119,6 +125,27 @@ def _take_lock(cache: CacheDir) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def _lock_or_wait_for_daemon(cache: CacheDir) -> int | None:
+    """The fd holding daemon.lock; None once another daemon holds it *and answers* on
+    the socket; -1 when the holder never answers within HOLDER_WAIT_S.
+
+    Exiting 0 means "a daemon serves this cache dir now", so a caller may talk to it
+    right away. The lock alone does not say that: its holder may still be starting
+    (reading the superblock from the store, unlocking keys) or already stopping (its
+    socket is gone while it finishes its PUTs). So wait until the holder answers, or
+    lets the lock go (then take it and start a daemon of our own)."""
+    deadline = time.monotonic() + HOLDER_WAIT_S
+    while True:
+        fd = _take_lock(cache)
+        if fd is not None:
+            return fd
+        if trio.run(answers, cache):
+            return None
+        if time.monotonic() > deadline:
+            return -1
+        time.sleep(0.1)
 
 
 def _running_pid(cache: CacheDir) -> str:
@@ -293,11 +320,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cloudfsd: cannot read {cache.config_path}: {exc}", file=sys.stderr)
         return MetadataMissing.exit_code
     config.options = {**config.options, **opts.storage_options}
-    lock_fd = _take_lock(cache)
+    lock_fd = _lock_or_wait_for_daemon(cache)
     if lock_fd is None:
         print(f"cloudfsd: a daemon is already running for {cache.root} (pid {_running_pid(cache)})",
               file=sys.stderr)  # fmt: skip
         return 0
+    if lock_fd < 0:
+        print(f"cloudfsd: a daemon (pid {_running_pid(cache)}) holds {cache.lock_path} but does "
+              f"not answer on {cache.socket_path} within {HOLDER_WAIT_S:g} s",
+              file=sys.stderr)  # fmt: skip
+        return DaemonError.exit_code
     _setup_logging(cache, opts.fg)
     try:
         sb, keys = _unlock_keys(opts, config)

@@ -63,6 +63,8 @@ class Remover:
 
     async def round(self) -> None:
         """One pruning run and one garbage collection pass."""
+        if self.meta.fenced is not None:
+            return  # the filesystem is another machine's now: delete nothing of it
         now = now_ns()
         try:
             pruned = await retention.prune(self.meta, now)

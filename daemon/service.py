@@ -112,6 +112,7 @@ class DaemonService:
         self.stop_reason: str | None = None
         self._last_request = 0.0
         self._stop = trio.Event()
+        self._read_fence()
 
     # --- lifetime ----------------------------------------------------------------------
 
@@ -230,7 +231,7 @@ class DaemonService:
             except Exception:
                 log.exception("reading the pending blocks failed")
                 continue
-            if pending == 0:
+            if pending == 0 or self.meta.fenced is not None:  # fenced: nothing to do
                 # the uploads since the last mount left changed block states
                 await self.backups.backup("idle exit")
                 if self.mounts or trio.current_time() - self._last_request < self.idle_exit:
@@ -254,6 +255,35 @@ class DaemonService:
         if self.mounts == 0:
             # a clean unmount has just backed up itself; a crash did not
             self.backups.soon("the last mount left", unless_within=LAST_MOUNT_BACKUP_GAP_S)
+
+    def fence(self, reason: str | None) -> None:
+        """With a reason (the mount's lease was taken over by another machine): upload,
+        remove and back up nothing more; flushes fail with LeaseLost; kept across
+        restarts in DIR/fenced (CacheDir.fence_path). None lifts it (a mount holds the
+        lease again)."""
+        path = self.cache.fence_path
+        if reason is None:
+            path.unlink(missing_ok=True)
+            if self.meta.fenced is not None:
+                log.info("uploads resume: the mount holds the lease again")
+        else:
+            path.write_text(reason + "\n", encoding="utf-8")
+            if self.meta.fenced is None:
+                log.warning("uploads, removals and backups stop: %s", reason)
+        self._apply_fence(reason)
+        self.uploader.kick()  # its next pass wakes the flush waiters: they fail now
+
+    def _apply_fence(self, reason: str | None) -> None:
+        self.meta.fenced = reason
+        self.backups.fenced = reason
+
+    def _read_fence(self) -> None:
+        try:
+            reason = self.cache.fence_path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return
+        log.warning("fenced since an earlier run: %s", reason)
+        self._apply_fence(reason or "fenced")
 
     def touch(self) -> None:
         self._last_request = trio.current_time()
@@ -283,6 +313,7 @@ class DaemonService:
             "fetched_bytes": self.fetcher.fetched_bytes,
             **self.evictor.status(),
             **self.backups.status(),
+            "fenced": self.meta.fenced,
             "mounts": self.mounts,
             "remover_rounds": self.remover.rounds,
             "remover_last": self.remover.last,

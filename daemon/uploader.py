@@ -36,7 +36,7 @@ import trio
 from cloudfs import _native
 from cloudfs.cache import CacheDir
 from cloudfs.codec.crypto import Keys
-from cloudfs.errors import CloudfsError, StoreError
+from cloudfs.errors import CloudfsError, LeaseLost, StoreError
 from cloudfs.meta.base import MetaStore
 from cloudfs.meta.schema import BLOCK_PENDING
 from cloudfs.objectstore.sealed import SealedStore
@@ -186,6 +186,8 @@ class Uploader:
                 await self._wake.wait()
 
     async def _scan_pass(self, queue: trio.MemorySendChannel[tuple[bytes, int]]) -> None:
+        if self.meta.fenced is not None:
+            return  # fenced (DaemonService.fence): nothing more goes up
         after = b""
         seen_failed: set[bytes] = set()
         while not self._stopping:
@@ -227,7 +229,7 @@ class Uploader:
     ) -> None:
         async with queue, done:
             async for block_id, size in queue:
-                if self._stopping:
+                if self._stopping or self.meta.fenced is not None:
                     self.in_flight.discard(block_id)
                     continue
                 self.active += 1
@@ -291,6 +293,13 @@ class Uploader:
                 await tx.mark_stored(block_id, stored_size)
 
     async def _commit(self, batch: list[tuple[bytes, int, int]]) -> None:
+        if self.meta.fenced is not None:
+            # the metadata takes no writes any more; the objects in the bucket are
+            # harmless (named by content), the rows stay pending
+            for block_id, _size, _stored in batch:
+                self.in_flight.discard(block_id)
+            self._notify()
+            return
         # Shielded: the objects are already PUT; losing the mark only costs a second
         # PUT later, but finishing it is what a clean shutdown promises.
         with trio.CancelScope(shield=True):
@@ -320,6 +329,8 @@ class Uploader:
         started = trio.current_time()
         self.retry_now()
         while True:
+            if self.meta.fenced is not None:
+                raise LeaseLost(f"uploads stopped: {self.meta.fenced}")
             changed = self._changed
             waiting = await self._still_pending(block_ids)
             if not waiting:

@@ -185,14 +185,21 @@ async def _take_lease(
     return lease
 
 
-async def _renew_lease(lease: Lease) -> None:
+async def _renew_lease(lease: Lease, meta: MetaStore, link: DaemonLink) -> None:
     """Renew the lease until cancelled. When another machine took it over (--force),
-    say so loudly: two machines now write into one filesystem."""
+    this mount must not write a second history into the bucket: it is fenced (every
+    change gets EROFS, reads go on, nothing is sealed or backed up any more) and so is
+    its daemon (no more uploads, removals or backups for this cache dir)."""
     while True:
         try:
             await lease.renew()
         except LeaseLost as exc:
-            log.error("%s: unmount this filesystem here", exc.message)
+            reason = exc.message  # "the mount lease was taken over by another machine: …"
+            meta.fence(reason)
+            log.critical("%s: this mount is read-only from now on (changes get EROFS; "
+                         "nothing more is sealed, uploaded or backed up); unmount it",
+                         reason)  # fmt: skip
+            await link.fence(reason)
             return
         except CloudfsError as exc:
             log.warning("cannot renew the mount lease (%s); trying again", exc.message)
@@ -315,6 +322,8 @@ class DaemonLink:
         self._master = master
         self._meta_password = meta_password
         self._client: DaemonClient | None = None
+        #: why the daemon must not upload for this mount any more (see `fence`)
+        self.fenced: str | None = None
         self._kick = trio.Event()
         self._lock = trio.Lock()
 
@@ -322,7 +331,16 @@ class DaemonLink:
         async with self._lock:
             if self._client is None:
                 await ensure_daemon(self.cache, self._master, meta_password=self._meta_password)
-                self._client = await DaemonClient.connect(self.cache, role="mount")
+                client = await DaemonClient.connect(self.cache, role="mount")
+                try:
+                    # a daemon fenced for an earlier mount that lost its lease is
+                    # lifted by a mount that holds the lease again
+                    if self.fenced is not None or self.cache.fence_path.exists():
+                        await client.fence(self.fenced)
+                except BaseException:
+                    await client.aclose()
+                    raise
+                self._client = client
             return self._client
 
     async def _call(self, op: str, *args: object) -> None:
@@ -352,6 +370,24 @@ class DaemonLink:
         limit = (await client.status())["cache_limit"]
         assert isinstance(limit, int)
         return limit
+
+    async def fence(self, reason: str) -> None:
+        """Make the daemon stop uploading, removing and backing up for this cache dir
+        (the mount lease was taken over); every later connection says so again."""
+        self.fenced = reason
+        # first in the cache dir: a daemon that starts from now on (a restart of a
+        # killed one) uploads nothing, not even before it hears from this mount
+        try:
+            await trio.to_thread.run_sync(
+                lambda: self.cache.fence_path.write_text(reason + "\n", encoding="utf-8")
+            )
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.cache.fence_path, exc)
+        try:
+            await self._call("fence", reason)
+        except CloudfsError as exc:
+            log.warning("cannot tell the daemon to stop uploading: %s (a daemon started "
+                        "later is told)", exc.message)  # fmt: skip
 
     def kick_soon(self) -> None:
         self._kick.set()
@@ -497,7 +533,7 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(link.run_kicker)
                 if prep.lease is not None:
-                    nursery.start_soon(_renew_lease, prep.lease)
+                    nursery.start_soon(_renew_lease, prep.lease, meta, link)
                 if client is not None:
                     nursery.start_soon(client.run_heartbeat)
                 nursery.start_soon(_seal_idle_files, files, opts.idle_seal_s)
@@ -522,7 +558,7 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
             log.error("unmount failed: %s", exc)
         files.blockfiles.close()
         await meta.close()
-        if prep.lease is not None:
+        if prep.lease is not None and meta.fenced is None:
             # the metadata is consistent now: back it up before the daemon sees this
             # mount leave (or it would take a backup of its own) and before the lease
             # is released (another machine may then restore the newest backup)
@@ -636,9 +672,10 @@ def _mount(argv: list[str], *, command_line: bool = False) -> int:
     _setup_logging(prep.cache, False, opts.debug)
     try:
         trio.run(serve, prep, write_fd)
-    except BaseException as exc:  # noqa: BLE001 - the waiting parent must hear of any failure
+    except BaseException as exc:
         msg = exc.message if isinstance(exc, CloudfsError) else f"{type(exc).__name__}: {exc}"
-        log.error("mount failed: %s", msg)
+        # an unexpected failure leaves its traceback in the log
+        log.error("mount failed: %s", msg, exc_info=not isinstance(exc, CloudfsError))
         _report_ready(write_fd, msg)
         os._exit(1)
     os._exit(0)

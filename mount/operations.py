@@ -156,6 +156,12 @@ class Operations(pyfuse3.Operations):
         self._handles[fh] = ino
         return fh
 
+    def _refuse_if_fenced(self) -> None:
+        """EROFS once the mount's lease was taken over (MetaStore.fence): the metadata
+        refuses every change then; this catches the changes that begin elsewhere."""
+        if self.ns.meta.fenced is not None:
+            raise FSOpError(errno.EROFS, self.ns.meta.fenced)
+
     def _ino(self, fh: int) -> int:
         try:
             return self._handles[fh]
@@ -172,7 +178,12 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        await self.ns.forget(inode_list)
+        # the kernel takes no answer to a forget: an error raised here would end the
+        # whole FUSE session. An inode not freed now is freed by the next mount.
+        try:
+            await self.ns.forget(inode_list)
+        except CloudfsError as exc:
+            log.warning("forget: freeing unlinked inodes failed: %s", exc.message)
         for ino, _n in inode_list:
             if ino not in self.ns.kernel_refs:
                 self._cached_version.pop(ino, None)
@@ -186,6 +197,7 @@ class Operations(pyfuse3.Operations):
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:  # fmt: skip
+        self._refuse_if_fenced()  # a truncate changes the overlay before the metadata
         attrs = await self.ns.setattr(
             inode,
             mode=attr.st_mode if fields.update_mode else None,
@@ -263,6 +275,8 @@ class Operations(pyfuse3.Operations):
         attrs = await self.ns.getattr(inode)
         if stat.S_ISDIR(attrs.mode):
             raise FSOpError(errno.EISDIR)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            self._refuse_if_fenced()
         if flags & os.O_ACCMODE != os.O_WRONLY and await self.ns.accessed(attrs):
             # atime is read at open, not at read(): reads served from the page cache
             # never reach the filesystem. The kernel keeps cached attributes and hears
@@ -334,6 +348,8 @@ class Operations(pyfuse3.Operations):
             await self._after_last_close(ino)
 
     async def _after_last_close(self, ino: int) -> None:
+        if self.ns.meta.fenced is not None:
+            return  # nothing may be sealed or freed here any more
         try:
             await self.files.last_close(ino)
             await self.ns.maybe_free(ino)
@@ -418,6 +434,7 @@ class Operations(pyfuse3.Operations):
     async def _command(self, command: bytes) -> None:
         """Commands of the admin tool, sent as a virtual xattr of the root."""
         if command == b"seal":
+            self._refuse_if_fenced()  # `cloudfs flush` must not wait for what never goes up
             await self.files.seal_all()
         elif command == b"drop_cache":
             await self._drop_cache()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -14,7 +15,7 @@ from cloudfs.tools._cli import open_config_meta, parse_args, run_cli, setup_logg
 
 from cloudfs import trash, versions
 from cloudfs.cache import CacheDir
-from cloudfs.errors import DaemonError, NotMounted
+from cloudfs.errors import DaemonError, FSOpError, LeaseLost, NotMounted
 
 if TYPE_CHECKING:
     from cloudfs.daemon.control import DaemonClient as DaemonClientType
@@ -112,7 +113,15 @@ async def cmd_flush(args: argparse.Namespace) -> int:
 
     cache = cache_of(args.mountpoint)
     # seal what the mount still holds in dirty overlays, then wait for the uploads
-    await trio.to_thread.run_sync(os.setxattr, args.mountpoint, XATTR_COMMAND.decode(), b"seal")
+    try:
+        await trio.to_thread.run_sync(os.setxattr, args.mountpoint, XATTR_COMMAND.decode(), b"seal")
+    except OSError as exc:
+        # EROFS: the mount lost its lease to another machine; nothing goes up from here
+        if exc.errno == errno.EROFS and cache.fence_path.exists():
+            reason = cache.fence_path.read_text(encoding="utf-8").strip()
+            raise LeaseLost(f"{args.mountpoint} takes no changes: {reason}") from None
+        raise FSOpError(exc.errno or errno.EIO,
+                        f"sealing {args.mountpoint} failed: {exc.strerror}") from None  # fmt: skip
     async with await DaemonClient.connect(cache, role="tool") as client:
         if not sys.stderr.isatty():
             await client.flush()

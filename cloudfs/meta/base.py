@@ -9,6 +9,7 @@ inside `async with meta.transaction() as tx:`, never relying on "no await, so at
 from __future__ import annotations
 
 import abc
+import errno
 import logging
 import random
 import time
@@ -20,6 +21,7 @@ from typing import ParamSpec, TypeVar
 import trio
 
 from cloudfs.errors import (
+    FSOpError,
     MetadataMismatch,
     MetadataMissing,
     MetadataOutdated,
@@ -552,6 +554,15 @@ class MetaStore(abc.ABC):
     dialect: schema.Dialect
     #: the database, as shown in messages (never with a password)
     where: str = "metadata database"
+    #: why this process may change nothing any more (its mount lease was taken over by
+    #: another machine: cloudfs.lease), or None; see `fence`
+    fenced: str | None = None
+
+    def fence(self, reason: str) -> None:
+        """From now on every write transaction fails with EROFS (`reason` as its
+        detail); reads go on. A mount whose lease another machine took must not write
+        a second history into the same bucket."""
+        self.fenced = reason
 
     @abc.abstractmethod
     def _transaction(self, durable: bool, write: bool) -> AbstractAsyncContextManager[Conn]:
@@ -562,6 +573,8 @@ class MetaStore(abc.ABC):
 
     @asynccontextmanager
     async def transaction(self, *, durable: bool = False, write: bool = True) -> AsyncIterator[Txn]:
+        if write and self.fenced is not None:
+            raise FSOpError(errno.EROFS, self.fenced)
         async with self._transaction(durable, write) as conn:
             yield Txn(conn, self.dialect)
 

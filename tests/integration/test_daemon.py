@@ -5,6 +5,7 @@ cache/blocks, a `pending` row in the metadata store."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -12,11 +13,12 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
-from cloudfs.daemon.control import DaemonClient, ensure_daemon
+from cloudfs.daemon.control import DaemonClient, answers, ensure_daemon
 
 from cloudfs import _native
 from cloudfs.cache import CacheConfig, CacheDir
@@ -473,3 +475,36 @@ async def test_ensure_daemon_reports_start_failure(fs: Filesystem) -> None:
         while fs.daemon_pids():
             await trio.sleep(0.05)
     assert not fs.cache.socket_path.exists()
+
+
+async def test_launcher_waits_for_a_lock_holder_that_does_not_answer_yet(fs: Filesystem) -> None:
+    """`cloudfsd` exiting 0 means a daemon answers now. A daemon holding the lock may
+    still be starting or already stopping (its socket gone): the launcher waits until
+    the holder answers or lets go (then it starts one itself). Once it said "already
+    running" while the mount's own restart was starting, and `cloudfs flush` found no
+    socket. Here the test holds the lock, as such a daemon would."""
+    lock = os.open(fs.cache.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        async with trio.open_nursery() as nursery:
+            launcher = await nursery.start(
+                partial(
+                    trio.run_process,
+                    [sys.executable, "-m", "cloudfs.daemon.main", "--cachedir",
+                     str(fs.cache.root), "--key-stdin"],
+                    stdin=fs.master_key.hex().encode() + b"\n", capture_stderr=True,
+                    check=False,
+                )
+            )  # fmt: skip
+            # while the lock holder does not answer, the launcher does not return
+            await trio.sleep(1.0)
+            assert launcher.returncode is None, "cloudfsd returned while no daemon answered"
+            os.close(lock)  # the holder is gone: the launcher starts its own daemon
+            lock = -1
+            with trio.fail_after(60):
+                await launcher.wait()
+        assert launcher.returncode == 0
+        assert await answers(fs.cache), "cloudfsd exited 0 but no daemon answers"
+    finally:
+        if lock >= 0:
+            os.close(lock)

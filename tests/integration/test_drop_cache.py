@@ -25,7 +25,7 @@ from cloudfs.objectstore.sealed import SealedStore
 if TYPE_CHECKING:  # the fixtures' type; conftest is not importable as a module
     from conftest import CloudFS
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.store_kinds("local", "s3")]
 
 MiB = 1 << 20
 
@@ -60,6 +60,7 @@ def test_reads_after_drop_cache_fetch_from_the_store(fs: CloudFS) -> None:
     assert _daemon_status(fs)["fetched"] - fetched == cached
 
 
+@pytest.mark.store_kinds("local")  # store-independent: the mount's own logic
 def test_drop_cache_needs_a_mount(tmp_path: Path, fs: CloudFS) -> None:
     r = fs.run("cloudfs", "drop-cache", tmp_path)
     assert r.returncode != 0

@@ -21,9 +21,21 @@ import pytest
 import trio
 
 from cloudfs import config
+from cloudfs.cache import CacheDir
 from cloudfs.codec.crypto import Keys
+from cloudfs.config import create_filesystem
 from cloudfs.errors import CorruptBlock
-from cloudfs.metabackup import list_backups, open_dump
+from cloudfs.metabackup import (
+    MAGIC,
+    PART_INFIX,
+    PART_SIZE,
+    list_backups,
+    part_key,
+    put_backup,
+    read_backup,
+    seal_dump,
+    snapshot,
+)
 from cloudfs.objectstore.local import LocalStore
 
 if TYPE_CHECKING:  # the fixtures' type; conftest is not importable as a module
@@ -71,7 +83,9 @@ def tree(root: Path) -> dict[str, Any]:
 
 
 def backups(fs: CloudFS) -> list[str]:
-    return sorted(str(p.relative_to(fs.store)) for p in (fs.store / "meta").glob("*"))
+    """The complete backups: their manifests' keys."""
+    return sorted(str(p.relative_to(fs.store)) for p in (fs.store / "meta").glob("*")
+                  if PART_INFIX not in p.name)  # fmt: skip
 
 
 def test_restore_metadata_on_a_fresh_cache_dir(make_fs: Callable[..., CloudFS]) -> None:
@@ -159,20 +173,21 @@ def test_backups_are_periodic_sealed_and_pruned(make_fs: Callable[..., CloudFS])
     seqs = [int(k.rsplit("-", 1)[1]) for k in keys]
     assert seqs == sorted(seqs) and seqs[-1] >= 4, seqs
     # sealed: no file name in the clear, and only the filesystem's keys open it
-    newest = (fs.store / keys[-1]).read_bytes()
-    assert marker.encode() not in newest
-    dump = trio.run(open_newest, fs)
-    assert marker.encode() in dump
-    with pytest.raises(CorruptBlock):
-        open_dump(Keys.from_master(os.urandom(32)), newest)
-    flipped = bytearray(newest)
-    flipped[len(flipped) // 2] ^= 1
-    with pytest.raises(CorruptBlock):
-        open_dump(trio.run(fs_keys, fs), bytes(flipped))
+    objects = [p.read_bytes() for p in (fs.store / "meta").glob(f"{keys[-1].rsplit('/')[-1]}*")]
+    assert len(objects) >= 2  # the manifest and a part
+    assert not any(marker.encode() in body for body in objects)
     db = fs.root / "restored.db"
-    db.write_bytes(dump)
+    trio.run(open_newest, fs, db, trio.run(fs_keys, fs))
     names = {r[0] for r in sqlite3.connect(db).execute("SELECT name FROM dentries")}
     assert f"{marker}-0".encode() in names
+    with pytest.raises(CorruptBlock):
+        trio.run(open_newest, fs, fs.root / "x.db", Keys.from_master(os.urandom(32)))
+    part = fs.store / part_key(keys[-1], 0)
+    flipped = bytearray(part.read_bytes())
+    flipped[len(flipped) // 2] ^= 1
+    part.write_bytes(bytes(flipped))
+    with pytest.raises(CorruptBlock):
+        trio.run(open_newest, fs, fs.root / "x.db", trio.run(fs_keys, fs))
 
 
 async def fs_keys(fs: CloudFS) -> Keys:
@@ -180,10 +195,56 @@ async def fs_keys(fs: CloudFS) -> Keys:
     return config.unlock(sb, fs.passphrase.encode())
 
 
-async def open_newest(fs: CloudFS) -> bytes:
+async def open_newest(fs: CloudFS, out: Path, keys: Keys) -> None:
     store = LocalStore(fs.store)
     newest = (await list_backups(store))[-1]
-    return open_dump(await fs_keys(fs), await store.get(newest.key))
+    await read_backup(store, keys, newest.key, out)
+
+
+async def test_backups_stream_in_parts(tmp_path: Path) -> None:
+    """A database larger than a part goes up as parts of at most PART_SIZE plus a
+    manifest, and comes back identical; pruning takes a backup's parts with it, and
+    the parts of a backup cut short; a whole-dump backup of an older version is still
+    read."""
+    store = LocalStore(tmp_path / "store")
+    _sb, keys = await create_filesystem(store, b"passphrase")
+    cache = CacheDir(tmp_path / "cache")
+    cache.create()
+    db = tmp_path / "meta.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE t (b BLOB)")
+    conn.executemany("INSERT INTO t VALUES (?)", [(os.urandom(100_000),) for _ in range(100)])
+    conn.commit()
+    conn.close()
+    expected = tmp_path / "expected.db"
+    snapshot(db, expected)
+    assert expected.stat().st_size > 2 * PART_SIZE
+
+    first = await put_backup(store, keys, cache, db, encrypt=True, level=3, keep=1)
+    assert first is not None
+    parts = sorted(p for p in (tmp_path / "store" / "meta").iterdir() if PART_INFIX in p.name)
+    assert len(parts) == -(-expected.stat().st_size // PART_SIZE)
+    assert all(p.stat().st_size <= PART_SIZE + 1024 for p in parts)
+    out = tmp_path / "out.db"
+    assert await read_backup(store, keys, first, out) == expected.stat().st_size
+    assert out.read_bytes() == expected.read_bytes()
+
+    # a backup cut short before its manifest (long ago): parts without one
+    leftover = "meta/backup-20200101T000000Z-00000002"
+    await store.put(part_key(leftover, 0), b"cut short")
+    second = await put_backup(store, keys, cache, db, encrypt=True, level=3, keep=1, force=True)
+    assert second is not None
+    left = sorted(str(p.name) for p in (tmp_path / "store" / "meta").iterdir())
+    assert left == sorted(
+        [second.rsplit("/")[-1]] + [part_key(second, n).rsplit("/")[-1] for n in range(len(parts))]
+    )
+
+    # the format of older versions: one object holding the whole dump
+    old_key = "meta/backup-20200101T000000Z-00000009"
+    await store.put(old_key, MAGIC + seal_dump(keys, expected.read_bytes(), encrypt=True,
+                                               level=3)[len(MAGIC):])  # fmt: skip
+    assert await read_backup(store, keys, old_key, out) == expected.stat().st_size
+    assert out.read_bytes() == expected.read_bytes()
 
 
 def test_restore_without_backups_or_with_the_wrong_passphrase(

@@ -22,7 +22,7 @@ import pytest
 if TYPE_CHECKING:  # the fixtures' type
     from conftest import CloudFS
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.store_kinds("local", "s3")]
 
 MiB = 1 << 20
 
@@ -63,6 +63,7 @@ def test_unmount_returns_while_the_daemon_uploads(fs: CloudFS) -> None:
         assert (fs.mnt / name).read_bytes() == data
 
 
+@pytest.mark.store_kinds("local")  # store-independent: the mount's own logic
 def test_status_is_stat(fs: CloudFS) -> None:
     (fs.mnt / "f").write_bytes(b"x" * 5000)
     fs.flush()
@@ -75,6 +76,7 @@ def test_status_is_stat(fs: CloudFS) -> None:
     assert re.search(r"^pending uploads +0 blocks", text, re.MULTILINE), text
 
 
+@pytest.mark.store_kinds("local")  # store-independent: the mount's own logic
 def test_flush_progress_on_a_terminal(fs: CloudFS) -> None:
     daemon = fs.daemon_pid()
     assert daemon is not None
