@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Concatenate, ParamSpec, TypeVar
 
-from cloudfs import clients, trash
+from cloudfs import clients, snapshots, trash
 from cloudfs.errors import FSOpError
 from cloudfs.files import FileStore
 from cloudfs.lookups import LookupCounts
@@ -529,14 +529,20 @@ class Namespace:
         self.files.drop(ino)
 
     async def free_orphans(self) -> int:
-        """Free inodes a crashed mount left without names (open-unlinked at the crash)."""
+        """Free inodes a crashed mount left without names (open-unlinked at the crash,
+        or the unfinished copy of a snapshot)."""
         async with self.meta.transaction() as tx:
             await trash.clear_open_marks(tx, await self._gone_holders(tx))
+        async with self.meta.reading() as tx:
+            unfinished = await snapshots.unfinished_copies(tx)
+        for root in unfinished:  # whole trees: freeing only the root would strand the rest
+            async with self.meta.transaction() as tx:
+                await snapshots.free_tree(tx, root, time.time_ns())
         async with self.meta.reading() as tx:
             orphans = await tx.orphan_inodes()
         for ino in orphans:
             await self.maybe_free(ino)
-        return len(orphans)
+        return len(unfinished) + len(orphans)
 
     async def _gone_holders(self, tx: Txn) -> list[str]:
         """Holders of open_inodes rows that were mounts of this machine and are gone."""

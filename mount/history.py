@@ -38,7 +38,7 @@ from cloudfs.mount.view import (
     is_virtual,
 )
 from cloudfs.tools.cloudfs import XATTR_COMMAND
-from cloudfs.tools.history import XATTR_RESULT
+from cloudfs.tools.history import XATTR_PROGRESS, XATTR_RESULT
 
 from cloudfs import snapshots, trash
 from cloudfs.errors import CloudfsError, FSOpError
@@ -56,6 +56,9 @@ _RESULTS_KEPT = 64
 #: change as files get new versions, a version file never changes
 VIEW_DIR_TIMEOUT = 1.0
 VERSION_FILE_TIMEOUT = 60.0
+#: inodes a snapshot writes per write transaction (CLOUDFS_TEST_SNAPSHOT_BATCH: tests
+#: make many batches of a small tree)
+SNAPSHOT_BATCH = int(os.environ.get("CLOUDFS_TEST_SNAPSHOT_BATCH") or 2000)
 #: file handles of open version files
 _VIRTUAL_FH = 1 << 62
 
@@ -81,6 +84,8 @@ class HistoryOperations(Operations):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._results: OrderedDict[int, bytes] = OrderedDict()
+        #: snapshots being written, by the progress token their command gave
+        self._progress: dict[str, snapshots.TreeCopy] = {}
         self.view = HistoryView(self.ns.meta, self.files)
         self._vhandles: dict[int, VersionHandle] = {}
         self._next_vfh = _VIRTUAL_FH
@@ -113,6 +118,13 @@ class HistoryOperations(Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if inode == ROOT_INODE and name == XATTR_RESULT:
             return self._results.get(ctx.pid, b"{}")
+        if inode == ROOT_INODE and name.startswith(XATTR_PROGRESS):
+            # read while the command runs: getxattr does not wait for the root's inode
+            # lock that the command's setxattr holds
+            copy = self._progress.get(name[len(XATTR_PROGRESS) :].decode(errors="replace"))
+            if copy is None:
+                raise FSOpError(errno.ENODATA)
+            return json.dumps({"done": copy.inodes_done, "total": copy.total}).encode()
         if is_virtual(inode):
             raise FSOpError(errno.ENODATA)
         return await super().getxattr(inode, name, ctx)
@@ -196,34 +208,78 @@ class HistoryOperations(Operations):
         return {"inode": target, "version": new_version, "size": size}
 
     async def _cmd_snapshot(self, args: _Json, ctx: pyfuse3.RequestContext) -> _Json:
-        """{"source", "path", "readonly", and "name" | "parent" + "dst"}: copy the tree at
-        inode `source` (its path `path`, for the record) as named snapshot `name`, or
-        as entry `dst` of directory `parent`. Unsealed writes are sealed first, so the
-        copy holds everything written before the command."""
+        """{"source", "path", "readonly", "progress", and "name" | "parent" + "dst"}: copy
+        the tree at inode `source` (its path `path`, for the record) as named snapshot
+        `name`, or as entry `dst` of directory `parent`. Unsealed writes are sealed
+        first, so the copy holds everything written before the command.
+
+        The source is read at one instant, then the copy is written in batches of
+        SNAPSHOT_BATCH inodes (snapshots.TreeCopy); other requests are answered between
+        batches, and the copy's progress is readable as `user.cloudfs.progress.<token>`
+        (token: `progress`)."""
         src = _int(args, "source")
         if is_virtual(src):
             raise FSOpError(errno.EINVAL, "the source is in the history view")
         readonly = bool(args.get("readonly"))
-        origin = self.files.origin
-        await self.files.seal_all()
-        started = time.monotonic()
-        now = time.time_ns()
-        if "name" in args:
+        token = args.get("progress")
+        named = "name" in args
+        if named:
             name = _name(args)
             path = os.fsencode(str(args.get("path", "")))
-            root, count = await self.ns.meta.run(self._in_transaction, snapshots.create_named,
-                                                 src, name, path, origin=origin, now_ns=now)  # fmt: skip
+            async with self.ns.meta.reading() as tx:
+                await snapshots.check_snapshot_name(tx, name)
         else:
             parent, dst = _int(args, "parent"), _name(args, "dst")
             await self._may_create(parent, dst)
-            root, count = await self.ns.meta.run(
-                self._in_transaction, snapshots.create_at, src, parent, dst,
-                readonly=readonly, origin=origin, now_ns=now,
-            )  # fmt: skip
-            await self._invalidate([parent])
+            async with self.ns.meta.reading() as tx:
+                await snapshots.check_destination(tx, parent, dst)
+        await self.files.seal_all()
+        started = time.monotonic()
+        async with self.ns.meta.detached_reading() as tx:
+            source = await snapshots.read_source(tx, src)
+        copy = snapshots.TreeCopy(
+            source, readonly=named or readonly, origin=self.files.origin, now_ns=time.time_ns(),
+            holder=self.ns.holder,
+        )  # fmt: skip
+        read_s = time.monotonic() - started
+        if isinstance(token, str):
+            self._progress[token] = copy
+        try:
+            while not copy.written:
+                await self.ns.meta.run(self._copy_batch, copy)
+                await trio.lowlevel.checkpoint()  # let waiting requests in between batches
+            if named:
+                root = await self.ns.meta.run(self._in_transaction, copy.finish_named, name, path)
+            else:
+                root = await self.ns.meta.run(self._in_transaction, copy.finish_at, parent, dst)
+                await self._invalidate([parent])
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._discard_copy(copy)
+            raise
+        finally:
+            if isinstance(token, str):
+                self._progress.pop(token, None)
         elapsed = time.monotonic() - started
-        log.info("snapshot of inode %d: %d inodes copied in %.2f s", src, count, elapsed)
-        return {"root": root, "inodes": count, "seconds": elapsed}
+        log.info("snapshot of inode %d: %d inodes copied in %.2f s (read in %.2f s)",
+                 src, copy.total, elapsed, read_s)  # fmt: skip
+        return {"root": root, "inodes": copy.total, "seconds": elapsed}
+
+    async def _copy_batch(self, copy: snapshots.TreeCopy) -> None:
+        """One batch of `copy` in one write transaction; `copy` moves on once it committed."""
+        async with self.ns.meta.transaction() as tx:
+            step = await copy.write_batch(tx, SNAPSHOT_BATCH)
+        copy.advance(step)
+
+    async def _discard_copy(self, copy: snapshots.TreeCopy) -> None:
+        """Free what a failed copy wrote; if even that fails, the next mount does it."""
+        try:
+            freed = await self.ns.meta.run(self._in_transaction, copy.discard)
+        except CloudfsError as exc:
+            log.warning("could not free an unfinished copy (the next mount will): %s", exc)
+            return
+        if freed:
+            log.info("freed the %d inodes of an unfinished copy", freed)
 
     async def _cmd_snapshot_delete(self, args: _Json, ctx: pyfuse3.RequestContext) -> _Json:
         """{"name"}: delete a named snapshot and free its tree."""

@@ -15,7 +15,9 @@ import argparse
 import errno
 import json
 import os
+import secrets
 import stat
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,11 @@ from cloudfs.versions import CONFLICT, RESTORED, parse_time, version_at
 
 #: the command's result, per calling thread, answered by the mount (never stored)
 XATTR_RESULT = b"user.cloudfs.result"
+#: prefix of `<prefix><token>`: how far the command that gave `token` got, answered by
+#: the mount while the command runs (JSON {"done", "total"}; ENODATA before and after)
+XATTR_PROGRESS = b"user.cloudfs.progress."
+#: seconds between two looks at a command's progress
+PROGRESS_POLL_S = 0.25
 #: trash entries one purge command of the mount frees
 PURGE_BATCH = 500
 
@@ -106,6 +113,53 @@ async def mount_command(mount: Mount, verb: str, **args: Any) -> dict[str, Any]:
     """Have the mount run `verb`; its result. CommandFailed with the mount's message."""
     # one thread for both calls: the mount keeps each caller's result by thread id
     return await trio.to_thread.run_sync(_command_sync, mount.root, verb, args)
+
+
+def _progress_of(root: Path, token: str) -> tuple[int, int] | None:
+    try:
+        value = json.loads(os.getxattr(root, (XATTR_PROGRESS + token.encode()).decode()))
+        return int(value["done"]), int(value["total"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not started yet, or over
+
+
+async def _with_progress(
+    mount: Mount, what: str, verb: str, args: dict[str, Any]
+) -> dict[str, Any]:
+    """`mount_command` for a long command that reports its progress: a bar on a
+    terminal (stderr) while it runs, nothing more otherwise."""
+    from cloudfs.fsck.runner import Progress
+
+    progress = Progress()
+    if not progress.tty:
+        return await mount_command(mount, verb, **args)
+    token = secrets.token_hex(8)
+    outcome: dict[str, Any] = {}
+
+    async def run(done: trio.CancelScope) -> None:
+        try:
+            outcome["result"] = await mount_command(mount, verb, **args, progress=token)
+        except CloudfsError as exc:
+            outcome["error"] = exc  # raised below, not as a group out of the nursery
+        finally:
+            done.cancel()
+
+    with trio.CancelScope() as polling:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, polling)
+            while True:
+                await trio.sleep(PROGRESS_POLL_S)
+                seen = await trio.to_thread.run_sync(_progress_of, mount.root, token)
+                if seen is not None and seen[0] < seen[1]:
+                    progress(what, *seen)
+    if "error" in outcome:
+        if progress.tty:
+            print(file=sys.stderr)  # end the bar's line before the message
+        raise outcome["error"]
+    result = outcome["result"]
+    total = int(result.get("inodes", 0))
+    progress(what, total, total)  # the finished bar, and the line ends
+    return dict(result)
 
 
 # --- output -------------------------------------------------------------------------------
@@ -255,7 +309,7 @@ async def cmd_snapshot_create(args: argparse.Namespace) -> int:
         except FileNotFoundError:
             raise UsageError(f"{os.path.dirname(dst)}: no such directory") from None
         fields["dst"] = os.fsencode(os.path.basename(dst)).hex()
-    result = await mount_command(mount, "snapshot", **fields)
+    result = await _with_progress(mount, "snapshot", "snapshot", fields)
     what = f"snapshot {args.target}" if named else args.target
     mode = " (read-only)" if named or args.readonly else ""
     print(
@@ -584,4 +638,4 @@ def add_parser(sub: Any) -> None:
     g.set_defaults(func=cmd_gc)
 
 
-__all__ = ["XATTR_RESULT", "add_parser", "find_mount", "mount_command"]
+__all__ = ["XATTR_PROGRESS", "XATTR_RESULT", "add_parser", "find_mount", "mount_command"]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from cloudfs import _native, clients
+from cloudfs import _native, clients, snapshots
 from cloudfs.cache import CacheDir
 from cloudfs.codec.framing import block_key
 from cloudfs.errors import CorruptBlock, ObjectNotFound
@@ -374,14 +374,26 @@ class Checker:
                 if not self.repair:
                     return
                 continue
+            dirs = {i for i, _n, m in lost if stat.S_ISDIR(m)}
             for ino in unlinked:
-                self.found(f"inode {ino} has no name: left open-unlinked by a crash; freed")
+                if ino in dirs:
+                    # a removed directory is empty: one with entries is a copy
+                    # (cloudfs.snapshots) that a crash interrupted before naming it
+                    self.found(f"directory {ino} has no name: an unfinished copy; freed")
+                else:
+                    self.found(f"inode {ino} has no name: left open-unlinked by a crash; freed")
             for ino in tops:
                 self.found(f"inode {ino} is not reachable from the root: put in /lost+found")
 
-            async def fix(tx: Txn, unlinked: list[int] = unlinked, tops: list[int] = tops) -> None:
+            async def fix(
+                tx: Txn, unlinked: list[int] = unlinked, tops: list[int] = tops,
+                dirs: set[int] = dirs,
+            ) -> None:  # fmt: skip
                 for ino in unlinked:
-                    await tx.free_inode(ino, self.now)
+                    if ino in dirs:
+                        await snapshots.free_tree(tx, ino, self.now)
+                    else:
+                        await tx.free_inode(ino, self.now)
                 if tops:
                     lost_found = await self._lost_found(tx)
                     for ino in tops:

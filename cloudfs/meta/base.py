@@ -582,6 +582,13 @@ class MetaStore(abc.ABC):
         """A read-only transaction: a consistent view, no write lock."""
         return self.transaction(write=False)
 
+    def detached_reading(self) -> AbstractAsyncContextManager[Txn]:
+        """A read-only transaction for a long read (a whole tree, cloudfs.snapshots): a
+        consistent view that does not make this process's other transactions wait
+        meanwhile. Engines whose `reading` already does not (MySQL's pooled readers)
+        keep this default."""
+        return self.reading()
+
     async def run(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
         """`await fn(*args, **kwargs)`, called again while a transaction of it conflicts
         with a concurrent one (TransactionConflict; the engine rolled that transaction

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import trio
 
 from cloudfs.meta import schema
-from cloudfs.meta.base import Conn, MetaStore
+from cloudfs.meta.base import Conn, MetaStore, Txn
 
 #: how long a writer waits for the other process's write transaction
 BUSY_TIMEOUT_S = 30.0
@@ -39,6 +39,14 @@ class _SqliteConn(Conn):
 
     async def query(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
         return self.db.execute(sql, params).fetchall()
+
+
+class _DetachedSqliteConn(_SqliteConn):
+    """A second connection's queries, each in a worker thread (sqlite3 lets go of the
+    GIL while it works): the trio thread keeps answering meanwhile."""
+
+    async def query(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
+        return await trio.to_thread.run_sync(lambda: self.db.execute(sql, params).fetchall())
 
 
 class SqliteMetaStore(MetaStore):
@@ -82,6 +90,25 @@ class SqliteMetaStore(MetaStore):
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta_info'"
         ).fetchone()
         return row is not None
+
+    @asynccontextmanager
+    async def _detached(self) -> AsyncIterator[Txn]:
+        db = sqlite3.connect(
+            self.path.resolve().as_uri() + "?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S,
+            isolation_level=None, check_same_thread=False,
+        )  # fmt: skip
+        try:
+            # WAL: the snapshot is fixed by the first read and writers go on meanwhile
+            db.execute("BEGIN")
+            yield Txn(_DetachedSqliteConn(db), self.dialect)
+        finally:
+            db.close()  # ends the read transaction
+
+    def detached_reading(self) -> AbstractAsyncContextManager[Txn]:
+        """A read transaction on a connection of its own, without the process's lock."""
+        if str(self.path) == ":memory:":
+            return self.reading()  # a second connection would see another database
+        return self._detached()
 
     async def close(self) -> None:
         self.db.close()
