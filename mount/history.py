@@ -56,9 +56,11 @@ _RESULTS_KEPT = 64
 #: change as files get new versions, a version file never changes
 VIEW_DIR_TIMEOUT = 1.0
 VERSION_FILE_TIMEOUT = 60.0
-#: inodes a snapshot writes per write transaction (CLOUDFS_TEST_SNAPSHOT_BATCH: tests
-#: make many batches of a small tree)
+#: inodes a snapshot writes per write transaction; tests make many batches of a small
+#: tree (CLOUDFS_TEST_SNAPSHOT_BATCH) and slow them down (CLOUDFS_TEST_SNAPSHOT_PAUSE_S:
+#: seconds between two batches), so that other processes act while a copy is made
 SNAPSHOT_BATCH = int(os.environ.get("CLOUDFS_TEST_SNAPSHOT_BATCH") or 2000)
+SNAPSHOT_PAUSE_S = float(os.environ.get("CLOUDFS_TEST_SNAPSHOT_PAUSE_S") or 0)
 #: file handles of open version files
 _VIRTUAL_FH = 1 << 62
 
@@ -247,7 +249,11 @@ class HistoryOperations(Operations):
         try:
             while not copy.written:
                 await self.ns.meta.run(self._copy_batch, copy)
-                await trio.lowlevel.checkpoint()  # let waiting requests in between batches
+                # let waiting requests in between batches
+                if SNAPSHOT_PAUSE_S:
+                    await trio.sleep(SNAPSHOT_PAUSE_S)
+                else:
+                    await trio.lowlevel.checkpoint()
             if named:
                 root = await self.ns.meta.run(self._in_transaction, copy.finish_named, name, path)
             else:
