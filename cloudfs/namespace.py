@@ -539,7 +539,9 @@ class Namespace:
             async with self.meta.transaction() as tx:
                 await snapshots.free_tree(tx, root, time.time_ns())
         async with self.meta.reading() as tx:
-            orphans = await tx.orphan_inodes()
+            # a live mount's marks: its open-unlinked files and the copies it is writing
+            marked = {r[0] for r in await tx.conn.query("SELECT inode FROM open_inodes")}
+            orphans = [i for i in await tx.orphan_inodes() if i not in marked]
         for ino in orphans:
             await self.maybe_free(ino)
         return len(unfinished) + len(orphans)

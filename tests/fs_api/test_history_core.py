@@ -15,7 +15,7 @@ import trio
 from historyutil import CALLER, Env
 
 from cloudfs import snapshots, trash
-from cloudfs.meta.schema import ROOT_INODE
+from cloudfs.meta.schema import BLOCK_DELETING, ROOT_INODE
 
 
 @pytest.fixture(params=["sqlite", "mysql"])
@@ -183,3 +183,75 @@ async def test_upgrade_from_schema_3_adds_the_trash_columns_and_open_inodes(env:
         await trash.mark_open(tx, ino, "host:1")
         assert await trash.held_open(tx, ino)
         assert await trash.clear_open_marks(tx) == 1
+
+
+async def _count_inodes(env: Env) -> int:
+    async with env.meta.reading() as tx:
+        row = await tx.conn.query_one("SELECT COUNT(*) FROM inodes")
+    assert row is not None
+    return int(row[0])
+
+
+async def test_a_copy_in_batches_is_one_instant_and_an_unfinished_one_is_freed(env: Env) -> None:
+    """The mount's way (mount/history.py): read once, write in batches, name last."""
+    src, _contents = await _tree(env)
+    before = await _read_tree(env, src)
+    inodes_before = await _count_inodes(env)
+    async with env.meta.detached_reading() as tx:
+        source = await snapshots.read_source(tx, src)
+
+    async def batch(copy: snapshots.TreeCopy) -> None:
+        async with env.meta.transaction() as tx:
+            copy.advance(await copy.write_batch(tx, 2))
+
+    copy = snapshots.TreeCopy(source, readonly=False, origin="t", now_ns=time.time_ns())
+    await batch(copy)
+    # the source changes between two batches: the copy still shows it as read
+    a = await env.ns.lookup(src, b"a")
+    await env.files.open(a.id)
+    await env.files.write(a.id, 0, os.urandom(7000))
+    await env.files.release(a.id)
+    sub = await env.ns.lookup(src, b"sub")
+    await env.ns.unlink(sub.id, b"b")
+    while not copy.written:
+        await batch(copy)
+    async with env.meta.transaction() as tx:
+        root = await copy.finish_at(tx, ROOT_INODE, b"copy")
+    assert await _read_tree(env, root) == before
+    await env.refcounts_match()
+    await _nlinks_match(env)
+    copied = await _count_inodes(env)
+    assert copied == inodes_before + 6
+
+    # a crash after two batches leaves an unnamed tree: the next mount frees it, unless
+    # a live mount is still writing it (marked as its holder's)
+    for holder in (env.ns.holder, None):
+        unfinished = snapshots.TreeCopy(source, readonly=True, origin="t", now_ns=time.time_ns(),
+                                        holder=holder)  # fmt: skip
+        await batch(unfinished)
+        await batch(unfinished)
+        written = unfinished.inodes_done  # a batch ends early at many extents
+        assert 2 < written < unfinished.total
+        assert await _count_inodes(env) == copied + written
+        await env.ns.free_orphans()
+        assert await _count_inodes(env) == (copied + written if holder else copied)
+        if holder:
+            async with env.meta.transaction() as tx:
+                assert await unfinished.discard(tx) == written
+        await env.refcounts_match()
+
+    # a block the source stopped naming and a gc pass claimed fails the copy
+    unlucky = snapshots.TreeCopy(source, readonly=True, origin="t", now_ns=time.time_ns())
+    async with env.meta.transaction() as tx:
+        claimed = await tx.conn.execute(
+            f"UPDATE blocks SET state = {BLOCK_DELETING} WHERE id IN"
+            " (SELECT block FROM extents WHERE inode = ?)",
+            (a.id,),
+        )
+    assert claimed
+    with pytest.raises(snapshots.SourceChanged):
+        while not unlucky.written:
+            await batch(unlucky)
+    async with env.meta.transaction() as tx:
+        await unlucky.discard(tx)
+    assert await _count_inodes(env) == copied
