@@ -214,6 +214,26 @@ def test_unreachable_and_nameless_inodes(populated: tuple[CloudFS, dict]) -> Non
     expect(fs, 0, says="clean")
 
 
+def test_an_unfinished_snapshot_copy_is_freed(populated: tuple[CloudFS, dict]) -> None:
+    """A crash while `cloudfs snapshot create` writes its batches leaves the copy's tree
+    without a name, its root at nlink 0: fsck frees all of it, not only the root."""
+    fs, state = populated
+    fs.mount()
+    fs.check("cloudfs", "snapshot", "create", fs.mnt / "tree", fs.mnt / "copy")
+    fs.unmount()
+    with metadata(fs) as db:
+        (copy,) = db.execute("SELECT inode FROM dentries WHERE name = ?", (b"copy",)).fetchone()
+        db.execute("DELETE FROM dentries WHERE name = ?", (b"copy",))
+        db.execute("UPDATE inodes SET nlink = nlink - 1 WHERE id = 1")
+        db.execute("UPDATE inodes SET nlink = 0 WHERE id = ?", (copy,))
+    out = damaged_then_repaired(fs, f"directory {copy} has no name: an unfinished copy; freed")
+    assert "lost+found" not in out, out
+    intact(fs, state)
+    fs.mount()
+    assert sorted(os.listdir(fs.mnt)) == ["tree", "victim"]
+    fs.unmount()
+
+
 def test_kill_9_of_mount_and_daemon_mid_write(fs: CloudFS) -> None:
     make_tree(fs.mnt / "tree", files=10, big=2 * MiB)
     fs.flush()
