@@ -30,11 +30,13 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: how long the kernel may trust names and attributes without asking again; a
-#: single mount sees every change itself, so this only bounds staleness for tools
-#: that change the metadata directly
-ENTRY_TIMEOUT = 5.0
-ATTR_TIMEOUT = 5.0
+#: how long the kernel may trust names and attributes without asking again. A
+#: single mount (SQLite metadata) sees every change itself and tells the kernel of
+#: those it makes behind the kernel's back (restore, snapshot, trash restore), so
+#: its answers stay true for as long as the kernel keeps them; with MySQL metadata
+#: other machines change names and attributes, so the kernel asks again soon
+SINGLE_MOUNT_TIMEOUT = 3600.0
+SHARED_TIMEOUT = 1.0
 BLOCK_SIZE = 4096
 
 
@@ -77,8 +79,11 @@ class Operations(pyfuse3.Operations):
         space: CacheSpace | None = None,
         *,
         wait_stored: Callable[[int], Awaitable[None]] | None = None,
+        cache_timeout: float = SINGLE_MOUNT_TIMEOUT,
     ) -> None:
         super().__init__()
+        #: entry and attribute timeout of the replies (-o attr_timeout)
+        self.cache_timeout = cache_timeout
         self.ns = namespace
         self.files = files
         #: backpressure: a write waits while the cache is full of data not uploaded
@@ -100,8 +105,7 @@ class Operations(pyfuse3.Operations):
         e = pyfuse3.EntryAttributes()
         e.st_ino = attrs.id
         e.generation = 0
-        e.entry_timeout = ENTRY_TIMEOUT
-        e.attr_timeout = ATTR_TIMEOUT
+        e.entry_timeout = e.attr_timeout = self.cache_timeout
         e.st_mode = attrs.mode
         e.st_nlink = attrs.nlink
         e.st_uid = attrs.uid
@@ -345,13 +349,17 @@ class Operations(pyfuse3.Operations):
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         if inode == pyfuse3.ROOT_INODE and name == XATTR_COMMAND:
-            await self._command(value)
+            try:
+                await self._command(value)
+            finally:  # the admin tool may read the metadata next
+                await self.ns.meta.commit()
             return
         await self.ns.setxattr(inode, name, value)
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if inode == pyfuse3.ROOT_INODE and name == XATTR_CACHEDIR:
+            await self.ns.meta.commit()  # an admin tool: it reads the metadata next
             return os.fsencode(self.files.cache.root)
         return await self.ns.getxattr(inode, name)
 
