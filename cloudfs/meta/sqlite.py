@@ -81,7 +81,12 @@ class SqliteMetaStore(MetaStore):
 
     # --- group commits ------------------------------------------------------------------
 
-    async def run_group_commits(self, window_s: float = GROUP_WINDOW_S) -> None:
+    async def run_group_commits(
+        self,
+        window_s: float = GROUP_WINDOW_S,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Until cancelled: write transactions of this process become savepoints of one
         long transaction, committed at most `window_s` after its first one. One
         commit (a WAL append) for many small operations; nothing is lost that was
@@ -91,6 +96,7 @@ class SqliteMetaStore(MetaStore):
         A crash loses at most the last window, like a crash before a NORMAL commit
         reached the disk. On the way out the open group is committed."""
         self._window = window_s
+        task_status.started()
         try:
             while True:
                 await self._group_opened.wait()
