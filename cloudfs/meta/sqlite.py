@@ -101,7 +101,10 @@ class SqliteMetaStore(MetaStore):
             while True:
                 await self._group_opened.wait()
                 await trio.sleep(window_s)
-                await self.commit()
+                try:
+                    await self.commit()
+                except sqlite3.Error:
+                    pass  # logged; the next group tries again
         finally:
             self._window = None
             with trio.CancelScope(shield=True):
