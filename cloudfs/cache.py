@@ -80,6 +80,10 @@ class CacheConfig:
     backup_interval: float | None = None
     #: metadata backups kept in the store; None: the default (10)
     backup_keep: int | None = None
+    #: shared mode: the Redis URL of change notifications (without its password)
+    redis: str | None = None
+    #: the file holding its password, if one was named
+    redis_password_file: str | None = None
 
 
 @dataclass(frozen=True)

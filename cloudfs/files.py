@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -31,9 +32,12 @@ from cloudfs.cache import BlockFiles, CacheDir
 from cloudfs.chunking import ChunkerParams
 from cloudfs.errors import CloudfsError, FSOpError
 from cloudfs.meta.base import Extent, FsStats, MetaStore
-from cloudfs.overlay import DirtyOverlay
+from cloudfs.overlay import DirtyOverlay, Intervals
 from cloudfs.stream import BACKLOG_LIMIT, CUT_BATCH, AppendStream, can_stream
-from cloudfs.versions import restore_into
+from cloudfs.versions import CONFLICT, restore_into
+
+if TYPE_CHECKING:
+    from cloudfs.clients import Client
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +66,15 @@ class FileState:
     ino: int
     size: int  # logical size now (sealed or not)
     sealed_size: int  # size in the metadata row
+    #: the inode's version the sizes and extents here were read at or committed as;
+    #: a commit finding another version in the row lost a race with another machine
+    base_version: int
     #: bytes of the old extents at or past this offset are gone (the file was truncated
     #: below them since the last seal); equals sealed_size when nothing was cut
     keep_below: int
     lock: trio.Lock = field(default_factory=trio.Lock)
     opens: int = 0
+    held: bool = False  # shared mode: this mount's `holds` row for the inode exists
     overlay: DirtyOverlay | None = None
     extents: list[Extent] | None = None  # live extents, loaded on demand
     mtime_ns: int | None = None  # unsealed data change time
@@ -139,6 +147,10 @@ class FileStore:
         self._chunkers: list[_native.Chunker] = []  # reset ones, ready for reuse
         #: blocks asked for ahead of readers lately: monotonic time of the request
         self._asked_ahead: dict[bytes, float] = {}
+        #: shared mode: this mount's `clients` row; an open file is held there
+        self.client: Client | None = None
+        #: called with (inode, version) after each commit of a file's contents
+        self.on_commit: Callable[[int, int], None] | None = None
 
     def _take_chunker(self) -> _native.Chunker:
         if self._chunkers:
@@ -160,7 +172,10 @@ class FileStore:
                 attrs = await tx.get_inode(ino)
             if attrs is None:
                 raise FSOpError(2, f"inode {ino}")
-            st = FileState(ino=ino, size=attrs.size, sealed_size=attrs.size, keep_below=attrs.size)
+            st = FileState(
+                ino=ino, size=attrs.size, sealed_size=attrs.size, base_version=attrs.version,
+                keep_below=attrs.size,
+            )  # fmt: skip
             self.states[ino] = st
         return st
 
@@ -183,6 +198,28 @@ class FileStore:
     def current(self, ino: int) -> FileState | None:
         """The in-memory state of `ino`, if it has any (size and times not yet sealed)."""
         return self.states.get(ino)
+
+    async def allocated(self, ino: int, sealed: int) -> int:
+        """Bytes of file `ino` that hold data (st_blocks): `sealed`, the total of its
+        live extents, unless it has unsealed changes; then the old extents still in
+        the file, the dirty ranges and the appended tail, together. Call it outside a
+        transaction (it may load the extents)."""
+        st = self.states.get(ino)
+        if st is None or not st.dirty:
+            return sealed
+        extents = await self._extents(st)
+        data = Intervals()
+        kept = min(st.keep_below, st.size)  # older bytes past a truncate are gone
+        for e in extents:
+            if e.offset >= kept:
+                break
+            data.add(e.offset, min(e.end, kept))
+        if st.overlay is not None:
+            for start, end in st.overlay.ranges.overlapping(0, st.size):
+                data.add(start, end)
+        if st.stream is not None:
+            data.add(st.stream.start, min(st.stream.end, st.size))
+        return data.total
 
     async def _extents(self, st: FileState) -> list[Extent]:
         if st.extents is None:
@@ -218,8 +255,31 @@ class FileStore:
 
     # --- open / close ---------------------------------------------------------------
 
-    async def open(self, ino: int) -> FileState:
+    async def open(self, ino: int, version: int | None = None) -> FileState:
+        """One more handle on `ino`. `version`: the inode's version as just read from
+        the metadata (close-to-open: a state with nothing unsealed that another
+        machine's commit made stale is read again)."""
         st = await self.state(ino)
+        if self.client is not None and not st.held:
+            # another mount's unlink must not free it now; marked first (a concurrent
+            # open does not hold it twice) and pinned (the state stays meanwhile)
+            st.held = True
+            st.pins += 1
+            try:
+                await self.client.hold(ino)
+            except BaseException:
+                st.held = False
+                raise
+            finally:
+                st.pins -= 1
+        if version is not None and version != st.base_version:
+            if not (st.dirty or st.sealing or st.pins or st.stream or st.working_version):
+                async with self.meta.reading() as tx:
+                    attrs = await tx.get_inode(ino)
+                if attrs is not None:
+                    st.size = st.sealed_size = st.keep_below = attrs.size
+                    st.base_version = attrs.version
+                    st.extents = None
         st.opens += 1
         return st
 
@@ -236,6 +296,9 @@ class FileStore:
         st = self.states.get(ino)
         if st is not None and st.opens == 0:
             await self._seal_state(st, publish=True)
+            if self.client is not None and st.held and st.opens == 0:
+                await self.client.release(ino)
+                st.held = False
             self._forget_if_idle(st)
 
     async def release(self, ino: int) -> int:
@@ -446,6 +509,9 @@ class FileStore:
         st.size = st.sealed_size = st.keep_below = size
         st.mtime_ns = None
         st.working_version = None
+        st.base_version = new_version
+        if self.on_commit is not None:
+            self.on_commit(st.ino, new_version)
         return new_version, size
 
     async def read_version(
@@ -722,13 +788,45 @@ class FileStore:
             attrs = await tx.get_inode(st.ino)
             if attrs is None:
                 return  # freed meanwhile
-            version = st.working_version or attrs.version + 1
-            # rows born in the unpublished working version are no one's history
-            born_now = [e for e in replaced if e.v_from == version]
-            await tx.drop_extents(st.ino, born_now, now)
-            await tx.close_extents(
-                st.ino, version, [e.offset for e in replaced if e.v_from != version]
-            )
+            stale = attrs.version != st.base_version
+            if not stale and self.client is not None and st.extents is not None:
+                # shared mode: another mount may have amended its unpublished working
+                # version (same number, other extents) since this one read them
+                stale = await tx.live_extents(st.ino) != st.extents
+            if stale:
+                # another mount committed since this one read the file: the later
+                # commit (this one) wins with the whole file as this mount sees it,
+                # and the one it overwrites stays in the history, marked a conflict
+                version = attrs.version + 1
+                gone = {(e.offset, e.block) for e in replaced}
+                ours = st.extents
+                if ours is None:
+                    ours = await tx.version_extents(st.ino, st.base_version)
+                kept = [e for e in ours if (e.offset, e.block) not in gone]
+                new = sorted(
+                    [e for e in kept if e.offset < size] + list(new), key=lambda e: e.offset
+                )
+                refs = {}
+                for e in new:
+                    _, n = refs.get(e.block, (0, 0))
+                    refs[e.block] = (e.length, n + 1)
+                theirs = await tx.live_extents(st.ino)
+                await tx.close_extents(st.ino, version, [e.offset for e in theirs])
+                await tx.conn.execute(
+                    "UPDATE versions SET flags = flags | ? WHERE inode = ? AND version = ?",
+                    (CONFLICT, st.ino, attrs.version),
+                )
+                log.info("inode %d: version %d overwrites version %d, committed meanwhile by"
+                         " another mount (kept as a conflict)", st.ino, version, attrs.version)
+                publish = True
+            else:
+                version = st.working_version or attrs.version + 1
+                # rows born in the unpublished working version are no one's history
+                born_now = [e for e in replaced if e.v_from == version]
+                await tx.drop_extents(st.ino, born_now, now)
+                await tx.close_extents(
+                    st.ino, version, [e.offset for e in replaced if e.v_from != version]
+                )
             # a block's size is its chunk's length (a block may back shorter extents later)
             for block_id in await tx.add_block_refs(refs, now):
                 self._ensure_plaintext(block_id, holds or {})
@@ -745,7 +843,10 @@ class FileStore:
                 await tx.add_version(st.ino, version, size=size, mtime_ns=mtime, origin=self.origin)
             st.extents = await tx.live_extents(st.ino)
         st.working_version = None if publish else version
+        st.base_version = version
         st.mtime_ns = None
+        if self.on_commit is not None:
+            self.on_commit(st.ino, version)
 
 
 class PlaintextMissing(CloudfsError):

@@ -17,9 +17,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Concatenate, ParamSpec, TypeVar
 
-from cloudfs import trash
+from cloudfs import clients, trash
 from cloudfs.errors import FSOpError
 from cloudfs.files import FileStore
+from cloudfs.lookups import LookupCounts
 from cloudfs.meta.base import InodeAttrs, MetaStore, Txn
 from cloudfs.meta.schema import ROOT_INODE
 
@@ -101,7 +102,13 @@ class Namespace:
         self.files = files
         self.atime = atime
         #: kernel lookup counts: an inode with no name stays until they reach 0
-        self.kernel_refs: dict[int, int] = {}
+        self.kernel_refs = LookupCounts()
+        #: inodes that lost their last name while the kernel knew them or a handle had
+        #: them open: only these need a look when the kernel forgets one
+        self._nameless: set[int] = set()
+        #: shared mode: this mount's `clients` row; an inode another mount holds open
+        #: stays too (cloudfs.clients)
+        self.client: clients.Client | None = None
 
     # --- attributes -------------------------------------------------------------------
 
@@ -116,6 +123,18 @@ class Namespace:
             changes["ctime_ns"] = max(st.mtime_ns, attrs.ctime_ns)
         return replace(attrs, **changes)
 
+    async def _sealed_bytes(self, tx: Txn, *attrs: InodeAttrs) -> dict[int, int]:
+        """The live extents' total of each regular file among `attrs`."""
+        files = [a.id for a in attrs if stat.S_ISREG(a.mode)]
+        return await tx.allocated_bytes(files) if files else {}
+
+    async def _fill_allocated(self, sealed: dict[int, int], *attrs: InodeAttrs) -> None:
+        """Set `allocated` of the regular files among `attrs` (outside a transaction:
+        a file with unsealed changes may need its extents loaded)."""
+        for a in attrs:
+            if stat.S_ISREG(a.mode):
+                a.allocated = await self.files.allocated(a.id, sealed.get(a.id, 0))
+
     async def _get(self, tx: Txn, ino: int) -> InodeAttrs:
         attrs = await tx.get_inode(ino)
         if attrs is None:
@@ -124,7 +143,10 @@ class Namespace:
 
     async def getattr(self, ino: int) -> InodeAttrs:
         async with self.meta.reading() as tx:
-            return self._live(await self._get(tx, ino))
+            attrs = self._live(await self._get(tx, ino))
+            sealed = await self._sealed_bytes(tx, attrs)
+        await self._fill_allocated(sealed, attrs)
+        return attrs
 
     async def lookup(self, parent: int, name: bytes) -> InodeAttrs:
         if len(name) > NAME_MAX:
@@ -138,7 +160,10 @@ class Namespace:
                 ino = await tx.lookup(parent, name)
             if ino is None:
                 raise _err(errno.ENOENT)
-            return self._live(await self._get(tx, ino))
+            attrs = self._live(await self._get(tx, ino))
+            sealed = await self._sealed_bytes(tx, attrs)
+        await self._fill_allocated(sealed, attrs)
+        return attrs
 
     @_retried
     async def setattr(
@@ -185,7 +210,10 @@ class Namespace:
                 if st is not None:
                     st.mtime_ns = None  # an explicit time wins over the pending write time
             await tx.update_inode(ino, **changes)
-            return self._live(replace(attrs, **changes))
+            attrs = self._live(replace(attrs, **changes))
+            sealed = await self._sealed_bytes(tx, attrs)
+        await self._fill_allocated(sealed, attrs)
+        return attrs
 
     async def accessed(self, attrs: InodeAttrs) -> bool:
         """The file or directory `attrs` was read: update its atime as the mount's atime
@@ -296,12 +324,16 @@ class Namespace:
             await tx.add_dentry(new_parent, new_name, ino)
             await tx.update_inode(ino, nlink=attrs.nlink + 1, ctime_ns=now)
             await tx.update_inode(new_parent, mtime_ns=now, ctime_ns=now)
-            return self._live(replace(attrs, nlink=attrs.nlink + 1, ctime_ns=now))
+            attrs = self._live(replace(attrs, nlink=attrs.nlink + 1, ctime_ns=now))
+            sealed = await self._sealed_bytes(tx, attrs)
+        await self._fill_allocated(sealed, attrs)
+        return attrs
 
     # --- removing -----------------------------------------------------------------------
 
-    async def _drop_name(self, tx: Txn, parent: int, name: bytes, ino: int, now: int) -> None:
-        """Remove one name of `ino` (already checked); the inode loses a link."""
+    async def _drop_name(self, tx: Txn, parent: int, name: bytes, ino: int, now: int) -> bool:
+        """Remove one name of `ino` (already checked); the inode loses a link. True when
+        that was its last name."""
         attrs = await self._get(tx, ino)
         await tx.remove_dentry(parent, name)
         if stat.S_ISDIR(attrs.mode):
@@ -312,6 +344,8 @@ class Namespace:
             await tx.update_inode(ino, nlink=attrs.nlink - 1, ctime_ns=now)
         if stat.S_ISDIR(attrs.mode) or attrs.nlink <= 1:
             await trash.keep(tx, ino, parent, name, now)  # its last name: kept in the trash
+            return True
+        return False
 
     @_retried
     async def unlink(self, parent: int, name: bytes) -> None:
@@ -323,9 +357,10 @@ class Namespace:
             attrs = await self._get(tx, ino)
             if stat.S_ISDIR(attrs.mode):
                 raise _err(errno.EISDIR)
-            await self._drop_name(tx, parent, name, ino, now)
+            last = await self._drop_name(tx, parent, name, ino, now)
             await tx.update_inode(parent, mtime_ns=now, ctime_ns=now)
-        await self.maybe_free(ino)
+        if last:
+            await self.lost_name(ino)
 
     @_retried
     async def rmdir(self, parent: int, name: bytes) -> None:
@@ -343,9 +378,10 @@ class Namespace:
                 raise _err(errno.ENOTDIR)
             if await tx.has_entries(ino):
                 raise _err(errno.ENOTEMPTY)
-            await self._drop_name(tx, parent, name, ino, now)
+            last = await self._drop_name(tx, parent, name, ino, now)
             await tx.update_inode(parent, mtime_ns=now, ctime_ns=now)
-        await self.maybe_free(ino)
+        if last:
+            await self.lost_name(ino)
 
     @_retried
     async def rename(
@@ -400,8 +436,8 @@ class Namespace:
                         raise _err(errno.ENOTEMPTY)
                 elif stat.S_ISDIR(dattrs.mode):
                     raise _err(errno.EISDIR)
-                await self._drop_name(tx, new_parent, new_name, dst, now)
-                replaced = dst
+                if await self._drop_name(tx, new_parent, new_name, dst, now):
+                    replaced = dst
             await tx.remove_dentry(old_parent, old_name)
             await tx.add_dentry(new_parent, new_name, src)
             is_dir = stat.S_ISDIR(sattrs.mode)
@@ -412,7 +448,7 @@ class Namespace:
                 await self._touch_dir(tx, old_parent, now, 0)
             await tx.update_inode(src, ctime_ns=now)
         if replaced is not None:
-            await self.maybe_free(replaced)
+            await self.lost_name(replaced)
 
     async def _touch_dir(self, tx: Txn, ino: int, now: int, nlink_delta: int) -> None:
         attrs = await self._get(tx, ino)
@@ -438,31 +474,42 @@ class Namespace:
 
     def remember(self, ino: int, n: int = 1) -> None:
         """The kernel learned about `ino` (lookup, create, ...)."""
-        self.kernel_refs[ino] = self.kernel_refs.get(ino, 0) + n
+        self.kernel_refs.add(ino, n)
 
     async def forget(self, items: Sequence[tuple[int, int]]) -> None:
+        """The kernel gave references back. Only an inode that lost its last name while
+        it was known can have to go: the others cost no transaction (the kernel forgets
+        whole directories at once when it drops its caches)."""
         for ino, n in items:
-            left = self.kernel_refs.get(ino, 0) - n
-            if left > 0:
-                self.kernel_refs[ino] = left
-            else:
-                self.kernel_refs.pop(ino, None)
+            if self.kernel_refs.forget(ino, n) == 0 and ino in self._nameless:
                 await self.maybe_free(ino)
+
+    async def lost_name(self, ino: int) -> None:
+        """`ino` may have lost its last name: free it now or once it is closed and
+        forgotten."""
+        self._nameless.add(ino)
+        await self.maybe_free(ino)
 
     @_retried
     async def maybe_free(self, ino: int) -> None:
         """Free `ino` if no name, no open handle and no kernel reference is left."""
         if self.files.in_use(ino):
             return  # the last close (or the seal under way) calls again
-        if self.kernel_refs.get(ino, 0) > 0:
-            return
+        if self.kernel_refs.get(ino) > 0:
+            return  # forget() calls again (when `ino` is in _nameless)
         async with self.meta.transaction() as tx:
             attrs = await tx.get_inode(ino)
             if attrs is None or attrs.nlink > 0 or ino == ROOT_INODE:
+                self._nameless.discard(ino)
                 return
             if await trash.holds(tx, ino):
+                self._nameless.discard(ino)  # a purge of the trash calls lost_name again
                 return  # kept for the retention period (cloudfs.trash)
+            if self.client is not None and await clients.held_elsewhere(tx, ino, self.client.id):
+                self._nameless.discard(ino)
+                return  # open on another machine: its last close frees it
             await tx.free_inode(ino, time.time_ns())
+        self._nameless.discard(ino)
         self.files.drop(ino)
 
     async def free_orphans(self) -> int:
@@ -503,6 +550,8 @@ class Namespace:
             after = max(cookie - _DOT_COOKIES, 0)
             for dentry_id, name, attrs in await tx.readdir_attrs(ino, after, limit):
                 out.append((name, self._live(attrs), dentry_id + _DOT_COOKIES))
+            sealed = await self._sealed_bytes(tx, *(attrs for _n, attrs, _c in out))
+        await self._fill_allocated(sealed, *(attrs for _n, attrs, _c in out))
         return out
 
     # --- extended attributes ------------------------------------------------------------

@@ -275,7 +275,7 @@ class HistoryOperations(Operations):
 
         count, nameless = await self.ns.meta.run(take)
         for ino in nameless:
-            await self.ns.maybe_free(ino)
+            await self.ns.lost_name(ino)
         return {"entries": count}
 
     async def _in_transaction(self, fn: Callable[..., Awaitable[T]], *args: Any, **kw: Any) -> T:
@@ -337,14 +337,15 @@ class HistoryOperations(Operations):
 
     @fuse_errors
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        real = []
-        for ino, n in inode_list:
-            if is_virtual(ino):
-                self.view.forget(ino, n)
-            else:
-                real.append((ino, n))
-        if real:
-            await super().forget(real)
+        # a batch can hold tens of thousands of inodes (the kernel dropped its caches):
+        # pass the kernel's own list on, without copying its items
+        if any(is_virtual(ino) for ino, _n in inode_list):
+            for ino, n in inode_list:
+                if is_virtual(ino):
+                    self.view.forget(ino, n)
+            inode_list = [item for item in inode_list if not is_virtual(item[0])]
+        if inode_list:
+            await super().forget(inode_list)
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

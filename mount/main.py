@@ -22,13 +22,13 @@ import pyfuse3
 import trio
 from cloudfs.daemon.control import DaemonClient, ensure_daemon
 from cloudfs.mount.history import HistoryOperations
-from cloudfs.mount.operations import SHARED_TIMEOUT, SINGLE_MOUNT_TIMEOUT
 from cloudfs.mount.options import MountOptions, parse
 from cloudfs.tools._cli import hide_url_password, metadata_password, open_cli_store, run_cli
 
-from cloudfs import config
+from cloudfs import config, notify
 from cloudfs.cache import CacheConfig, CacheDir, CacheSpace
 from cloudfs.chunking import ChunkerParams
+from cloudfs.clients import Client
 from cloudfs.codec.crypto import Keys
 from cloudfs.errors import (
     CloudfsError,
@@ -71,6 +71,8 @@ class Prepared:
     #: the mount lease (SQLite metadata only), held from here on
     lease: Lease | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
+    #: shared mode: where change notifications go (None: no Redis)
+    redis: notify.RedisTarget | None = field(default=None, repr=False)
 
 
 def check_mountpoint(path: str) -> None:
@@ -106,6 +108,18 @@ async def prepare(opts: MountOptions) -> Prepared:
     meta_password = metadata_password(meta_url, password_file)
     # the metadata first: a wrong database fails before the passphrase prompt
     await _check_metadata(meta_url, meta_password, sb.uuid)
+    redis_url, redis_password_file = _redis_of(opts, cache)
+    redis_target = None
+    if redis_url is not None:
+        if not is_mysql(meta_url):
+            raise UsageError("--redis is for shared mode: a filesystem with MySQL metadata")
+        redis_target = notify.parse_redis_url(
+            redis_url,
+            None
+            if notify.redis_url_password(redis_url) is not None
+            else notify.read_redis_password(redis_password_file),
+        )
+        await trio.to_thread.run_sync(notify.check_redis, redis_target)
     if master is None:
         master = await _unlock(opts, sb)
     cache.create()
@@ -125,13 +139,36 @@ async def prepare(opts: MountOptions) -> Prepared:
             cache_size=_kept(opts.cache_size, "cache_size", cache),
             backup_interval=_kept(opts.backup_interval, "backup_interval", cache),
             backup_keep=_kept(opts.backup_keep, "backup_keep", cache),
+            redis=notify.redact_redis(redis_url) if redis_url else None,
+            redis_password_file=redis_password_file if redis_url else None,
         )
     )
     return Prepared(
         opts, sb, master, Keys.from_master(master), cache, store.url, lock_fd,
         meta_url=redact(meta_url), meta_password=meta_password, lease=lease,
-        storage_options=storage_options,
+        storage_options=storage_options, redis=redis_target,
     )  # fmt: skip
+
+
+def _redis_of(opts: MountOptions, cache: CacheDir) -> tuple[str | None, str | None]:
+    """(Redis URL, password file): from the options (`none`: no Redis), else what the
+    cache dir was last mounted with."""
+    password_file = opts.redis_password_file
+    if password_file:
+        password_file = os.path.abspath(password_file)
+    if opts.redis is not None:
+        if opts.redis.lower() in ("", "none"):
+            return None, None
+        return opts.redis, password_file
+    try:
+        previous = cache.read_config() if cache.config_path.exists() else None
+    except (CloudfsError, OSError, ValueError, TypeError):
+        previous = None
+    if previous is None or not previous.redis:
+        if password_file:
+            raise UsageError("--redis-password-file without --redis")
+        return None, None
+    return previous.redis, password_file or previous.redis_password_file
 
 
 async def _take_lease(
@@ -406,6 +443,13 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
         origin=socket.gethostname(),
     )
     ns = Namespace(meta, files, atime=opts.atime)
+    shared = is_mysql(prep.meta_url)
+    client: Client | None = None
+    if shared:
+        # this mount's row; rows and holds of mounts of this cache dir that died go
+        client = Client(meta, str(cache.root))
+        await client.register()
+        ns.client = files.client = client
     freed = await ns.free_orphans()
     if freed:
         log.info("freed %d inodes left open-unlinked by an earlier crash", freed)
@@ -433,13 +477,18 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
 
     upload = opts.upload or ("sync" if is_mysql(prep.meta_url) else "async")
     log.info("uploads: %s", upload)
-    timeout = opts.attr_timeout
-    if timeout is None:
-        timeout = SHARED_TIMEOUT if is_mysql(prep.meta_url) else SINGLE_MOUNT_TIMEOUT
     ops = HistoryOperations(
-        ns, files, space, wait_stored=wait_stored if upload == "sync" else None,
-        cache_timeout=timeout,
+        ns, files, space, wait_stored=wait_stored if upload == "sync" else None, shared=shared,
+        cache_timeout=opts.attr_timeout,
     )  # fmt: skip
+    files.on_commit = ops.file_committed
+    notifier: notify.Notifier | None = None
+    if client is not None and client.id is not None and prep.redis is not None:
+        notifier = notify.Notifier(
+            prep.redis, notify.channel_of(sb.uuid), client.id, _invalidate_inode_quietly,
+            _invalidate_entry_quietly,
+        )  # fmt: skip
+        ops.changed = notifier.changed
     fuse_opts = (
         set(pyfuse3.default_options)
         | opts.fuse_options
@@ -452,6 +501,9 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
         fuse_opts.add("debug")
     pyfuse3.init(ops, opts.mountpoint, fuse_opts)
     log.info("mounted %s on %s", opts.storage, opts.mountpoint)
+    if notifier is not None:
+        notifier.start()  # invalidations need the FUSE session
+        log.info("change notifications through %s", prep.redis.display() if prep.redis else "")
     unmounted = False
     try:
         async with trio.open_nursery() as last_closes:
@@ -462,6 +514,8 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
                 nursery.start_soon(link.run_kicker)
                 if prep.lease is not None:
                     nursery.start_soon(_renew_lease, prep.lease)
+                if client is not None:
+                    nursery.start_soon(client.run_heartbeat)
                 nursery.start_soon(_seal_idle_files, files, opts.idle_seal_s)
                 nursery.start_soon(_stop_on_signals)
                 if ready is not None:
@@ -472,7 +526,11 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
         ops.background = None
         files.nursery = None
         await files.seal_all()
+        if client is not None:
+            await client.unregister()  # everything is sealed: nothing is held
     finally:
+        if notifier is not None:
+            await trio.to_thread.run_sync(notifier.stop)
         try:
             pyfuse3.close(unmount=True)
             unmounted = True
@@ -505,6 +563,22 @@ async def _clear_crash_leftovers(cache: CacheDir, meta: MetaStore) -> None:
     if orphans or stale_tmp:
         log.info("removed %d uncommitted block files (%d bytes) and %d temporary files "
                  "left by a crash", len(orphans), freed, stale_tmp)  # fmt: skip
+
+
+def _invalidate_inode_quietly(ino: int) -> None:
+    """Another mount changed `ino`: drop the kernel's attributes and cached data of it
+    (on the notifier's thread: it may wait for the kernel's writeback)."""
+    try:
+        pyfuse3.invalidate_inode(ino)
+    except OSError:
+        pass  # the kernel does not know it
+
+
+def _invalidate_entry_quietly(parent: int, name: bytes) -> None:
+    try:
+        pyfuse3.invalidate_entry(parent, name)
+    except OSError:
+        pass
 
 
 async def _seal_idle_files(files: FileStore, idle_s: float) -> None:
@@ -551,7 +625,7 @@ def _mount(argv: list[str], *, command_line: bool = False) -> int:
     if opts.metadata:
         metadata_password(opts.metadata, opts.mysql_password_file)  # given twice?
     if command_line:
-        hide_url_password("cloudfs.mount.main", argv, opts.metadata)
+        hide_url_password("cloudfs.mount.main", argv, opts.metadata, opts.redis)
     logging.basicConfig(level=logging.WARNING, format="mount.cloudfs: %(message)s")
     prep = trio.run(prepare, opts)
     if opts.foreground:

@@ -33,10 +33,14 @@ T = TypeVar("T")
 #: how long the kernel may trust names and attributes without asking again. A
 #: single mount (SQLite metadata) sees every change itself and tells the kernel of
 #: those it makes behind the kernel's back (restore, snapshot, trash restore), so
-#: its answers stay true for as long as the kernel keeps them; with MySQL metadata
-#: other machines change names and attributes, so the kernel asks again soon
+#: its answers stay true for as long as the kernel keeps them
 SINGLE_MOUNT_TIMEOUT = 3600.0
+#: the same in shared mode: another machine's change shows within this time even
+#: without Redis notifications
 SHARED_TIMEOUT = 1.0
+
+#: changed(inodes, entries): announce a change to the other mounts (shared mode)
+Changed = Callable[[Sequence[int], Sequence[tuple[int, bytes]]], None]
 BLOCK_SIZE = 4096
 
 
@@ -79,11 +83,21 @@ class Operations(pyfuse3.Operations):
         space: CacheSpace | None = None,
         *,
         wait_stored: Callable[[int], Awaitable[None]] | None = None,
-        cache_timeout: float = SINGLE_MOUNT_TIMEOUT,
+        shared: bool = False,
+        cache_timeout: float | None = None,
     ) -> None:
         super().__init__()
-        #: entry and attribute timeout of the replies (-o attr_timeout)
-        self.cache_timeout = cache_timeout
+        #: several mounts share the metadata: short kernel cache timeouts, and the page
+        #: cache of a file is kept at open only if no other mount changed it since
+        self.shared = shared
+        #: entry and attribute timeout of the replies (-o attr_timeout overrides)
+        if cache_timeout is None:
+            cache_timeout = SHARED_TIMEOUT if shared else SINGLE_MOUNT_TIMEOUT
+        self.timeout = cache_timeout
+        #: shared mode: the version of each file whose contents the kernel may cache
+        self._cached_version: dict[int, int] = {}
+        #: shared mode with Redis: tells the other mounts what changed here
+        self.changed: Changed | None = None
         self.ns = namespace
         self.files = files
         #: backpressure: a write waits while the cache is full of data not uploaded
@@ -105,7 +119,8 @@ class Operations(pyfuse3.Operations):
         e = pyfuse3.EntryAttributes()
         e.st_ino = attrs.id
         e.generation = 0
-        e.entry_timeout = e.attr_timeout = self.cache_timeout
+        e.entry_timeout = self.timeout
+        e.attr_timeout = self.timeout
         e.st_mode = attrs.mode
         e.st_nlink = attrs.nlink
         e.st_uid = attrs.uid
@@ -113,7 +128,10 @@ class Operations(pyfuse3.Operations):
         e.st_rdev = attrs.rdev
         e.st_size = attrs.size
         e.st_blksize = BLOCK_SIZE
-        e.st_blocks = (attrs.size + 511) // 512
+        # a regular file counts the bytes that hold data (holes cost nothing in the
+        # store, so `du` of a sparse file is small); other inodes their size
+        used = attrs.size if attrs.allocated is None else attrs.allocated
+        e.st_blocks = (used + 511) // 512
         e.st_atime_ns = attrs.atime_ns
         e.st_mtime_ns = attrs.mtime_ns
         e.st_ctime_ns = attrs.ctime_ns
@@ -123,6 +141,18 @@ class Operations(pyfuse3.Operations):
         """An entry reply: the kernel now holds one more lookup reference."""
         self.ns.remember(attrs.id)
         return self._entry(attrs)
+
+    def _announce(
+        self, inodes: Sequence[int] = (), entries: Sequence[tuple[int, bytes]] = ()
+    ) -> None:
+        if self.changed is not None:
+            self.changed(inodes, entries)
+
+    def file_committed(self, ino: int, version: int) -> None:
+        """FileStore.on_commit: this mount's kernel holds what it committed."""
+        if self.shared:
+            self._cached_version[ino] = version
+        self._announce([ino])
 
     def _new_handle(self, ino: int) -> int:
         fh = self._next_fh
@@ -147,6 +177,9 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         await self.ns.forget(inode_list)
+        for ino, _n in inode_list:
+            if ino not in self.ns.kernel_refs:
+                self._cached_version.pop(ino, None)
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -167,6 +200,7 @@ class Operations(pyfuse3.Operations):
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
         )
+        self._announce([inode])
         return self._entry(attrs)
 
     @fuse_errors
@@ -177,27 +211,35 @@ class Operations(pyfuse3.Operations):
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return self._known(await self.ns.mknod(parent_inode, name, mode, rdev, _caller(ctx)))
+        attrs = await self.ns.mknod(parent_inode, name, mode, rdev, _caller(ctx))
+        self._announce([parent_inode], [(parent_inode, name)])
+        return self._known(attrs)
 
     @fuse_errors
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return self._known(await self.ns.mkdir(parent_inode, name, mode, _caller(ctx)))
+        attrs = await self.ns.mkdir(parent_inode, name, mode, _caller(ctx))
+        self._announce([parent_inode], [(parent_inode, name)])
+        return self._known(attrs)
 
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self.ns.unlink(parent_inode, name)
+        self._announce([parent_inode], [(parent_inode, name)])
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self.ns.rmdir(parent_inode, name)
+        self._announce([parent_inode], [(parent_inode, name)])
 
     @fuse_errors
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return self._known(await self.ns.symlink(parent_inode, name, target, _caller(ctx)))
+        attrs = await self.ns.symlink(parent_inode, name, target, _caller(ctx))
+        self._announce([parent_inode], [(parent_inode, name)])
+        return self._known(attrs)
 
     @fuse_errors
     async def rename(
@@ -205,12 +247,18 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> None:  # fmt: skip
         await self.ns.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        self._announce(
+            sorted({parent_inode_old, parent_inode_new}),
+            [(parent_inode_old, name_old), (parent_inode_new, name_new)],
+        )
 
     @fuse_errors
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return self._known(await self.ns.link(inode, new_parent_inode, new_name))
+        attrs = await self.ns.link(inode, new_parent_inode, new_name)
+        self._announce([new_parent_inode, inode], [(new_parent_inode, new_name)])
+        return self._known(attrs)
 
     # --- files ----------------------------------------------------------------------------
 
@@ -224,7 +272,16 @@ class Operations(pyfuse3.Operations):
             # never reach the filesystem. The kernel keeps cached attributes and hears
             # nothing of this change from an open, so tell it.
             await trio.to_thread.run_sync(_invalidate_attributes, inode)
-        await self.files.open(inode)
+        await self.files.open(inode, attrs.version if self.shared else None)
+        # the kernel's page cache stays valid across opens: every change passes through
+        # it, except, in shared mode, another mount's (close-to-open: drop it then)
+        keep_cache = not self.shared or self._cached_version.get(inode) == attrs.version
+        if self.shared:
+            if not keep_cache:
+                # the kernel's cached size may be another mount's older one: reads stop
+                # at it, so it must ask again
+                await trio.to_thread.run_sync(_invalidate_attributes, inode)
+            self._cached_version[inode] = attrs.version
         if flags & os.O_TRUNC:
             try:
                 await self.ns.truncate_on_open(inode, _caller(ctx))
@@ -232,8 +289,7 @@ class Operations(pyfuse3.Operations):
                 if self.files.close_handle(inode):  # no handle was made: undo the open
                     await self._after_last_close(inode)
                 raise
-        # the kernel's page cache stays valid across opens: every change passes through it
-        return pyfuse3.FileInfo(fh=self._new_handle(inode), keep_cache=True)
+        return pyfuse3.FileInfo(fh=self._new_handle(inode), keep_cache=keep_cache)
 
     @fuse_errors
     async def create(
@@ -243,6 +299,9 @@ class Operations(pyfuse3.Operations):
             parent_inode, name, stat.S_IFREG | (mode & 0o7777), 0, _caller(ctx)
         )
         await self.files.open(attrs.id)
+        if self.shared:
+            self._cached_version[attrs.id] = attrs.version
+        self._announce([parent_inode], [(parent_inode, name)])
         return pyfuse3.FileInfo(fh=self._new_handle(attrs.id), keep_cache=True), self._known(attrs)
 
     @fuse_errors
@@ -355,6 +414,7 @@ class Operations(pyfuse3.Operations):
                 await self.ns.meta.commit()
             return
         await self.ns.setxattr(inode, name, value)
+        self._announce([inode])
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
@@ -390,6 +450,7 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self.ns.removexattr(inode, name)
+        self._announce([inode])
 
 
 def _invalidate_attributes(ino: int) -> None:

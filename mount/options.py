@@ -57,6 +57,10 @@ class MountOptions:
     #: "sync": fsync and close wait until the blocks are stored; "async": until they
     #: are sealed in the cache; None: sync with MySQL metadata (shared), else async
     upload: str | None = None
+    #: shared mode: Redis URL for change notifications between mounts (None: as the
+    #: cache dir was last mounted with; "" given as `--redis none`: no Redis)
+    redis: str | None = None
+    redis_password_file: str | None = None
     #: seconds the kernel may trust names and attributes (None: an hour with SQLite
     #: metadata, where this mount makes every change; a second with MySQL)
     attr_timeout: float | None = None
@@ -76,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
                         "cachedir=DIR, passphrase_file=FILE, fg, debug, s3_endpoint=URL, "
                         "s3_region=REGION, s3_path_style, metadata=URL, "
                         "mysql_password_file=FILE, cache_size=SIZE, "
-                        "cache_full_wait=SECONDS, upload=sync|async, attr_timeout=SECONDS")  # fmt: skip
+                        "cache_full_wait=SECONDS, upload=sync|async, redis=URL, "
+                        "redis_password_file=FILE, attr_timeout=SECONDS")  # fmt: skip
     p.add_argument("-f", "--fg", "--foreground", dest="fg", action="store_true",
                    help="stay in the foreground")  # fmt: skip
     p.add_argument("--cachedir", help="cache dir (default ~/.cache/cloudfs/<fs uuid>)")
@@ -105,6 +110,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="when the cache is full of data not uploaded yet, how long a write "
                    "waits for uploads before it fails with ENOSPC (default "
                    f"{DEFAULT_FULL_WAIT_S:g})")  # fmt: skip
+    p.add_argument("--redis", metavar="URL",
+                   help="shared mode (MySQL metadata): redis://[:password@]host[:port][/db] "
+                   "to tell the other mounts about changes at once; kept for later mounts of "
+                   "the cache dir; 'none': without Redis (changes show after 1 s)")  # fmt: skip
+    p.add_argument("--redis-password-file", metavar="F",
+                   help="Redis password file (else $CLOUDFS_REDIS_PASSWORD)")
     add_metadata_arguments(p)
     add_storage_arguments(p)
     # mount(8) helpers get these; they are accepted and ignored
@@ -135,6 +146,8 @@ def parse(argv: list[str]) -> MountOptions:
     s3_endpoint, s3_region, s3_path_style = args.s3_endpoint, args.s3_region, args.s3_path_style
     cache_size: str | None = args.cache_size
     opts.upload = args.upload
+    opts.redis = args.redis
+    opts.redis_password_file = args.redis_password_file
     opts.force = args.force
     opts.restore_metadata = args.restore_metadata
     if args.backup_interval is not None:
@@ -159,6 +172,10 @@ def parse(argv: list[str]) -> MountOptions:
                 opts.metadata = value
             elif name == "mysql_password_file":
                 opts.mysql_password_file = value
+            elif name == "redis":
+                opts.redis = value
+            elif name == "redis_password_file":
+                opts.redis_password_file = value
             elif name in ("fg", "foreground"):
                 opts.foreground = True
             elif name == "debug":

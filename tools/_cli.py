@@ -157,21 +157,36 @@ def open_config_meta(config: CacheConfig) -> MetaStore:
     )
 
 
-def hide_url_password(module: str, argv: list[str], url: str | None) -> None:
-    """When `url` (on this process's command line) holds a password, run the command
-    again with the URL shown without it: `ps` shows command lines to every user. The
-    password moves to $CLOUDFS_MYSQL_PASSWORD, which only the user and root can read.
-    The same console script runs again (so `ps` still names it), else `python -m module`.
-    Returns only when there is nothing to hide."""
+def hide_url_password(
+    module: str, argv: list[str], url: str | None, redis_url: str | None = None
+) -> None:
+    """When `url` (a MySQL URL on this process's command line) or `redis_url` holds a
+    password, run the command again with the URLs shown without it: `ps` shows command
+    lines to every user. The passwords move to $CLOUDFS_MYSQL_PASSWORD and
+    $CLOUDFS_REDIS_PASSWORD, which only the user and root can read. The same console
+    script runs again (so `ps` still names it), else `python -m module`. Returns only
+    when there is nothing to hide."""
+    from cloudfs.notify import REDIS_PASSWORD_ENV, redact_redis, redis_url_password
+
+    hidden: list[tuple[str, str]] = []  # (url, shown)
+    env = dict(os.environ)
     password = url_password(url) if url is not None else None
-    if url is None or password is None:
+    if url is not None and password is not None:
+        hidden.append((url, redact(url)))
+        env[MYSQL_PASSWORD_ENV] = password
+    redis_password = redis_url_password(redis_url) if redis_url is not None else None
+    if redis_url is not None and redis_password is not None:
+        hidden.append((redis_url, redact_redis(redis_url)))
+        env[REDIS_PASSWORD_ENV] = redis_password
+    if not hidden:
         return
-    shown = redact(url)
     # a console script (mount.cloudfs) runs again as itself; a module's own file must
     # not (its folder would come first on sys.path: tools/cloudfs.py would be `cloudfs`)
     script = sys.argv[0]
     how = [script] if os.path.isfile(script) and not script.endswith(".py") else ["-m", module]
-    env = dict(os.environ, **{MYSQL_PASSWORD_ENV: password})
+    args = list(argv)
+    for secret, shown in hidden:
+        args = [a.replace(secret, shown) for a in args]
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *how, *(a.replace(url, shown) for a in argv)], env)
+    os.execve(sys.executable, [sys.executable, *how, *args], env)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from cloudfs import _native
+from cloudfs import _native, clients
 from cloudfs.cache import CacheDir
 from cloudfs.codec.framing import block_key
 from cloudfs.errors import CorruptBlock, ObjectNotFound
@@ -121,6 +121,7 @@ class Checker:
         checks: list[Callable[[], object]] = [
             self.check_cache_leftovers,
             self.check_lease,
+            self.check_clients,
             self.check_dentries,
             self.check_dangling_rows,
             self.check_reachable,
@@ -184,6 +185,39 @@ class Checker:
         else:
             self.found(f"the filesystem may be mounted elsewhere: {holder.describe()}",
                        fixed=False)  # fmt: skip
+
+    # --- the mounts of shared mode ----------------------------------------------------
+
+    async def check_clients(self) -> None:
+        """Mounts that died (shared mode: their heartbeat expired, or they ran on this
+        host and their process is gone) leave a `clients` row and holds on the files
+        they had open; the open-unlinked ones are freed by check_reachable once the holds
+        are gone. Holds of a live mount on another machine stay (a note)."""
+        async with self.meta.reading() as tx:
+            dead = await clients.dead_clients(tx, self.now)
+            rows = await clients.list_clients(tx)
+            stray = await clients.stray_holds(tx)
+            held = await tx.conn.query("SELECT client, COUNT(*) FROM holds GROUP BY client")
+        counts = {int(c): int(n) for c, n in held}
+        for row in dead:
+            self.found(f"{row.describe()} died, holding {counts.get(row.id, 0)} open files")
+        if stray:
+            self.found(f"{len(stray)} holds of mounts that have no row")
+        dead_ids = {r.id for r in dead}
+        for row in rows:
+            if row.id not in dead_ids:
+                self.found(f"{row.describe()} is mounted", error=False)
+
+        async def fix(tx: Txn) -> None:
+            for row in dead:
+                await clients.forget_client(tx, row.id)
+            for client_id, ino in stray:
+                await tx.conn.execute(
+                    "DELETE FROM holds WHERE client = ? AND inode = ?", (client_id, ino)
+                )
+
+        if dead or stray:
+            await self._write(fix)
 
     # --- names ------------------------------------------------------------------------
 
@@ -302,7 +336,9 @@ class Checker:
                 reachable = await self._reachable(tx)
                 rows = await tx.conn.query("SELECT id, nlink, mode FROM inodes")
                 named = {r[0] for r in await tx.conn.query("SELECT DISTINCT inode FROM dentries")}
-            lost = [(i, n, m) for i, n, m in rows if i not in reachable]
+                # open-unlinked on a live mount of shared mode: its last close frees it
+                held = {r[0] for r in await tx.conn.query("SELECT DISTINCT inode FROM holds")}
+            lost = [(i, n, m) for i, n, m in rows if i not in reachable and i not in held]
             if not lost:
                 return
             unlinked = [i for i, n, _m in lost if n == 0 and i not in named]

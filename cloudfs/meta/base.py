@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import ParamSpec, TypeVar
 
 import trio
@@ -68,6 +68,9 @@ class InodeAttrs:
     ctime_ns: int
     version: int
     flags: int
+    #: not a column: bytes of a regular file that hold data (holes excluded), when the
+    #: namespace filled it in (st_blocks); None: unknown
+    allocated: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -150,14 +153,16 @@ def _inode(row: tuple) -> InodeAttrs:
 
 
 _INODE_SELECT = "SELECT " + ", ".join(_INODE_COLUMNS) + " FROM inodes"
-_SETTABLE = {f.name for f in fields(InodeAttrs)} - {"id"}
+_SETTABLE = {f.name for f in fields(InodeAttrs)} - {"id", "allocated"}
 
 
 class Txn:
     """Domain operations inside one transaction."""
 
-    def __init__(self, conn: Conn) -> None:
+    def __init__(self, conn: Conn, dialect: schema.Dialect = schema.SQLITE) -> None:
         self.conn = conn
+        #: the engine's spellings (migrations create tables with them)
+        self.dialect = dialect
 
     # --- filesystem properties ---------------------------------------------------------
 
@@ -337,6 +342,20 @@ class Txn:
             (ino, LIVE, end, start),
         )
         return [Extent(o, n, bytes(b), v) for o, n, b, v in rows]
+
+    async def allocated_bytes(self, inodes: Sequence[int]) -> dict[int, int]:
+        """Bytes of the live extents of each of `inodes` (holes have no extent), for
+        those that have any."""
+        out: dict[int, int] = {}
+        for i in range(0, len(inodes), 500):
+            part = inodes[i : i + 500]
+            rows = await self.conn.query(
+                "SELECT inode, SUM(length) FROM extents WHERE v_to = ? AND inode IN ("
+                + ", ".join("?" * len(part)) + ") GROUP BY inode",
+                (LIVE, *part),
+            )  # fmt: skip
+            out.update((ino, int(total)) for ino, total in rows)
+        return out
 
     async def version_extents(self, ino: int, version: int) -> list[Extent]:
         """Extents of `ino` as of `version`, by offset."""
@@ -544,7 +563,7 @@ class MetaStore(abc.ABC):
     @asynccontextmanager
     async def transaction(self, *, durable: bool = False, write: bool = True) -> AsyncIterator[Txn]:
         async with self._transaction(durable, write) as conn:
-            yield Txn(conn)
+            yield Txn(conn, self.dialect)
 
     def reading(self) -> AbstractAsyncContextManager[Txn]:
         """A read-only transaction: a consistent view, no write lock."""

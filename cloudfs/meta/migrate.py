@@ -29,8 +29,20 @@ async def _extents_file_offset(tx: Txn) -> None:
     await tx.conn.execute("ALTER TABLE extents RENAME COLUMN `offset` TO file_offset")
 
 
+async def _clients_and_holds(tx: Txn) -> None:
+    """Shared mode: `clients` gains the mount's cache dir and state (the table was
+    unused until schema 3, so it is made anew) and `holds` records which mount has
+    which inode open. Safe to run again (MySQL commits each DDL statement at once):
+    no mount runs on a database whose schema_version is still 2, so both start empty."""
+    for table in ("clients", "holds"):
+        await tx.conn.execute(f"DROP TABLE IF EXISTS {table}")
+        for stmt in schema.table_ddl(tx.dialect, table):
+            await tx.conn.execute(stmt)
+
+
 MIGRATIONS: Mapping[int, Migration] = {
     2: _extents_file_offset,
+    3: _clients_and_holds,
 }
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 #: bump when the DDL changes, and add the migration to `cloudfs.meta.migrate`:
 #: `cloudfs upgrade` brings older databases up to it
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: `extents.v_to` of a live extent: the version range is open-ended
 LIVE = 1 << 62
@@ -172,14 +172,27 @@ CREATE TABLE changes (
     at_ns       BIGINT NOT NULL
 ){suffix};
 
--- Machines (mount processes) using the filesystem.
+-- Mounts of the filesystem in shared mode (MySQL metadata), one row per mount process:
+-- its heartbeat says it is alive, and a row whose heartbeat is long past is a dead mount,
+-- whose holds no longer keep inodes (cloudfs.clients).
 CREATE TABLE clients (
     id          {autoinc_pk},
     hostname    VARCHAR(255) NOT NULL,
     pid         INTEGER NOT NULL,
+    cachedir    VARCHAR(1024) NOT NULL,    -- with hostname: the machine's mount (one per cache dir)
     started_ns  BIGINT NOT NULL,
-    heartbeat_ns BIGINT NOT NULL
+    heartbeat_ns BIGINT NOT NULL,          -- refreshed every few seconds while mounted
+    state       INTEGER NOT NULL DEFAULT 0 -- 0 mounted, 1 unmounting (its files sealed)
 ){suffix};
+
+-- Which mount has which inode open: an inode with no name left is freed only when no
+-- live mount holds it (open-unlinked files keep working on every machine).
+CREATE TABLE holds (
+    client      BIGINT NOT NULL,           -- clients.id
+    inode       BIGINT NOT NULL,
+    PRIMARY KEY (client, inode)
+){suffix};
+CREATE INDEX holds_inode ON holds (inode);
 """
 
 
@@ -199,6 +212,18 @@ def ddl(dialect: Dialect) -> list[str]:
         if body:
             statements.append(body)
     return statements
+
+
+def table_ddl(dialect: Dialect, table: str) -> list[str]:
+    """The CREATE TABLE statement of `table` and its CREATE INDEX statements, made safe
+    to run again (IF NOT EXISTS): what a migration adding the table runs."""
+    out = []
+    for stmt in ddl(dialect):
+        if stmt.startswith(f"CREATE TABLE {table} ("):
+            out.append(stmt.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS", 1))
+        elif re.match(rf"CREATE INDEX \w+ ON {table} ", stmt):
+            out.append(stmt.replace("CREATE INDEX", "CREATE INDEX IF NOT EXISTS", 1))
+    return out
 
 
 def table_names() -> list[str]:

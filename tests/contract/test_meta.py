@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from time import time_ns
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -337,6 +338,11 @@ async def test_extents_and_versions(opener: Opener) -> None:
         still = await tx.get_block(b[1])
     assert row is not None and row.refcount == 0
     assert still is not None and still.refcount == 1, "history keeps its reference"
+    # st_blocks: the live extents' bytes (history and holes excluded), per inode
+    async with meta.reading() as tx:
+        other = (await tx.get_inode(1)).id  # the root: no extents
+        assert await tx.allocated_bytes([ino, other]) == {ino: 300}
+        assert await tx.allocated_bytes([]) == {}
 
 
 async def test_blocks(opener: Opener) -> None:
@@ -554,3 +560,76 @@ async def test_a_failed_migration_changes_nothing(opener: Opener) -> None:
 
 def test_every_schema_version_has_a_migration() -> None:
     assert sorted(migrate.MIGRATIONS) == list(range(2, schema.SCHEMA_VERSION + 1))
+
+
+async def test_schema_2_gains_clients_and_holds(opener: Opener) -> None:
+    """Migration 3 on a schema-2 database (an unused `clients` table of another shape,
+    no `holds`), and again after it ran (MySQL commits DDL at once: a retry must work)."""
+    meta = await fresh(opener)
+    async with meta.transaction() as tx:
+        await tx.conn.execute("DROP TABLE holds")
+        await tx.conn.execute("DROP TABLE clients")
+        await tx.conn.execute(
+            "CREATE TABLE clients (id BIGINT PRIMARY KEY, hostname VARCHAR(255) NOT NULL,"
+            " pid INTEGER NOT NULL, started_ns BIGINT NOT NULL, heartbeat_ns BIGINT NOT NULL)"
+        )
+        await tx.set_info("schema_version", "2")
+    assert await migrate.upgrade(meta, FS_UUID) == [3]
+    for _again in range(2):
+        async with meta.transaction() as tx:
+            await tx.conn.execute(
+                "INSERT INTO clients (hostname, pid, cachedir, started_ns, heartbeat_ns, state)"
+                " VALUES ('h', 1, '/c', 1, 1, 0)"
+            )
+            (client,) = await tx.conn.query_one("SELECT MAX(id) FROM clients") or (0,)
+            await tx.conn.execute("INSERT INTO holds (client, inode) VALUES (?, 1)", (client,))
+            assert await tx.conn.query("SELECT inode FROM holds WHERE client = ?", (client,)) == [
+                (1,)
+            ]
+        async with meta.transaction() as tx:  # as if the version had not been written
+            await tx.set_info("schema_version", "2")
+        assert await migrate.upgrade(meta, FS_UUID) == [3]
+    assert await meta.check(FS_UUID) == 3
+
+
+async def test_clients_hold_inodes_and_dead_ones_are_forgotten(opener: Opener) -> None:
+    """Shared mode's bookkeeping (cloudfs.clients) on every engine: a hold is seen by
+    the other mounts only; a new mount of the same cache dir forgets the old one and its
+    holds; a mount whose heartbeat expired is forgotten by any other."""
+    from cloudfs import clients
+
+    meta = await fresh(opener)
+    a, b = clients.Client(meta, "/cache/a"), clients.Client(meta, "/cache/b")
+    await a.register()
+    await b.register()
+    await a.hold(7)
+    async with meta.reading() as tx:
+        assert await clients.held_elsewhere(tx, 7, b.id)
+        assert not await clients.held_elsewhere(tx, 7, a.id)
+        assert [c.id for c in await clients.list_clients(tx)] == [a.id, b.id]
+        # both run in this process, which is no mount.cloudfs: dead as seen from here
+        assert [c.id for c in await clients.dead_clients(tx, time_ns())] == [a.id, b.id]
+    await a.release(7)
+    async with meta.reading() as tx:
+        assert not await clients.held_elsewhere(tx, 7, b.id)
+
+    await a.hold(8)
+    a_again = clients.Client(meta, "/cache/a")  # a crashed and mounts again
+    gone = await a_again.register()
+    assert [c.id for c in gone] == [a.id]
+    async with meta.reading() as tx:
+        assert not await clients.held_elsewhere(tx, 8, b.id)
+
+    await b.hold(9)
+    async with meta.transaction() as tx:  # b stopped beating long ago
+        await tx.conn.execute("UPDATE clients SET heartbeat_ns = 1 WHERE id = ?", (b.id,))
+    c = clients.Client(meta, "/cache/c")
+    assert [r.id for r in await c.register()] == [b.id]
+    async with meta.reading() as tx:
+        assert not await clients.held_elsewhere(tx, 9, c.id)
+        assert await clients.stray_holds(tx) == []
+    await b.heartbeat()  # b was only paused: it comes back under its own id
+    await c.unregister()
+    async with meta.reading() as tx:
+        assert sorted(r.id for r in await clients.list_clients(tx)) == sorted([a_again.id, b.id])
+    await meta.close()

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from posixutil import MiB, fill, wait_for
@@ -253,3 +254,67 @@ def test_statfs(fs: CloudFS) -> None:
     out = subprocess.run(["df", "-P", str(m)], capture_output=True, text=True, check=True)
     total_kib, used_kib = (int(x) for x in out.stdout.splitlines()[1].split()[1:3])
     assert total_kib > 0 and used_kib >= len(data) // 1024
+
+
+def _used(p: Path | int) -> int:
+    """Bytes st_blocks says `p` (a path or an fd) occupies."""
+    st = os.fstat(p) if isinstance(p, int) else os.stat(p)
+    return st.st_blocks * 512
+
+
+def _du(p: Path) -> int:
+    out = subprocess.run(["du", "-s", "-B1", str(p)], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[0])
+
+
+def test_st_blocks_counts_data_not_holes(fs: CloudFS) -> None:
+    """st_blocks is the bytes that hold data (holes cost nothing in the store), the
+    same while the data is still unsealed, after the seal and after a remount; `du`
+    (which stats what a listing returned) agrees."""
+    m = fs.mnt
+    (m / "d").mkdir()
+    sparse, grown, zeros, cut, streamed = (
+        m / "d" / n for n in ("sparse", "grown", "zeros", "cut", "streamed")
+    )
+    expected = {sparse: 2 * MiB, grown: 0, zeros: 0, cut: MiB, streamed: 3 * MiB}
+    fd = os.open(sparse, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, fill(MiB, 1), 0)
+        os.pwrite(fd, fill(MiB, 2), GiB)
+        assert os.fstat(fd).st_size == GiB + MiB
+        assert _used(fd) == 2 * MiB  # unsealed: the dirty ranges
+        os.fsync(fd)
+        assert _used(fd) == 2 * MiB  # sealed: the extents
+        os.pwrite(fd, fill(4096, 3), MiB // 2)  # over data: no more room
+        os.pwrite(fd, fill(4096, 4), 10 * MiB)  # into the hole: 4 KiB more
+        assert _used(fd) == 2 * MiB + 4096
+    finally:
+        os.close(fd)
+    expected[sparse] += 4096
+    with open(grown, "wb") as f:
+        f.truncate(100 * MiB)  # all hole
+        assert _used(f.fileno()) == 0
+    with open(zeros, "wb") as f:
+        f.write(bytes(MiB))  # written zeros become holes when sealed
+    with open(cut, "wb") as f:
+        f.write(fill(2 * MiB, 5))
+        f.flush()
+        os.fsync(f.fileno())
+        f.truncate(MiB)
+        assert _used(f.fileno()) == MiB  # cut below sealed data, not sealed yet
+    with open(streamed, "wb") as f:
+        for i in range(3):
+            f.write(fill(MiB, 10 + i))
+            f.flush()
+            assert _used(f.fileno()) == (i + 1) * MiB  # appended, unsealed
+    os.setxattr(m, "user.cloudfs.command", b"seal")
+    for p, n in expected.items():
+        assert _used(p) == n, p.name
+    assert _du(m / "d") == sum(expected.values()) + _used(m / "d")
+    fs.remount()
+    assert _du(m / "d") == sum(expected.values()) + _used(m / "d")  # from the listing
+    for p, n in expected.items():
+        assert _used(p) == n, p.name
+    # a hard link and a file of another version report the same
+    os.link(sparse, m / "link")
+    assert _used(m / "link") == expected[sparse]

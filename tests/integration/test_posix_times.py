@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -253,3 +254,42 @@ def test_atime_mount_options(make_fs: Callable[..., CloudFS]) -> None:
     fs.mount("-o", "strictatime")
     assert _changes(p, p.read_bytes) == (True, False, False)
     assert _changes(p, p.read_bytes) == (True, False, False)
+
+
+def _db_mtimes(cache: Path, inodes: list[int]) -> dict[int, int]:
+    db = sqlite3.connect(f"file:{cache / 'meta.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        marks = ", ".join("?" * len(inodes))
+        rows = db.execute(f"SELECT id, mtime_ns FROM inodes WHERE id IN ({marks})", inodes)
+        return dict(rows.fetchall())
+    finally:
+        db.close()
+
+
+def test_utime_right_after_close_wins(fs: CloudFS) -> None:
+    """write, close, utime at once: the seal that the last close starts in the
+    background must not put the write's time back over the utime (a flake once read
+    "now" back). Files new (append stream) and rewritten in place (overlay), small
+    (sealed inline) and larger (chunked in a thread), so the seal overlaps the utime."""
+    m = fs.mnt
+    sizes = [10, 300 * 1024]
+    paths = [m / f"f{i}" for i in range(24)]
+    for p in paths[::2]:  # half of them exist already: rewritten through the overlay
+        p.write_bytes(fill(sizes[1], 99))
+    wanted: dict[Path, int] = {}
+    for rnd in range(3):
+        for i, p in enumerate(paths):
+            data = fill(sizes[(i // 2 + rnd) % 2], i + rnd)
+            with open(p, "r+b" if p.exists() else "wb") as f:
+                f.write(data)
+            stamp = 1_600_000_000_000_000_000 + (rnd * 1000 + i) * 1_000_003
+            os.utime(p, ns=(stamp, stamp))
+            wanted[p] = stamp
+            assert os.stat(p).st_mtime_ns == stamp
+    inodes = {p: os.stat(p).st_ino for p in paths}
+    # the mount answers once every seal is done; then the metadata must hold the stamps
+    os.setxattr(m, "user.cloudfs.command", b"seal")
+    stored = _db_mtimes(fs.cache, list(inodes.values()))
+    assert {p: stored[inodes[p]] for p in paths} == wanted
+    fs.remount()
+    assert {p: os.stat(p).st_mtime_ns for p in paths} == wanted
