@@ -37,6 +37,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -170,9 +171,11 @@ async def collect(
     grace_s: float = GRACE_S,
     batch: int = BATCH,
     max_batches: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> GcReport:
     """Run one pass (see the module docstring); `now_ns` is the clock (tests move it).
-    `store` is the raw object store of the filesystem (no keys are needed to delete)."""
+    `store` is the raw object store of the filesystem (no keys are needed to delete).
+    `progress(blocks)` hears of the blocks deleted so far after each batch."""
     now = time.time_ns() if now_ns is None else now_ns
     cutoff = now - int(grace_s * 1e9)
     report = GcReport()
@@ -210,6 +213,8 @@ async def collect(
                     report.blocks += 1
                     report.stored_bytes += stored_size
                     report.plain_bytes += size
+            if progress is not None:
+                progress(report.blocks)
             if not await meta.run(_take_lease, meta, owner):
                 report.errors.append("lost the garbage collection lease")
                 break

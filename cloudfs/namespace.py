@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -109,6 +110,9 @@ class Namespace:
         #: shared mode: this mount's `clients` row; an inode another mount holds open
         #: stays too (cloudfs.clients)
         self.client: clients.Client | None = None
+        #: this mount in open_inodes ('machine:pid'), and the inodes it marked there
+        self.holder = f"{files.origin}:{os.getpid()}"
+        self.marked_open: set[int] = set()
 
     # --- attributes -------------------------------------------------------------------
 
@@ -342,10 +346,15 @@ class Namespace:
             await tx.update_inode(parent, nlink=pattrs.nlink - 1)
         else:
             await tx.update_inode(ino, nlink=attrs.nlink - 1, ctime_ns=now)
-        if stat.S_ISDIR(attrs.mode) or attrs.nlink <= 1:
-            await trash.keep(tx, ino, parent, name, now)  # its last name: kept in the trash
-            return True
-        return False
+        # every name goes to the trash (a file with several names comes back with all);
+        # after its last name the inode stays there, kept for the retention period
+        kept = await trash.keep(tx, ino, parent, name, now)
+        last = stat.S_ISDIR(attrs.mode) or attrs.nlink <= 1
+        if kept and last and self.files.in_use(ino):
+            # still open here: a purge by another process must leave it to this mount
+            await trash.mark_open(tx, ino, self.holder)
+            self.marked_open.add(ino)
+        return last
 
     @_retried
     async def unlink(self, parent: int, name: bytes) -> None:
@@ -498,27 +507,50 @@ class Namespace:
         if self.kernel_refs.get(ino) > 0:
             return  # forget() calls again (when `ino` is in _nameless)
         async with self.meta.transaction() as tx:
+            if ino in self.marked_open:
+                await trash.unmark_open(tx, ino, self.holder)  # no longer used here
             attrs = await tx.get_inode(ino)
             if attrs is None or attrs.nlink > 0 or ino == ROOT_INODE:
                 self._nameless.discard(ino)
+                self.marked_open.discard(ino)
                 return
             if await trash.holds(tx, ino):
                 self._nameless.discard(ino)  # a purge of the trash calls lost_name again
+                self.marked_open.discard(ino)
                 return  # kept for the retention period (cloudfs.trash)
             if self.client is not None and await clients.held_elsewhere(tx, ino, self.client.id):
                 self._nameless.discard(ino)
                 return  # open on another machine: its last close frees it
             await tx.free_inode(ino, time.time_ns())
         self._nameless.discard(ino)
+        self.marked_open.discard(ino)
         self.files.drop(ino)
 
     async def free_orphans(self) -> int:
         """Free inodes a crashed mount left without names (open-unlinked at the crash)."""
+        async with self.meta.transaction() as tx:
+            await trash.clear_open_marks(tx, await self._gone_holders(tx))
         async with self.meta.reading() as tx:
             orphans = await tx.orphan_inodes()
         for ino in orphans:
             await self.maybe_free(ino)
         return len(orphans)
+
+    async def _gone_holders(self, tx: Txn) -> list[str]:
+        """Holders of open_inodes rows that were mounts of this machine and are gone."""
+        rows = await tx.conn.query("SELECT DISTINCT holder FROM open_inodes")
+        gone = []
+        for (holder,) in rows:
+            machine, _, pid = holder.rpartition(":")
+            if machine != self.files.origin or holder == self.holder:
+                continue
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                gone.append(holder)
+            except (ValueError, OSError):
+                pass  # not a pid, or not ours to signal: alive
+        return gone
 
     async def sync(self) -> None:
         """fsync of a directory: every namespace change committed so far reaches stable

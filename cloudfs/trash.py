@@ -1,19 +1,24 @@
 """The trash: unlinked files and removed directories, kept with their paths for the
 retention period.
 
-When the last name of an inode goes (unlink, rmdir, a rename over it), the namespace
-records it here, in the same transaction, with the path it had; the inode then stays
-(nlink 0) instead of being freed, with its extents, versions, xattrs and blocks. `rm -rf`
-of a tree leaves one entry per file and directory, children deleted before their
-directory; restoring the directory's path brings each of them back where it was.
+When a name goes (unlink, rmdir, a rename over it), the namespace records it here, in
+the same transaction, with the path it had, the process that removed it and the
+mtime its directory had before; when it was the inode's last name, the inode then
+stays (nlink 0) instead of being freed, with its extents, versions, xattrs and blocks.
+A file with several names gets one entry per name removed. `rm -rf` of a tree leaves
+one entry per name, children deleted before their directory; restoring the
+directory's path brings each of them back where it was.
 
-Restoring a directory also restores the entries below its path that were deleted no
-later than it and after its previous deletion (if the same path was deleted before):
-the entries of the removal that took the tree. Purging frees the inodes.
+A removal: restoring a directory also restores the entries below its path that the
+same process ('machine:pid', `remover`) deleted no later than it and after the
+path's previous deletion — what that `rm -rf` took, not a file deleted from the
+directory earlier by another command. Directories of the removal get back the mtime
+they had before it. Purging frees the inodes (not one a mount has open: open_inodes).
 """
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import stat
 from dataclasses import dataclass
@@ -26,6 +31,9 @@ from cloudfs.meta.schema import ROOT_INODE
 #: deepest directory chain a path is computed through
 _MAX_DEPTH = 4096
 
+#: who is removing names now ('machine:pid'; the mount sets it per request)
+REMOVER: contextvars.ContextVar[str] = contextvars.ContextVar("trash_remover", default="")
+
 
 @dataclass(frozen=True)
 class TrashEntry:
@@ -35,6 +43,8 @@ class TrashEntry:
     deleted_ns: int
     mode: int
     size: int
+    remover: str = ""
+    parent_mtime_ns: int | None = None
 
 
 async def path_of(tx: Txn, parent: int, name: bytes) -> bytes:
@@ -57,15 +67,19 @@ async def path_of(tx: Txn, parent: int, name: bytes) -> bytes:
 
 
 async def keep(tx: Txn, ino: int, parent: int, name: bytes, now_ns: int) -> bool:
-    """Record inode `ino`, whose last name (`name` in `parent`) is going, in the trash
-    (unless the policy keeps no trash). True when it was kept."""
+    """Record name `name` of inode `ino` in directory `parent`, which is going, in the
+    trash (unless the policy keeps no trash); call it before the directory's mtime
+    changes. True when it was kept."""
     policy = await retention.load(tx)
     if policy.trash is not None and policy.trash <= 0:
         return False
+    pattrs = await tx.get_inode(parent)
     await tx.conn.execute(
-        "INSERT INTO trash (inode, path, deleted_ns) VALUES (?, ?, ?)",
-        (ino, await path_of(tx, parent, name), now_ns),
-    )
+        "INSERT INTO trash (inode, path, deleted_ns, remover, parent_mtime_ns)"
+        " VALUES (?, ?, ?, ?, ?)",
+        (ino, await path_of(tx, parent, name), now_ns, REMOVER.get(),
+         pattrs.mtime_ns if pattrs is not None else None),
+    )  # fmt: skip
     return True
 
 
@@ -78,13 +92,38 @@ async def holds(tx: Txn, ino: int) -> bool:
 async def entries(tx: Txn, under: bytes | None = None) -> list[TrashEntry]:
     """Entries in the trash, oldest first; `under`: only that path and below."""
     rows = await tx.conn.query(
-        "SELECT t.id, t.inode, t.path, t.deleted_ns, i.mode, i.size FROM trash t"
+        f"SELECT {_ENTRY_COLUMNS} FROM trash t"
         " JOIN inodes i ON i.id = t.inode ORDER BY t.deleted_ns, t.id"
     )
-    found = [TrashEntry(i, ino, bytes(p), d, m, s) for i, ino, p, d, m, s in rows]
+    found = [_entry(row) for row in rows]
     if under is not None:
         prefix = under.rstrip(b"/") + b"/"
         found = [e for e in found if e.path == under.rstrip(b"/") or e.path.startswith(prefix)]
+    return found
+
+
+_ENTRY_COLUMNS = (
+    "t.id, t.inode, t.path, t.deleted_ns, i.mode, i.size, t.remover, t.parent_mtime_ns"
+)
+
+
+def _entry(row: tuple) -> TrashEntry:
+    i, ino, p, d, m, s, remover, pmtime = row
+    return TrashEntry(i, ino, bytes(p), d, m, s, remover or "", pmtime)
+
+
+async def entries_by_id(tx: Txn, ids: list[int]) -> list[TrashEntry]:
+    """The entries of `ids` that are (still) in the trash."""
+    found: list[TrashEntry] = []
+    for start in range(0, len(ids), 500):
+        part = ids[start : start + 500]
+        marks = ", ".join("?" * len(part))
+        rows = await tx.conn.query(
+            f"SELECT {_ENTRY_COLUMNS} FROM trash t JOIN inodes i ON i.id = t.inode"
+            f" WHERE t.id IN ({marks}) ORDER BY t.deleted_ns, t.id",
+            part,
+        )
+        found.extend(_entry(row) for row in rows)
     return found
 
 
@@ -103,7 +142,11 @@ def removal_of(all_entries: list[TrashEntry], root: TrashEntry) -> list[TrashEnt
         ]  # fmt: skip
         since = max(earlier, default=-1)
         for e in all_entries:  # oldest first: a later deletion of a path wins
-            if _is_below(e.path, root.path) and since < e.deleted_ns <= root.deleted_ns:
+            if (
+                _is_below(e.path, root.path)
+                and since < e.deleted_ns <= root.deleted_ns
+                and (e.remover == root.remover or not root.remover)
+            ):
                 group[e.path] = e
     return sorted(group.values(), key=lambda e: (e.path.count(b"/"), e.path))
 
@@ -139,11 +182,31 @@ async def restore(
     target = (to if to is not None else root.path).rstrip(b"/")
     ancestors = await _restore_ancestors(tx, everything, target, now_ns)
     restored: list[tuple[bytes, int]] = []
-    for e in removal_of(everything, root):
+    removal = removal_of(everything, root)
+    done: set[int] = set()
+    for e in removal:
         dest = target + e.path[len(root.path) :]
         if await _restore_one(tx, e, dest, now_ns, required=e is root):
             restored.append((dest, e.inode))
+            done.add(e.id)
+    await _restore_dir_mtimes(tx, removal, done)
     return restored + ancestors
+
+
+async def _restore_dir_mtimes(tx: Txn, removal: list[TrashEntry], restored: set[int]) -> None:
+    """Give each restored directory of `removal` the mtime it had before the removal:
+    the one its first deleted child recorded (restoring the children changed it).
+    `restored`: the ids of the entries restored."""
+    by_path = {e.path: e for e in removal}
+    first_child: dict[bytes, TrashEntry] = {}
+    for e in sorted(removal, key=lambda e: (e.deleted_ns, e.id)):
+        first_child.setdefault(e.path.rpartition(b"/")[0], e)
+    for dir_path, child in first_child.items():
+        d = by_path.get(dir_path)
+        if d is None or d.id not in restored or child.parent_mtime_ns is None:
+            continue
+        if stat.S_ISDIR(d.mode):
+            await tx.update_inode(d.inode, mtime_ns=child.parent_mtime_ns)
 
 
 async def _restore_ancestors(
@@ -209,19 +272,65 @@ async def take_out(tx: Txn, chosen: list[TrashEntry]) -> list[int]:
 
 async def purge_older(tx: Txn, cutoff_ns: int, now_ns: int, limit: int = 1000) -> int:
     """Free at most `limit` entries deleted before `cutoff_ns` (the retention pruner,
-    which runs outside the mount: an inode still open there is freed all the same,
-    after a whole retention period). Returns how many entries went."""
+    which runs outside the mount: an inode a mount still has open, per open_inodes,
+    is left to that mount, which frees it at its last close). Returns how many
+    entries went."""
     rows = await tx.conn.query(
-        "SELECT t.id, t.inode, t.path, t.deleted_ns, i.mode, i.size FROM trash t"
+        f"SELECT {_ENTRY_COLUMNS} FROM trash t"
         " JOIN inodes i ON i.id = t.inode WHERE t.deleted_ns < ? ORDER BY t.deleted_ns LIMIT ?",
         (cutoff_ns, limit),
     )
-    chosen = [TrashEntry(i, ino, bytes(p), d, m, s) for i, ino, p, d, m, s in rows]
+    chosen = [_entry(row) for row in rows]
     for ino in await take_out(tx, chosen):
-        await tx.free_inode(ino, now_ns)
+        if not await held_open(tx, ino):
+            await tx.free_inode(ino, now_ns)  # else the mount frees it at its last close
     # rows whose inode is gone (freed by fsck, ...) are dropped as well
     await tx.conn.execute(
         "DELETE FROM trash WHERE deleted_ns < ? AND inode NOT IN (SELECT id FROM inodes)",
         (cutoff_ns,),
     )
     return len(chosen)
+
+
+
+# --- inodes a mount has open -----------------------------------------------------------
+
+
+async def mark_open(tx: Txn, ino: int, holder: str) -> None:
+    """Nameless inode `ino` is still used by mount `holder` (see open_inodes)."""
+    await tx.conn.execute("DELETE FROM open_inodes WHERE inode = ? AND holder = ?", (ino, holder))
+    await tx.conn.execute("INSERT INTO open_inodes (inode, holder) VALUES (?, ?)", (ino, holder))
+
+
+async def unmark_open(tx: Txn, ino: int, holder: str) -> None:
+    await tx.conn.execute("DELETE FROM open_inodes WHERE inode = ? AND holder = ?", (ino, holder))
+
+
+async def held_open(tx: Txn, ino: int) -> bool:
+    """Does a mount still use inode `ino` (open_inodes; in shared mode also `holds`)?"""
+    row = await tx.conn.query_one("SELECT 1 FROM open_inodes WHERE inode = ? LIMIT 1", (ino,))
+    if row is None:
+        row = await tx.conn.query_one("SELECT 1 FROM holds WHERE inode = ? LIMIT 1", (ino,))
+    return row is not None
+
+
+async def clear_open_marks(tx: Txn, holders: list[str] | None = None) -> int:
+    """Drop the marks of mounts that are gone (of `holders`, or all); how many."""
+    if holders is None:
+        return await tx.conn.execute("DELETE FROM open_inodes")
+    count = 0
+    for holder in holders:
+        count += await tx.conn.execute("DELETE FROM open_inodes WHERE holder = ?", (holder,))
+    return count
+
+
+async def usage(tx: Txn) -> tuple[int, int]:
+    """(entries, bytes): how many names the trash holds, and the size of the files
+    it keeps (each inode once; one that still has a name elsewhere not counted)."""
+    row = await tx.conn.query_one("SELECT COUNT(*) FROM trash")
+    count = int(row[0]) if row else 0
+    row = await tx.conn.query_one(
+        "SELECT COALESCE(SUM(i.size), 0) FROM inodes i WHERE i.nlink = 0"
+        " AND i.id IN (SELECT inode FROM trash)"
+    )
+    return count, int(row[0]) if row else 0

@@ -19,6 +19,7 @@ from datetime import datetime
 
 from cloudfs.errors import FSOpError, UsageError
 from cloudfs.meta.base import Txn, VersionRow
+from cloudfs.meta.schema import LIVE
 
 #: versions.flags bits
 CONFLICT = 1  # an overwritten concurrent commit (shared mode)
@@ -117,3 +118,14 @@ def parse_time(text: str, now: float | None = None) -> int:
     if when.tzinfo is None:
         when = when.astimezone()  # local time
     return int(when.timestamp() * 1e9)
+
+
+async def old_only_bytes(tx: Txn) -> int:
+    """Plaintext bytes of the blocks that only old versions use (no live extent names
+    them): what pruning versions could free (`cloudfs stat`)."""
+    row = await tx.conn.query_one(
+        "SELECT COALESCE(SUM(b.size), 0) FROM blocks b WHERE b.refcount > 0"
+        " AND NOT EXISTS (SELECT 1 FROM extents e WHERE e.block = b.id AND e.v_to = ?)",
+        (LIVE,),
+    )
+    return int(row[0]) if row else 0

@@ -14,6 +14,7 @@ view `.cloudfs/` (mount/view.py) and read-only trees.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -21,7 +22,7 @@ import os
 import stat
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -260,17 +261,24 @@ class HistoryOperations(Operations):
         return {"restored": [p.hex() for p, _ino in restored]}
 
     async def _cmd_trash_purge(self, args: _Json, ctx: pyfuse3.RequestContext) -> _Json:
-        """{["path"][, "before_ns"]}: free what the trash holds (at or below `path`,
-        deleted before `before_ns`). An inode still open here is freed at its last close."""
+        """{["path"][, "before_ns"][, "ids"]}: free what the trash holds (at or below
+        `path`, deleted before `before_ns`, among entries `ids`: the tool sends batches).
+        An inode still open here is freed at its last close."""
         under = _name(args, "path") if "path" in args else None
         before = _int(args, "before_ns") if "before_ns" in args else None
+        ids = args.get("ids")
+        if ids is not None and not (
+            isinstance(ids, list) and all(isinstance(i, int) for i in ids)
+        ):
+            raise FSOpError(errno.EINVAL, "'ids' must be a list of integers")
 
         async def take() -> tuple[int, list[int]]:
             async with self.ns.meta.transaction() as tx:
-                chosen = [
-                    e for e in await trash.entries(tx, under)
-                    if before is None or e.deleted_ns < before
-                ]  # fmt: skip
+                listed = (
+                    await trash.entries(tx, under) if ids is None
+                    else await trash.entries_by_id(tx, ids)
+                )  # fmt: skip
+                chosen = [e for e in listed if before is None or e.deleted_ns < before]
                 return len(chosen), await trash.take_out(tx, chosen)
 
         count, nameless = await self.ns.meta.run(take)
@@ -309,6 +317,16 @@ class HistoryOperations(Operations):
             inodes = [parent] if child is None else [parent, child]
             if await readonly_among(tx, inodes):
                 raise FSOpError(errno.EROFS)
+
+    @contextlib.contextmanager
+    def _remover(self, ctx: pyfuse3.RequestContext) -> Iterator[None]:
+        """Names removed meanwhile are recorded in the trash as removed by the calling
+        process (which groups an `rm -rf` into one removal, cloudfs.trash)."""
+        token = trash.REMOVER.set(f"{self.files.origin}:{ctx.pid}")
+        try:
+            yield
+        finally:
+            trash.REMOVER.reset(token)
 
     # --- the view: names and attributes ------------------------------------------------------
 
@@ -408,12 +426,14 @@ class HistoryOperations(Operations):
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self._may_remove(parent_inode, name)
-        await super().unlink(parent_inode, name, ctx)
+        with self._remover(ctx):
+            await super().unlink(parent_inode, name, ctx)
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self._may_remove(parent_inode, name)
-        await super().rmdir(parent_inode, name, ctx)
+        with self._remover(ctx):
+            await super().rmdir(parent_inode, name, ctx)
 
     @fuse_errors
     async def rename(
@@ -424,7 +444,10 @@ class HistoryOperations(Operations):
         if parent_inode_new == ROOT_INODE and name_new == VIEW_NAME:
             raise FSOpError(errno.EEXIST)
         await self._may_remove(parent_inode_new, name_new)
-        await super().rename(parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx)
+        with self._remover(ctx):
+            await super().rename(
+                parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx
+            )
 
     # --- contents -------------------------------------------------------------------------
 

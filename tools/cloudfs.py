@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import trio
 from cloudfs.tools._cli import open_config_meta, parse_args, run_cli, setup_logging
 
+from cloudfs import trash, versions
 from cloudfs.cache import CacheDir
 from cloudfs.errors import DaemonError, NotMounted
 
@@ -59,6 +60,8 @@ async def cmd_stat(args: argparse.Namespace) -> int:
     try:
         async with meta.reading() as tx:
             s = await tx.stats()
+            trash_entries, trash_bytes = await trash.usage(tx)
+            old_bytes = await versions.old_only_bytes(tx)
     finally:
         await meta.close()
     daemon = await _daemon_status(cache)
@@ -76,6 +79,9 @@ async def cmd_stat(args: argparse.Namespace) -> int:
         "compression_ratio": round(compression, 3),
         "pending_uploads": s.pending_blocks,
         "pending_bytes": s.pending_bytes,
+        "trash_entries": trash_entries,
+        "trash_bytes": trash_bytes,
+        "old_version_bytes": old_bytes,
         "daemon": daemon,
     }
     if args.json:
@@ -89,6 +95,8 @@ async def cmd_stat(args: argparse.Namespace) -> int:
         ("dedup ratio", f"{dedup:.2f}"),
         ("compression ratio", f"{compression:.2f}"),
         ("pending uploads", f"{s.pending_blocks} blocks ({_human(s.pending_bytes)})"),
+        ("trash", f"{trash_entries} entries ({_human(trash_bytes)} of files)"),
+        ("only in old versions", f"{_human(old_bytes)} (blocks no live file uses)"),
         ("daemon", "running" if daemon is not None else "not running"),
     ]
     if daemon and daemon.get("errors"):

@@ -31,6 +31,8 @@ from cloudfs.versions import CONFLICT, RESTORED, parse_time, version_at
 
 #: the command's result, per calling thread, answered by the mount (never stored)
 XATTR_RESULT = b"user.cloudfs.result"
+#: trash entries one purge command of the mount frees
+PURGE_BATCH = 500
 
 
 class CommandFailed(CloudfsError):
@@ -363,18 +365,35 @@ async def cmd_trash_restore(args: argparse.Namespace) -> int:
 async def cmd_trash_purge(args: argparse.Namespace) -> int:
     from cloudfs.retention import parse_duration
 
+    from cloudfs.fsck.runner import Progress
+    from cloudfs.trash import entries
+
     mount = find_mount(args.path)
     fields: dict[str, Any] = {}
     under = _relative(mount, args.path)
     if under != "/":
         fields["path"] = os.fsencode(under).hex()
+    before = None
     if args.older_than is not None:
         age = parse_duration(args.older_than)
         if age is None:
             raise UsageError("--older-than forever purges nothing")
-        fields["before_ns"] = int((time.time() - age) * 1e9)
-    result = await mount_command(mount, "trash-purge", **fields)
-    print(f"purged {result['entries']} entries from the trash")
+        before = fields["before_ns"] = int((time.time() - age) * 1e9)
+    # in batches, so that no transaction of the mount holds a huge trash at once
+    meta = mount.meta()
+    try:
+        async with meta.reading() as tx:
+            found = await entries(tx, None if under == "/" else os.fsencode(under))
+    finally:
+        await meta.close()
+    ids = [e.id for e in found if before is None or e.deleted_ns < before]
+    progress, purged = Progress(), 0
+    for start in range(0, len(ids), PURGE_BATCH):
+        part = ids[start : start + PURGE_BATCH]
+        result = await mount_command(mount, "trash-purge", **fields, ids=part)
+        purged += result["entries"]
+        progress("trash purge", start + len(part), len(ids))
+    print(f"purged {purged} entries from the trash")
     return 0
 
 
@@ -442,17 +461,26 @@ async def cmd_gc(args: argparse.Namespace) -> int:
     if grace is None:
         raise UsageError("--grace forever collects nothing")
     now = _now(args)
+    from cloudfs.fsck.runner import Progress
+
     config = mount.cache.read_config()
     meta = mount.meta()
     try:
         if args.dry_run:
             report = await gc.collectable(meta, now, grace)
         else:
+            progress = Progress()
+            total = (await gc.collectable(meta, now, grace)).blocks if progress.tty else 0
             store = open_cli_store(config.storage, dict(config.options))
             try:
-                report = await gc.collect(meta, store, mount.cache, now_ns=now, grace_s=grace)
+                report = await gc.collect(
+                    meta, store, mount.cache, now_ns=now, grace_s=grace,
+                    progress=lambda n: progress("gc", min(n, total), total),
+                )  # fmt: skip
             finally:
                 await store.aclose()
+            if total:
+                progress("gc", total, total)  # ends the line
     finally:
         await meta.close()
     if args.json:

@@ -40,9 +40,29 @@ async def _clients_and_holds(tx: Txn) -> None:
             await tx.conn.execute(stmt)
 
 
+async def _trash_removals_and_open_inodes(tx: Txn) -> None:
+    """trash.remover and trash.parent_mtime_ns (a removal is restored as it was), and
+    the open_inodes table (a purge never frees what a mount has open). Safe to run
+    again (MySQL commits each DDL statement at once)."""
+    columns = {
+        "remover": "VARCHAR(255) NOT NULL DEFAULT ''",
+        "parent_mtime_ns": "BIGINT",
+    }
+    for name, kind in columns.items():
+        try:
+            await tx.conn.query(f"SELECT {name} FROM trash LIMIT 1")
+        except Exception:  # noqa: BLE001 - the column is missing (engine-specific error)
+            await tx.conn.execute(f"ALTER TABLE trash ADD COLUMN {name} {kind}")
+    await tx.conn.execute(
+        "CREATE TABLE IF NOT EXISTS open_inodes (inode BIGINT NOT NULL,"
+        " holder VARCHAR(255) NOT NULL, PRIMARY KEY (inode, holder))"
+    )  # MySQL's default engine is InnoDB, as schema.MYSQL asks
+
+
 MIGRATIONS: Mapping[int, Migration] = {
     2: _extents_file_offset,
     3: _clients_and_holds,
+    4: _trash_removals_and_open_inodes,
 }
 
 

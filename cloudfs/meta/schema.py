@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 #: bump when the DDL changes, and add the migration to `cloudfs.meta.migrate`:
 #: `cloudfs upgrade` brings older databases up to it
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: `extents.v_to` of a live extent: the version range is open-ended
 LIVE = 1 << 62
@@ -144,12 +144,25 @@ CREATE TABLE versions (
     PRIMARY KEY (inode, version)
 ){suffix};
 
--- Unlinked files and removed trees kept for the retention period.
+-- Unlinked files and removed trees kept for the retention period: one row per name
+-- removed, also a name of a file that keeps others (so a hard-linked file comes back
+-- with all its names).
 CREATE TABLE trash (
     id          {autoinc_pk},
-    inode       BIGINT NOT NULL,           -- the removed file or tree root (nlink 0, kept)
+    inode       BIGINT NOT NULL,           -- the removed file or directory (kept while here)
     path        {blob} NOT NULL,           -- its path when removed
-    deleted_ns  BIGINT NOT NULL
+    deleted_ns  BIGINT NOT NULL,
+    remover     VARCHAR(255) NOT NULL DEFAULT '', -- 'machine:pid' that removed it ('' unknown)
+    parent_mtime_ns BIGINT                 -- its directory's mtime before the removal
+){suffix};
+
+-- Nameless inodes a mount still uses (open, or known to the kernel): the trash purge
+-- of another process (the daemon's retention) must not free them, the mount frees
+-- them at the last close. fsck drops the rows of mounts that are gone.
+CREATE TABLE open_inodes (
+    inode       BIGINT NOT NULL,
+    holder      VARCHAR(255) NOT NULL,     -- 'machine:pid' of the mount
+    PRIMARY KEY (inode, holder)
 ){suffix};
 
 -- Named snapshots of trees.

@@ -574,7 +574,7 @@ async def test_schema_2_gains_clients_and_holds(opener: Opener) -> None:
             " pid INTEGER NOT NULL, started_ns BIGINT NOT NULL, heartbeat_ns BIGINT NOT NULL)"
         )
         await tx.set_info("schema_version", "2")
-    assert await migrate.upgrade(meta, FS_UUID) == [3]
+    assert await migrate.upgrade(meta, FS_UUID) == [3, 4]  # 4: trash columns, open_inodes
     for _again in range(2):
         async with meta.transaction() as tx:
             await tx.conn.execute(
@@ -588,8 +588,8 @@ async def test_schema_2_gains_clients_and_holds(opener: Opener) -> None:
             ]
         async with meta.transaction() as tx:  # as if the version had not been written
             await tx.set_info("schema_version", "2")
-        assert await migrate.upgrade(meta, FS_UUID) == [3]
-    assert await meta.check(FS_UUID) == 3
+        assert await migrate.upgrade(meta, FS_UUID) == [3, 4]
+    assert await meta.check(FS_UUID) == schema.SCHEMA_VERSION
 
 
 async def test_clients_hold_inodes_and_dead_ones_are_forgotten(opener: Opener) -> None:

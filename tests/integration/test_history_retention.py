@@ -59,6 +59,7 @@ def test_prune_and_gc_on_a_moved_clock(fs: CloudFS) -> None:
     assert _json(fs, "gc", m, "--dry-run", "--now", "+31d")["blocks"] == 0
     assert fs.store_block_bytes() == with_removed
 
+    assert fs.stat_json()["old_version_bytes"] == 2 * 2 * MiB  # versions 1 and 2 of doc
     r = fs.check("cloudfs", "prune", m, "--now", "+31d")
     assert r.stdout.startswith("dropped 2 versions of 1 files (")
     assert "and 1 trash entries" in r.stdout
@@ -66,6 +67,7 @@ def test_prune_and_gc_on_a_moved_clock(fs: CloudFS) -> None:
     assert os.listdir(m / ".cloudfs" / "versions" / "doc") == ["3"]
     versions = _json(fs, "versions", m / "doc")
     assert [v["version"] for v in versions] == [3]
+    assert fs.stat_json()["old_version_bytes"] == 0
 
     # unreferenced blocks wait for the grace period, then leave the store
     assert _json(fs, "gc", m, "--now", "+31d", "--grace", "100d")["blocks"] == 0
@@ -126,3 +128,31 @@ def test_mkfs_takes_a_policy(make_fs) -> None:  # type: ignore[no-untyped-def]
     assert fs.check("cloudfs", "retention", fs.mnt).stdout.strip() == (
         "keep-all=2h,hourly=2d,daily=forever,trash=1w"
     )
+
+
+def test_the_daemons_purge_leaves_a_file_the_mount_has_open(fs: CloudFS) -> None:
+    """The daemon purges the trash outside the mount: an unlinked file still open
+    there keeps its data (open_inodes) until its last close, then is freed."""
+    m = fs.mnt
+    fs.check("cloudfs", "retention", m, "trash=1d")
+    fs.unmount()
+    fs.kill_daemon()
+    env = {**fs.env, "CLOUDFS_TEST_CLOCK_OFFSET_S": str(2 * DAY),
+           "CLOUDFS_REMOVER_INTERVAL_S": "0.5", "CLOUDFS_GC_GRACE_S": "0"}  # fmt: skip
+    fs.mount(env=env)
+    data = os.urandom(3 * MiB)
+    (m / "open").write_bytes(data)
+    fs.flush()
+    before = fs.store_block_bytes()
+    with open(m / "open", "rb") as f:
+        os.unlink(m / "open")
+        wait_for(lambda: _json(fs, "trash", "list", m) == [], timeout=120,
+                 what="the daemon purges the trash")  # fmt: skip
+        rounds = fs.stat_json()["daemon"]["remover_rounds"]
+        wait_for(lambda: fs.stat_json()["daemon"]["remover_rounds"] >= rounds + 2,
+                 timeout=120, what="two more rounds of the remover")  # fmt: skip
+        assert fs.store_block_bytes() == before, "the open file's blocks were collected"
+        fs.check("cloudfs", "drop-cache", m)
+        assert f.read() == data
+    wait_for(lambda: fs.store_block_bytes() <= before - 3 * MiB, timeout=120,
+             what="the closed file's blocks leave the store")  # fmt: skip

@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -56,6 +58,38 @@ def test_rm_rf_then_restore_gives_the_identical_tree(fs: CloudFS) -> None:
     fs.remount()
     assert tree_state(m / "project") == before
     assert (m / "keep").read_bytes() == b"not removed"
+
+
+def _dir_mtimes(root: os.PathLike[str]) -> dict[str, int]:
+    return {
+        os.path.relpath(d, root): os.stat(d).st_mtime_ns for d, _dirs, _files in os.walk(root)
+    }
+
+
+def test_restore_gives_back_one_removal_with_links_and_directory_times(fs: CloudFS) -> None:
+    """A hard-linked file comes back with all its names, directories with their
+    mtimes, and a file deleted from the tree earlier (another command) stays out."""
+    m = fs.mnt
+    make_tree(m / "project", files=8, big=MiB)  # docs/f003.txt is also docs/deep/er/hard
+    os.link(m / "project" / "docs" / "f005.txt", m / "outside")  # a name outside the tree
+    os.unlink(m / "project" / "docs" / "f001.txt")  # earlier, by this process
+    for n, (d, _dirs, _files) in enumerate(os.walk(m / "project")):
+        os.utime(d, ns=(1_600_000_000_000_000_000 + n, 1_600_000_000_000_000_000 + n * 1000))
+    before, mtimes = tree_state(m / "project"), _dir_mtimes(m / "project")
+    assert before["docs/f003.txt"][3] == 2 and before["docs/f005.txt"][3] == 2
+    subprocess.run(["rm", "-rf", m / "project"], check=True)
+
+    r = fs.check("cloudfs", "trash", "restore", m / "project")
+    assert f"restored {len(before) + 1} entries" in r.stdout  # every name, and the top
+    assert tree_state(m / "project") == before
+    assert _dir_mtimes(m / "project") == mtimes
+    assert os.stat(m / "outside").st_nlink == 2
+    assert [e["path"] for e in _trash(fs)] == ["/project/docs/f001.txt"]
+    fs.remount()
+    assert tree_state(m / "project") == before
+    assert _dir_mtimes(m / "project") == mtimes
+    fs.check("cloudfs", "trash", "restore", m / "project" / "docs" / "f001.txt")
+    assert (m / "project" / "docs" / "f001.txt").stat().st_size == 1997
 
 
 def test_unlinked_and_replaced_files_are_kept(fs: CloudFS) -> None:
@@ -119,7 +153,10 @@ def test_purge_frees(fs: CloudFS) -> None:
     fs.flush()
     referenced = fs.stat_json()["referenced_bytes"]
     os.unlink(m / "big")
-    assert fs.stat_json()["referenced_bytes"] == referenced, "kept in the trash"
+    stats = fs.stat_json()
+    assert stats["referenced_bytes"] == referenced, "kept in the trash"
+    assert (stats["trash_entries"], stats["trash_bytes"]) == (1, 6 * MiB)
+    assert "1 entries (6.0 MiB of files)" in fs.check("cloudfs", "stat", m).stdout
     r = fs.check("cloudfs", "trash", "purge", m, "--older-than", "1h")
     assert "purged 0 entries" in r.stdout
     # an open file purged from the trash is freed at its last close
@@ -132,3 +169,47 @@ def test_purge_frees(fs: CloudFS) -> None:
     assert all(n == 0 for n in block_refcounts(fs.cache).values())
     assert _trash(fs) == []
     assert fs.check("cloudfs", "trash", "list", m).stdout.strip() == "the trash is empty"
+    assert (fs.stat_json()["trash_entries"], fs.stat_json()["trash_bytes"]) == (0, 0)
+
+
+def _on_a_terminal(fs: CloudFS, *args: object) -> str:
+    """Run a cloudfs command with stderr on a pseudo-terminal; what it showed there."""
+    master, slave = os.openpty()
+    try:
+        cloudfs = Path(sys.executable).parent / "cloudfs"
+        r = subprocess.run([str(cloudfs), *map(str, args)], env=fs.env, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=slave, timeout=300, check=False,
+                           text=True)  # fmt: skip
+        os.close(slave)
+        slave = -1
+        assert r.returncode == 0, r.stdout
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's other side is closed and drained
+                break
+            if not chunk:
+                break
+            shown += chunk
+        return shown.decode(errors="replace")
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+
+
+def test_progress_bars_on_a_terminal(fs: CloudFS) -> None:
+    m = fs.mnt
+    for i in range(3):
+        (m / f"f{i}").write_bytes(os.urandom(1000) * (i + 1))
+    fs.flush()
+    for i in range(3):
+        os.unlink(m / f"f{i}")
+    assert "trash purge: [" in _on_a_terminal(fs, "trash", "purge", m)
+    assert _trash(fs) == []
+    shown = _on_a_terminal(fs, "gc", m, "--grace", "0")
+    assert "gc: [" in shown and "3/3 (100%)" in shown
+    # not on a terminal: no bar
+    r = fs.check("cloudfs", "gc", m, "--grace", "0")
+    assert "[" not in r.stderr
