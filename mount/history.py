@@ -240,6 +240,7 @@ class HistoryOperations(Operations):
             async with self.ns.meta.reading() as tx:
                 await snapshots.check_destination(tx, parent, dst)
         await self.files.seal_all()
+        await self.ns.meta.commit()  # the detached read sees committed rows only
         started = time.monotonic()
         async with self.ns.meta.detached_reading() as tx:
             source = await snapshots.read_source(tx, src)
