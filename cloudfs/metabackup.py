@@ -348,8 +348,8 @@ async def put_rows_backup(
             try:
                 async with meta.transaction() as tx:
                     await tx.set_info(CLAIM_INFO, str(previous))
-            except Exception:  # noqa: BLE001 - the backup's error is the one to report
-                pass
+            except Exception as exc:  # noqa: BLE001 - the backup's error is the one to report
+                log.debug("giving the backup claim back failed: %s", exc)
         raise
     finally:
         tmp.unlink(missing_ok=True)

@@ -118,8 +118,7 @@ async def restore_metadata(args: argparse.Namespace) -> int:
                     uuid=sb.uuid,
                     options=options or (previous.options if previous else {}),
                     metadata_password_file=(
-                        os.path.abspath(password_file) if args.metadata and password_file
-                        else None
+                        os.path.abspath(password_file) if args.metadata and password_file else None
                     ),
                     cache_size=previous.cache_size if previous else None,
                 )

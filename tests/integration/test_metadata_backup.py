@@ -24,8 +24,7 @@ from cloudfs import config
 from cloudfs.cache import CacheDir
 from cloudfs.codec.crypto import Keys
 from cloudfs.config import create_filesystem
-from cloudfs.errors import CorruptBlock
-from cloudfs.errors import UsageError
+from cloudfs.errors import CorruptBlock, UsageError
 from cloudfs.meta import open_meta
 from cloudfs.metabackup import (
     MAGIC,
