@@ -294,7 +294,7 @@ def test_mysql_metadata_backup_and_restore_into_a_fresh_database(
     before = tree(fs.mnt)
     fs.flush()
     fs.unmount()  # the last mount left: the daemon backs the database up
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while not backups(fs):
         assert time.monotonic() < deadline, "no backup of the MySQL metadata"
         time.sleep(0.2)
