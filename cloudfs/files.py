@@ -50,8 +50,11 @@ IDLE_SEAL_S = 5.0
 PIECE = 4 << 20
 #: a stream cut of at most this many bytes runs on the event loop, not a thread
 INLINE_CUT = 128 << 10
-#: blocks fetched ahead of a sequential reader
-READAHEAD_BLOCKS = 4
+#: blocks fetched ahead of a reader: each block a reader starts asks for the one
+#: this far ahead, so a sequential cold read keeps a window of fetches in flight
+READAHEAD_BLOCKS = 16
+#: a block asked for ahead is not asked for again this soon (seconds)
+READAHEAD_ASKED_S = 10.0
 
 #: fetch(blocks, prefetch): returns once `blocks` are cached; `prefetch` is best effort
 FetchBlocks = Callable[[list[bytes], list[bytes]], Awaitable[None]]
@@ -143,6 +146,8 @@ class FileStore:
         #: where append streams cut in the background (None: cut inline)
         self.nursery: trio.Nursery | None = None
         self._chunkers: list[_native.Chunker] = []  # reset ones, ready for reuse
+        #: blocks asked for ahead of readers lately: monotonic time of the request
+        self._asked_ahead: dict[bytes, float] = {}
         #: shared mode: this mount's `clients` row; an open file is held there
         self.client: Client | None = None
         #: called with (inode, version) after each commit of a file's contents
@@ -317,9 +322,15 @@ class FileStore:
         end = min(offset + size, st.size)
         if offset >= end:
             return b""
-        buf = bytearray(end - offset)
         old_end = min(end, st.keep_below)
         extents = await self._extents(st) if offset < old_end else []
+        if old_end == end and st.stream is None and st.overlay is None:
+            # the common case, one block holds the whole range: no copy into a buffer
+            i = _first_overlap(extents, offset)
+            if i < len(extents) and extents[i].offset <= offset and extents[i].end >= end:
+                ext = extents[i]
+                return await self._block_bytes(ext, offset - ext.offset, end - offset, extents, i)
+        buf = bytearray(end - offset)
         # no await between taking the committed extents and the stream's: a commit
         # moves extents from the stream to the metadata, never out of both at once
         streamed = st.stream.read_into(buf, offset, end) if st.stream is not None else []
@@ -350,17 +361,47 @@ class FileStore:
         try:
             data = self.blockfiles.pread(ext.block, length, start)
         except FileNotFoundError:
-            # a miss while reading a file: have the blocks that follow fetched too
-            ahead = [
-                nxt.block
-                for nxt in (extents or [])[index + 1 : index + 1 + READAHEAD_BLOCKS]
-                if not self.cache.has_block(nxt.block)
-            ]
-            await self._fetch([ext.block], ahead)
+            # a miss while reading a file: have the blocks that follow fetched too,
+            # after the one waited for
+            await self._fetch([ext.block], self._ahead(extents, index))
             data = self.blockfiles.pread(ext.block, length, start)
+        else:
+            if start == 0 and extents:
+                # a reader starts a cached block: keep the window ahead filled
+                ahead = self._ahead(extents, index)
+                if ahead:
+                    if self.nursery is not None:
+                        self.nursery.start_soon(self._prefetch, ahead)
+                    else:
+                        await self._prefetch(ahead)
         if len(data) != length:
             raise FSOpError(5, f"block {ext.block.hex()} is shorter than its extent")
         return data
+
+    def _ahead(self, extents: list[Extent] | None, index: int) -> list[bytes]:
+        """Blocks of the READAHEAD_BLOCKS extents after `index` that are not cached and
+        were not asked for in the last READAHEAD_ASKED_S."""
+        now = time.monotonic()
+        ahead: list[bytes] = []
+        for nxt in (extents or [])[index + 1 : index + 1 + READAHEAD_BLOCKS]:
+            block = nxt.block
+            if block in ahead or now - self._asked_ahead.get(block, -1e9) < READAHEAD_ASKED_S:
+                continue
+            if not self.cache.has_block(block):
+                ahead.append(block)
+                self._asked_ahead[block] = now
+        if len(self._asked_ahead) > 4 * READAHEAD_BLOCKS * 64:
+            self._asked_ahead = {
+                b: t for b, t in self._asked_ahead.items() if now - t < READAHEAD_ASKED_S
+            }
+        return ahead
+
+    async def _prefetch(self, block_ids: list[bytes]) -> None:
+        """Read-ahead is best effort: a failure shows when the block is read."""
+        try:
+            await self._fetch([], block_ids)
+        except CloudfsError as exc:
+            log.debug("read-ahead failed: %s", exc.message)
 
     # --- write and truncate ----------------------------------------------------------
 

@@ -103,7 +103,10 @@ class HistoryOperations(Operations):
             verb, _, body = value.partition(b" ")
             handler = self._handlers.get(verb)
             if handler is not None:
-                await self._run_command(handler, body, ctx)
+                try:
+                    await self._run_command(handler, body, ctx)
+                finally:  # the admin tool may read the metadata next
+                    await self.ns.meta.commit()
                 return
         if inode != ROOT_INODE or not name.startswith(b"user.cloudfs."):
             await self._refuse_readonly(inode)
@@ -112,6 +115,7 @@ class HistoryOperations(Operations):
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if inode == ROOT_INODE and name == XATTR_RESULT:
+            await self.ns.meta.commit()
             return self._results.get(ctx.pid, b"{}")
         if is_virtual(inode):
             raise FSOpError(errno.ENODATA)

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from cloudfs.files import FileStore, clear_stale_overlays
 from cloudfs.lease import Lease, renew_interval
 from cloudfs.meta import open_meta
 from cloudfs.meta.base import MetaStore
+from cloudfs.meta.sqlite import GROUP_WINDOW_S
 from cloudfs.meta.url import is_mysql, redact, sqlite_path
 from cloudfs.metabackup import DEFAULT_KEEP, put_backup, restore_newest
 from cloudfs.namespace import Namespace
@@ -317,8 +319,18 @@ async def _lock_cache_dir(cache: CacheDir, wait_s: float = 60.0) -> int:
 class DaemonLink:
     """The mount's connection to cloudfsd; restarts the daemon if it died."""
 
-    def __init__(self, cache: CacheDir, master: bytes, meta_password: str | None = None) -> None:
+    def __init__(
+        self,
+        cache: CacheDir,
+        master: bytes,
+        meta_password: str | None = None,
+        *,
+        commit: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.cache = cache
+        #: commits the metadata changes a group commit holds back: the daemon reads
+        #: the metadata, so every request waits for that first
+        self._commit = commit
         self._master = master
         self._meta_password = meta_password
         self._client: DaemonClient | None = None
@@ -344,6 +356,8 @@ class DaemonLink:
             return self._client
 
     async def _call(self, op: str, *args: object) -> None:
+        if self._commit is not None:
+            await self._commit()
         for attempt in range(3):
             client = await self._connected()
             try:
@@ -450,7 +464,7 @@ async def _backup_metadata(prep: Prepared, store: ObjectStore) -> None:
 async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
     opts, sb, cache = prep.opts, prep.sb, prep.cache
     meta: MetaStore = open_meta(prep.meta_url, password=prep.meta_password)
-    link = DaemonLink(cache, prep.master, prep.meta_password)
+    link = DaemonLink(cache, prep.master, prep.meta_password, commit=meta.commit)
     await link._connected()
     clear_stale_overlays(cache)
     await _clear_crash_leftovers(cache, meta)
@@ -500,8 +514,9 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
     upload = opts.upload or ("sync" if is_mysql(prep.meta_url) else "async")
     log.info("uploads: %s", upload)
     ops = HistoryOperations(
-        ns, files, space, wait_stored=wait_stored if upload == "sync" else None, shared=shared
-    )
+        ns, files, space, wait_stored=wait_stored if upload == "sync" else None, shared=shared,
+        cache_timeout=opts.attr_timeout,
+    )  # fmt: skip
     files.on_commit = ops.file_committed
     notifier: notify.Notifier | None = None
     if client is not None and client.id is not None and prep.redis is not None:
@@ -531,6 +546,7 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
             ops.background = last_closes
             files.nursery = last_closes
             async with trio.open_nursery() as nursery:
+                await nursery.start(meta.run_group_commits, GROUP_WINDOW_S)
                 nursery.start_soon(link.run_kicker)
                 if prep.lease is not None:
                     nursery.start_soon(_renew_lease, prep.lease, meta, link)

@@ -30,11 +30,11 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: how long the kernel may trust names and attributes without asking again; a
-#: single mount sees every change itself, so this only bounds staleness for tools
-#: that change the metadata directly
-ENTRY_TIMEOUT = 5.0
-ATTR_TIMEOUT = 5.0
+#: how long the kernel may trust names and attributes without asking again. A
+#: single mount (SQLite metadata) sees every change itself and tells the kernel of
+#: those it makes behind the kernel's back (restore, snapshot, trash restore), so
+#: its answers stay true for as long as the kernel keeps them
+SINGLE_MOUNT_TIMEOUT = 3600.0
 #: the same in shared mode: another machine's change shows within this time even
 #: without Redis notifications
 SHARED_TIMEOUT = 1.0
@@ -84,12 +84,16 @@ class Operations(pyfuse3.Operations):
         *,
         wait_stored: Callable[[int], Awaitable[None]] | None = None,
         shared: bool = False,
+        cache_timeout: float | None = None,
     ) -> None:
         super().__init__()
         #: several mounts share the metadata: short kernel cache timeouts, and the page
         #: cache of a file is kept at open only if no other mount changed it since
         self.shared = shared
-        self.timeout = SHARED_TIMEOUT if shared else ATTR_TIMEOUT
+        #: entry and attribute timeout of the replies (-o attr_timeout overrides)
+        if cache_timeout is None:
+            cache_timeout = SHARED_TIMEOUT if shared else SINGLE_MOUNT_TIMEOUT
+        self.timeout = cache_timeout
         #: shared mode: the version of each file whose contents the kernel may cache
         self._cached_version: dict[int, int] = {}
         #: shared mode with Redis: tells the other mounts what changed here
@@ -420,7 +424,10 @@ class Operations(pyfuse3.Operations):
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         if inode == pyfuse3.ROOT_INODE and name == XATTR_COMMAND:
-            await self._command(value)
+            try:
+                await self._command(value)
+            finally:  # the admin tool may read the metadata next
+                await self.ns.meta.commit()
             return
         await self.ns.setxattr(inode, name, value)
         self._announce([inode])
@@ -428,6 +435,7 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if inode == pyfuse3.ROOT_INODE and name == XATTR_CACHEDIR:
+            await self.ns.meta.commit()  # an admin tool: it reads the metadata next
             return os.fsencode(self.files.cache.root)
         return await self.ns.getxattr(inode, name)
 

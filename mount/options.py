@@ -61,6 +61,9 @@ class MountOptions:
     #: cache dir was last mounted with; "" given as `--redis none`: no Redis)
     redis: str | None = None
     redis_password_file: str | None = None
+    #: seconds the kernel may trust names and attributes (None: an hour with SQLite
+    #: metadata, where this mount makes every change; a second with MySQL)
+    attr_timeout: float | None = None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
                         "s3_region=REGION, s3_path_style, metadata=URL, "
                         "mysql_password_file=FILE, cache_size=SIZE, "
                         "cache_full_wait=SECONDS, upload=sync|async, redis=URL, "
-                        "redis_password_file=FILE")  # fmt: skip
+                        "redis_password_file=FILE, attr_timeout=SECONDS")  # fmt: skip
     p.add_argument("-f", "--fg", "--foreground", dest="fg", action="store_true",
                    help="stay in the foreground")  # fmt: skip
     p.add_argument("--cachedir", help="cache dir (default ~/.cache/cloudfs/<fs uuid>)")
@@ -187,6 +190,13 @@ def parse(argv: list[str]) -> MountOptions:
                 cache_size = value
             elif name == "cache_full_wait":
                 full_wait = value
+            elif name == "attr_timeout":
+                try:
+                    opts.attr_timeout = float(value)
+                except ValueError:
+                    raise UsageError(f"attr_timeout {value!r} is not a number of seconds") from None
+                if not 0 <= opts.attr_timeout < float("inf"):
+                    raise UsageError("attr_timeout must be 0 or more seconds")
             elif name == "upload":
                 if value not in ("async", "sync"):
                     raise UsageError(f"upload={value}: use upload=async or upload=sync")

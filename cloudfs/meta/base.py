@@ -601,6 +601,17 @@ class MetaStore(abc.ABC):
             await trio.sleep(random.uniform(0, min(RUN_MAX_PAUSE_S, 0.001 * 2**attempt)))
         raise AssertionError("unreachable")
 
+    async def run_group_commits(
+        self, window_s: float, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Group the commits of this process's write transactions until cancelled
+        (an engine that cannot returns at once: every transaction commits)."""
+        task_status.started()
+
+    async def commit(self) -> None:
+        """Commit what a group commit holds back, before another process may depend
+        on it (nothing to do without group commits)."""
+
     @abc.abstractmethod
     async def close(self) -> None: ...
 

@@ -3,11 +3,14 @@
 SQLite calls run on the trio thread: they are local and take microseconds, and a
 thread hop per call would cost more than the call. A trio lock makes transactions of
 one process take turns; WAL plus BEGIN IMMEDIATE lets the mount and the daemon (two
-processes) share the file safely.
+processes) share the file safely. The mount groups its commits (`run_group_commits`):
+a commit costs more than most of its small transactions.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -18,8 +21,16 @@ import trio
 from cloudfs.meta import schema
 from cloudfs.meta.base import Conn, MetaStore
 
+log = logging.getLogger(__name__)
+
 #: how long a writer waits for the other process's write transaction
 BUSY_TIMEOUT_S = 30.0
+#: group commits: the longest a change waits for its commit
+GROUP_WINDOW_S = 0.01
+#: and the pause between two groups, in which transactions commit one by one and the
+#: write lock is free between them: the daemon, whose busy handler polls, gets its
+#: turn while the mount is busy (SQLite has no fair queue for the lock)
+GROUP_GAP_S = 0.005
 
 
 class _SqliteConn(Conn):
@@ -53,19 +64,101 @@ class SqliteMetaStore(MetaStore):
             self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )
         self.db.execute("PRAGMA journal_mode = WAL")
-        # NORMAL: a commit survives a crash of the process, not of the machine; durable
-        # transactions (fsync) switch to FULL for their commit, which syncs the WAL
+        # NORMAL: a commit survives a crash of the process, not of the machine; a
+        # durable transaction (fsync) syncs the WAL after its commit
         self.db.execute("PRAGMA synchronous = NORMAL")
         self.db.execute("PRAGMA cache_size = -65536")
         self._lock = trio.Lock()
         self._conn = _SqliteConn(self.db)
+        #: group commits (run_group_commits): the window, None while off
+        self._window: float | None = None
+        #: a group transaction is open: BEGIN IMMEDIATE done, COMMIT due
+        self._group_open = False
+        self._group_opened = trio.Event()
+        #: no group transaction begins before this time (trio clock): other
+        #: processes waiting for the write lock get their turn between groups
+        self._quiet_until = 0.0
+
+    # --- group commits ------------------------------------------------------------------
+
+    async def run_group_commits(
+        self,
+        window_s: float = GROUP_WINDOW_S,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Until cancelled: write transactions of this process become savepoints of one
+        long transaction, committed at most `window_s` after its first one. One
+        commit (a WAL append) for many small operations; nothing is lost that was
+        promised, because every durable transaction (fsync) commits the group and
+        syncs the WAL, and the mount calls `commit()` before anything another
+        process may depend on (a request to the daemon, an admin command's answer).
+        A crash loses at most the last window, like a crash before a NORMAL commit
+        reached the disk. On the way out the open group is committed."""
+        self._window = window_s
+        task_status.started()
+        try:
+            while True:
+                await self._group_opened.wait()
+                await trio.sleep(window_s)
+                try:
+                    await self.commit()
+                except sqlite3.Error:
+                    pass  # logged; the next group tries again
+        finally:
+            self._window = None
+            with trio.CancelScope(shield=True):
+                await self.commit()
+
+    async def commit(self) -> None:
+        if self._group_open:
+            async with self._lock:
+                self._commit_group()
+
+    def _commit_group(self) -> None:
+        """COMMIT the open group transaction (the caller holds the lock)."""
+        if not self._group_open:
+            return
+        self._group_open = False
+        self._group_opened = trio.Event()
+        self._quiet_until = trio.current_time() + GROUP_GAP_S
+        try:
+            self.db.execute("COMMIT")
+        except BaseException:
+            # the operations of the group were answered already; they are lost as in
+            # a crash before the commit, so say so loudly
+            log.exception("the commit of a group of metadata changes failed")
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+
+    def _sync_wal(self) -> None:
+        """Make every commit so far durable: sync the WAL (where NORMAL commits go
+        unsynced). A checkpoint syncs the WAL before it copies frames into the
+        database file, so frames no longer in it are durable already."""
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
     @asynccontextmanager
     async def _transaction(self, durable: bool, write: bool) -> AsyncIterator[Conn]:
         async with self._lock:
-            if durable:
-                self.db.execute("PRAGMA synchronous = FULL")
-            try:
+            if self._group_open or (
+                write
+                and not durable
+                and self._window is not None
+                and trio.current_time() >= self._quiet_until
+            ):
+                async with self._in_group(write) as conn:
+                    yield conn
+                if durable:
+                    self._commit_group()
+            else:
                 self.db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                 try:
                     yield self._conn
@@ -73,9 +166,33 @@ class SqliteMetaStore(MetaStore):
                     self.db.execute("ROLLBACK")
                     raise
                 self.db.execute("COMMIT")
-            finally:
-                if durable:
-                    self.db.execute("PRAGMA synchronous = NORMAL")
+            if durable:
+                self._sync_wal()
+
+    @asynccontextmanager
+    async def _in_group(self, write: bool) -> AsyncIterator[Conn]:
+        """One transaction as a savepoint of the group transaction (opened here if
+        none is); a read-only one just reads inside it."""
+        if not self._group_open:
+            self.db.execute("BEGIN IMMEDIATE")
+            self._group_open = True
+            self._group_opened.set()
+        if not write:
+            yield self._conn
+            return
+        self.db.execute("SAVEPOINT op")
+        try:
+            yield self._conn
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK TO op")
+                self.db.execute("RELEASE op")
+            else:  # SQLite rolled the whole group back (an I/O error, a full disk)
+                self._group_open = False
+                self._group_opened = trio.Event()
+                log.error("a failed statement rolled back a group of metadata changes")
+            raise
+        self.db.execute("RELEASE op")
 
     async def is_initialized(self) -> bool:
         row = self.db.execute(
@@ -84,4 +201,7 @@ class SqliteMetaStore(MetaStore):
         return row is not None
 
     async def close(self) -> None:
+        if self._group_open:
+            async with self._lock:
+                self._commit_group()
         self.db.close()

@@ -47,3 +47,12 @@ def test_config_options_round_trip(tmp_path: Path) -> None:
     # written by a cloudfs before storage options existed
     cache.config_path.write_text(json.dumps({"storage": "/s", "metadata": "m", "uuid": "u"}))
     assert cache.read_config().options == {}
+
+
+def test_attr_timeout_option() -> None:
+    assert mount_args(["/s", "/m"]).attr_timeout is None  # the engine decides
+    assert mount_args(["/s", "/m", "-o", "attr_timeout=0.5"]).attr_timeout == 0.5
+    assert mount_args(["/s", "/m", "-o", "attr_timeout=0"]).attr_timeout == 0
+    for bad in ("attr_timeout=soon", "attr_timeout=-1", "attr_timeout=inf", "attr_timeout=nan"):
+        with pytest.raises(UsageError, match="attr_timeout"):
+            mount_args(["/s", "/m", "-o", bad])
