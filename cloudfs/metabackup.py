@@ -48,8 +48,10 @@ from cloudfs.cache import CacheDir
 from cloudfs.codec.crypto import Keys
 from cloudfs.codec.framing import BLOCK_ID_SIZE, block_key, open_block, seal_block
 from cloudfs.errors import CorruptBlock, NoMetadataBackup, UsageError
+from cloudfs.meta.base import MetaStore
 from cloudfs.meta.schema import BLOCK_PENDING
 from cloudfs.meta.sqlite import SqliteMetaStore
+from cloudfs.metadump import dump_rows, load_rows
 from cloudfs.objectstore.base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,11 @@ DEFAULT_KEEP = 10
 DEFAULT_INTERVAL_S = 3600.0
 #: a restored database can be this large at most (decompression bound)
 MAX_DUMP = 1 << 40
+#: the manifest's "engine": what its dump is (a backup without one is "sqlite")
+ENGINE_SQLITE = "sqlite"  # a SQLite database file
+ENGINE_MYSQL = "mysql"  # a row dump (cloudfs.metadump) of a MySQL database
+#: meta_info row of a MySQL database: when (ns) some process last claimed a backup
+CLAIM_INFO = "backup_claimed_ns"
 
 _KEY = re.compile(r"^meta/backup-(\d{8}T\d{6}Z)-(\d+)$")
 
@@ -146,10 +153,13 @@ class Manifest:
     parts: list[tuple[bytes, int]]
     size: int
     sha256: str
+    #: what the dump is: "sqlite" a SQLite database file; "mysql" a row dump
+    #: (cloudfs.metadump) of a MySQL database
+    engine: str = ENGINE_SQLITE
 
     def to_json(self) -> bytes:
         return json.dumps({
-            "format": 2, "size": self.size, "sha256": self.sha256,
+            "format": 2, "size": self.size, "sha256": self.sha256, "engine": self.engine,
             "parts": [[i.hex(), n] for i, n in self.parts],
         }).encode()  # fmt: skip
 
@@ -158,7 +168,8 @@ class Manifest:
         try:
             obj = json.loads(data)
             return cls([(bytes.fromhex(i), int(n)) for i, n in obj["parts"]],
-                       int(obj["size"]), str(obj["sha256"]))  # fmt: skip
+                       int(obj["size"]), str(obj["sha256"]),
+                       str(obj.get("engine", ENGINE_SQLITE)))  # fmt: skip
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptBlock(f"a metadata backup manifest that does not parse: {exc}") from None
 
@@ -197,11 +208,16 @@ async def read_backup(store: ObjectStore, keys: Keys, key: str, out: Path) -> in
     """Write the dump of the backup `key` to the file `out`, one part at a time,
     checking every part and the whole against the manifest. Returns its size;
     CorruptBlock when anything does not match."""
+    return (await _read_backup(store, keys, key, out))[0]
+
+
+async def _read_backup(store: ObjectStore, keys: Keys, key: str, out: Path) -> tuple[int, str]:
+    """`read_backup`, and the engine the manifest names (what the dump is)."""
     body = await store.get(key)
     if body[: len(MAGIC)] == MAGIC:  # a whole dump, from an older version
         dump = await trio.to_thread.run_sync(open_dump, keys, body)
         await trio.to_thread.run_sync(out.write_bytes, dump)
-        return len(dump)
+        return len(dump), ENGINE_SQLITE
     _id, raw = await trio.to_thread.run_sync(_open, MANIFEST_MAGIC, keys, body, 1 << 30)
     manifest = Manifest.from_json(raw)
     whole = hashlib.sha256()
@@ -216,7 +232,7 @@ async def read_backup(store: ObjectStore, keys: Keys, key: str, out: Path) -> in
             await f.write(data)
     if whole.hexdigest() != manifest.sha256 or sum(n for _i, n in manifest.parts) != manifest.size:
         raise CorruptBlock(f"metadata backup {key} does not add up to its manifest")
-    return manifest.size
+    return manifest.size, manifest.engine
 
 
 async def list_backups(store: ObjectStore) -> list[BackupName]:
@@ -251,22 +267,92 @@ async def put_backup(
     last_time = last.get("time")
     if not force and isinstance(last_time, float) and time.time() - last_time < unless_within:
         return None
-    existing = await list_backups(store)
-    seq = existing[-1].seq + 1 if existing else 1
-    key = f"{PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{seq:08d}"
     tmp = cache.tmp / f"meta-backup.{os.getpid()}.{time.monotonic_ns():x}"
     try:
         await trio.to_thread.run_sync(snapshot, db_path, tmp)
-        manifest = await _put_parts(store, keys, tmp, key, encrypt=encrypt, level=level)
+        key = await _put_dump(store, keys, tmp, ENGINE_SQLITE, encrypt=encrypt, level=level,
+                              keep=keep)  # fmt: skip
     finally:
         tmp.unlink(missing_ok=True)
+    _record(cache, key, before)
+    return key
+
+
+async def _put_dump(
+    store: ObjectStore, keys: Keys, dump_path: Path, engine: str, *, encrypt: bool, level: int,
+    keep: int,
+) -> str:  # fmt: skip
+    """Put the file `dump_path` as a new backup (parts, then its manifest); keep the
+    newest `keep`. The backup's key."""
+    existing = await list_backups(store)
+    seq = existing[-1].seq + 1 if existing else 1
+    key = f"{PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{seq:08d}"
+    parts = await _put_parts(store, keys, dump_path, key, encrypt=encrypt, level=level)
+    manifest = Manifest(parts.parts, parts.size, parts.sha256, engine)
     # last: a backup with a manifest is complete
     await store.put(key, _seal(MANIFEST_MAGIC, keys, manifest.to_json(), encrypt=encrypt,
                                level=level))  # fmt: skip
-    _record(cache, key, before)
     await _prune(store, existing[: max(0, len(existing) + 1 - keep)])
-    log.info("metadata backup %s: %d bytes in %d parts", key, manifest.size,
+    log.info("metadata backup %s (%s): %d bytes in %d parts", key, engine, manifest.size,
              len(manifest.parts))  # fmt: skip
+    return key
+
+
+async def _claim(meta: MetaStore, *, force: bool, unless_within: float) -> int | None:
+    """Claim the next backup of a shared database, unless another process (mount or
+    daemon, on any machine) claimed one less than `unless_within` seconds ago
+    (`force`: anyway). Two claims at once conflict (SERIALIZABLE: a deadlock on one
+    side); `run` retries the loser, which then sees the winner's claim. The previous
+    claim (ns) to give back if the backup fails, or None when skipped."""
+
+    async def claim() -> int | None:
+        now = time.time_ns()
+        async with meta.transaction() as tx:
+            last = int(await tx.get_info(CLAIM_INFO) or 0)
+            if not force and now - last < unless_within * 1e9:
+                return None
+            await tx.set_info(CLAIM_INFO, str(now))
+        return last
+
+    return await meta.run(claim)
+
+
+async def put_rows_backup(
+    store: ObjectStore,
+    keys: Keys,
+    cache: CacheDir,
+    meta: MetaStore,
+    *,
+    encrypt: bool,
+    level: int,
+    keep: int = DEFAULT_KEEP,
+    force: bool = False,
+    unless_within: float = 0.0,
+) -> str | None:
+    """Back up a MySQL metadata database: a row dump (cloudfs.metadump, one consistent
+    snapshot) streamed through a temporary file in the cache dir into parts, like a
+    SQLite backup. Of the processes that share the database, only the one that claims
+    the backup in it takes one (none if the last claim is less than `unless_within`
+    seconds old, unless `force`). The new object's key, or None when skipped."""
+    previous = await _claim(meta, force=force, unless_within=unless_within)
+    if previous is None:
+        return None
+    tmp = cache.tmp / f"meta-dump.{os.getpid()}.{time.monotonic_ns():x}"
+    try:
+        await dump_rows(meta, tmp)
+        key = await _put_dump(store, keys, tmp, ENGINE_MYSQL, encrypt=encrypt, level=level,
+                              keep=keep)  # fmt: skip
+    except BaseException:
+        # give the claim back, so the next occasion (here or elsewhere) tries again
+        with trio.CancelScope(shield=True):
+            try:
+                async with meta.transaction() as tx:
+                    await tx.set_info(CLAIM_INFO, str(previous))
+            except Exception as exc:  # noqa: BLE001 - the backup's error is the one to report
+                log.debug("giving the backup claim back failed: %s", exc)
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
     return key
 
 
@@ -303,31 +389,27 @@ def _record(cache: CacheDir, key: str, state: list[int]) -> None:
     os.replace(tmp, cache.root / "backup.json")
 
 
-async def _match_pending(store: ObjectStore, fs_uuid: str, db_path: Path) -> tuple[int, int]:
-    """Check that `db_path` holds `fs_uuid`'s metadata; mark its pending blocks stored
+async def _match_pending(store: ObjectStore, fs_uuid: str, meta: MetaStore) -> tuple[int, int]:
+    """Check that `meta` holds `fs_uuid`'s metadata; mark its pending blocks stored
     when the store has them. Returns (found, missing)."""
-    meta = SqliteMetaStore(db_path)
-    try:
-        await meta.check(fs_uuid, older_ok=True)
-        async with meta.reading() as tx:
-            rows = await tx.conn.query("SELECT id FROM blocks WHERE state = ?", (BLOCK_PENDING,))
-        sizes: dict[bytes, int | None] = {}
-        limiter = trio.CapacityLimiter(16)
+    await meta.check(fs_uuid, older_ok=True)
+    async with meta.reading() as tx:
+        rows = await tx.conn.query("SELECT id FROM blocks WHERE state = ?", (BLOCK_PENDING,))
+    sizes: dict[bytes, int | None] = {}
+    limiter = trio.CapacityLimiter(16)
 
-        async def look(block_id: bytes) -> None:
-            async with limiter:
-                info = await store.head(block_key(block_id))
-            sizes[block_id] = None if info is None else info.size
+    async def look(block_id: bytes) -> None:
+        async with limiter:
+            info = await store.head(block_key(block_id))
+        sizes[block_id] = None if info is None else info.size
 
-        async with trio.open_nursery() as nursery:
-            for (raw,) in rows:
-                nursery.start_soon(look, bytes(raw))
-        found = {b: n for b, n in sizes.items() if n is not None}
-        async with meta.transaction() as tx:
-            for block_id, size in sorted(found.items()):
-                await tx.mark_stored(block_id, size)
-    finally:
-        await meta.close()
+    async with trio.open_nursery() as nursery:
+        for (raw,) in rows:
+            nursery.start_soon(look, bytes(raw))
+    found = {b: n for b, n in sizes.items() if n is not None}
+    async with meta.transaction() as tx:
+        for block_id, size in sorted(found.items()):
+            await tx.mark_stored(block_id, size)
     return len(found), len(sizes) - len(found)
 
 
@@ -357,15 +439,65 @@ async def restore_newest(
     newest = backups[-1]
     db_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = db_path.parent / f".{db_path.name}.restore.{os.getpid()}"
+    rows = db_path.parent / f".{db_path.name}.rows.{os.getpid()}"
     try:
-        size = await read_backup(store, keys, newest.key, tmp)
-        found, missing = await _match_pending(store, fs_uuid, tmp)
+        size, engine = await _read_backup(store, keys, newest.key, tmp)
+        if engine != ENGINE_SQLITE:  # a row dump (of MySQL metadata): into a new database
+            os.replace(tmp, rows)
+            meta = SqliteMetaStore(tmp)
+            try:
+                await load_rows(meta, rows)
+            finally:
+                await meta.close()
+        meta = SqliteMetaStore(tmp)
+        try:
+            found, missing = await _match_pending(store, fs_uuid, meta)
+        finally:
+            await meta.close()
         for suffix in ("-wal", "-shm"):
             Path(f"{db_path}{suffix}").unlink(missing_ok=True)
         os.replace(tmp, db_path)
     finally:
+        rows.unlink(missing_ok=True)
         for suffix in ("", "-wal", "-shm"):
             Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+    if missing:
+        log.warning("%d blocks the backup names as pending are not in the store: the files "
+                    "using them will read as errors", missing)  # fmt: skip
+    return Restored(newest.key, newest.taken, size, found, missing)
+
+
+async def restore_newest_into(
+    store: ObjectStore, keys: Keys, fs_uuid: str, meta: MetaStore, scratch: Path, *,
+    force: bool = False,
+) -> Restored:  # fmt: skip
+    """Load the newest backup into the database of `meta` (MySQL): its rows in batches,
+    into a database that holds none of the schema's tables (UsageError; `force`: they
+    are dropped first); a backup of SQLite metadata is converted. `scratch` is a
+    directory for the dump while it loads. NoMetadataBackup when the store holds none."""
+    backups = await list_backups(store)
+    if not backups:
+        raise NoMetadataBackup(store.url)
+    newest = backups[-1]
+    scratch.mkdir(parents=True, exist_ok=True)
+    tmp = scratch / f"meta-restore.{os.getpid()}.{time.monotonic_ns():x}"
+    rows = Path(f"{tmp}.rows")
+    try:
+        size, engine = await _read_backup(store, keys, newest.key, tmp)
+        if engine == ENGINE_SQLITE:  # a SQLite database file: its rows
+            source = SqliteMetaStore(tmp)
+            try:
+                await source.check(fs_uuid)
+                await dump_rows(source, rows)
+            finally:
+                await source.close()
+        else:
+            os.replace(tmp, rows)
+        await load_rows(meta, rows, force=force)
+        found, missing = await _match_pending(store, fs_uuid, meta)
+    finally:
+        for path in (tmp, rows, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+            path.unlink(missing_ok=True)
     if missing:
         log.warning("%d blocks the backup names as pending are not in the store: the files "
                     "using them will read as errors", missing)  # fmt: skip

@@ -98,6 +98,7 @@ class DaemonService:
         self.backups = Backups(
             cache, meta.path if isinstance(meta, SqliteMetaStore) else None, store.inner, keys,
             encrypt=store.encrypt, level=store.level, settings=lambda: self._backup_settings,
+            shared_meta=meta,
         )  # fmt: skip
         self.evictor = Evictor(cache, meta, self.cache_limit)
         self.uploader = Uploader(

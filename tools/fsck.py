@@ -5,6 +5,8 @@ fsck.cloudfs STORAGE [--cachedir DIR] [--repair] [--check-data] [--orphan-grace 
     corrected, 4 errors left, 8 operational error
 fsck.cloudfs --restore-metadata STORAGE [--cachedir DIR] [--force]
     rebuild a lost metadata database from the newest backup in the store
+fsck.cloudfs --restore-metadata STORAGE --metadata mysql://... [--force]
+    the same into an empty MySQL database (--force: drop the schema's tables there first)
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import sys
 
 import trio
 from cloudfs.tools._cli import (
+    add_metadata_arguments,
     add_storage_arguments,
+    metadata_password,
     open_cli_store,
     parse_args,
     run_cli,
@@ -28,7 +32,9 @@ from cloudfs import config
 from cloudfs.cache import CacheConfig, CacheDir
 from cloudfs.codec.crypto import Keys
 from cloudfs.errors import CloudfsError, MountpointError, UsageError
-from cloudfs.metabackup import restore_newest
+from cloudfs.meta import open_meta
+from cloudfs.meta.url import is_mysql, redact
+from cloudfs.metabackup import restore_newest, restore_newest_into
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,9 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                    "or s3://bucket[/prefix]")  # fmt: skip
     mode = p.add_argument_group("modes")
     mode.add_argument("--restore-metadata", action="store_true",
-                      help="rebuild the metadata database (SQLite, in the cache dir) from "
-                      "the newest backup in the store; files written after that backup "
-                      "are not in it")  # fmt: skip
+                      help="rebuild the metadata database (SQLite in the cache dir, or the "
+                      "empty MySQL database --metadata names) from the newest backup in the "
+                      "store; files written after that backup are not in it")  # fmt: skip
     mode.add_argument("--repair", action="store_true",
                       help="fix what the checks find: unreachable inodes into /lost+found, "
                       "counts recomputed, leftovers of crashes removed, orphan objects "
@@ -57,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="--restore-metadata: replace a metadata database that exists")  # fmt: skip
     p.add_argument("--debug", action="store_true")
+    add_metadata_arguments(p)
     add_storage_arguments(p)
     return p
 
@@ -86,16 +93,33 @@ async def restore_metadata(args: argparse.Namespace) -> int:
         cache.create()
         lock_fd = _lock_cache_dir(cache)
         try:
-            restored = await restore_newest(
-                store, Keys.from_master(master), sb.uuid, cache.meta_path, force=args.force
-            )
+            keys = Keys.from_master(master)
+            password_file = args.mysql_password_file
+            if args.metadata:
+                meta = open_meta(args.metadata,
+                                 password=metadata_password(args.metadata, password_file))  # fmt: skip
+                try:
+                    restored = await restore_newest_into(
+                        store, keys, sb.uuid, meta, cache.tmp, force=args.force
+                    )
+                finally:
+                    await meta.close()
+                where = meta.where
+            else:
+                restored = await restore_newest(
+                    store, keys, sb.uuid, cache.meta_path, force=args.force
+                )
+                where = str(cache.meta_path)
             previous = cache.read_config() if cache.config_path.exists() else None
             cache.write_config(
                 CacheConfig(
                     storage=store.url,
-                    metadata=str(cache.meta_path),
+                    metadata=redact(args.metadata) if args.metadata else str(cache.meta_path),
                     uuid=sb.uuid,
                     options=options or (previous.options if previous else {}),
+                    metadata_password_file=(
+                        os.path.abspath(password_file) if args.metadata and password_file else None
+                    ),
                     cache_size=previous.cache_size if previous else None,
                 )
             )
@@ -103,7 +127,7 @@ async def restore_metadata(args: argparse.Namespace) -> int:
             os.close(lock_fd)
     finally:
         await store.aclose()
-    print(f"restored the metadata of {sb.uuid} into {cache.meta_path}")
+    print(f"restored the metadata of {sb.uuid} into {where}")
     print(f"from backup {restored.key} ({restored.size} bytes); files written after it "
           "are not in it")  # fmt: skip
     if restored.pending_stored or restored.pending_missing:
@@ -152,7 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.restore_metadata:
             if args.repair or args.check_data:
                 raise UsageError("--restore-metadata is a mode of its own")
+            if args.metadata and not is_mysql(args.metadata):
+                raise UsageError("--metadata: a MySQL URL (SQLite metadata is restored into "
+                                 "the cache dir)")  # fmt: skip
             return trio.run(restore_metadata, args)
+        if args.metadata or args.mysql_password_file:
+            raise UsageError("--metadata is for --restore-metadata (a check finds the "
+                             "database in the cache dir's config)")  # fmt: skip
         return check_filesystem(args)
 
     return run_cli("fsck.cloudfs", body)

@@ -24,7 +24,8 @@ from cloudfs import config
 from cloudfs.cache import CacheDir
 from cloudfs.codec.crypto import Keys
 from cloudfs.config import create_filesystem
-from cloudfs.errors import CorruptBlock
+from cloudfs.errors import CorruptBlock, UsageError
+from cloudfs.meta import open_meta
 from cloudfs.metabackup import (
     MAGIC,
     PART_INFIX,
@@ -32,14 +33,18 @@ from cloudfs.metabackup import (
     list_backups,
     part_key,
     put_backup,
+    put_rows_backup,
     read_backup,
+    restore_newest,
+    restore_newest_into,
     seal_dump,
     snapshot,
 )
+from cloudfs.metadump import dump_rows
 from cloudfs.objectstore.local import LocalStore
 
 if TYPE_CHECKING:  # the fixtures' type; conftest is not importable as a module
-    from conftest import CloudFS
+    from conftest import CloudFS, MariaDB
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -267,3 +272,128 @@ def test_restore_without_backups_or_with_the_wrong_passphrase(
     # without the mode, fsck checks the filesystem (issue 6): here its cache dir is missing
     r = fs.run("fsck.cloudfs", fs.storage_url, "--cachedir", tmp_path / "fresh")
     assert r.returncode == 8 and "is no cache dir of this filesystem" in r.stderr
+
+
+# --- MySQL metadata -------------------------------------------------------------------------
+#
+# Tests name `mysql_url` before `make_fs`: fixtures end in reverse order, so the mounts and
+# daemons stop before the test's database is dropped.
+
+
+def test_mysql_metadata_backup_and_restore_into_a_fresh_database(
+    mysql_url: str, mariadb: MariaDB, make_fs: Callable[..., CloudFS]
+) -> None:
+    """mkfs on MySQL, a tree written through a mount; the daemon backs the database up
+    when the mount leaves; `fsck.cloudfs --restore-metadata --metadata` loads it into a
+    fresh database (and refuses one that is not empty); a mount on that database shows
+    the same tree and contents, and works."""
+    fs = make_fs(mkfs=False, mount=False)
+    fs.mkfs("--metadata", mysql_url)
+    fs.mount()
+    make_tree(fs.mnt)
+    before = tree(fs.mnt)
+    fs.flush()
+    fs.unmount()  # the last mount left: the daemon backs the database up
+    deadline = time.monotonic() + 180
+    while not backups(fs):
+        assert time.monotonic() < deadline, "no backup of the MySQL metadata"
+        time.sleep(0.2)
+    fs.kill_daemon()  # SIGTERM: a clean stop, sooner than its idle exit
+    key = backups(fs)[-1]
+    assert BACKUP_KEY.match(key), key
+
+    fresh = mariadb.create_database()
+    try:
+        fresh_url = mariadb.url(fresh)
+        shutil.rmtree(fs.cache)
+        r = fs.check("fsck.cloudfs", "--restore-metadata", fs.storage_url, "--cachedir",
+                     fs.cache, "--metadata", fresh_url)  # fmt: skip
+        assert f"from backup {key} (" in r.stdout and fresh in r.stdout, r.stdout
+        # never into a database that holds tables of the schema, unless --force
+        r = fs.run("fsck.cloudfs", "--restore-metadata", fs.storage_url, "--cachedir",
+                   fs.cache, "--metadata", fresh_url)  # fmt: skip
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and len(lines) == 1, r.stderr
+        assert "is not empty" in lines[0] and "Traceback" not in r.stderr
+
+        fs.mount()  # the cache dir now names the fresh database
+        assert tree(fs.mnt) == before
+        assert fs.stat_json()["pending_uploads"] == 0
+        (fs.mnt / "docs" / "new").write_bytes(b"after the restore")
+        fs.remount()
+        assert (fs.mnt / "docs" / "new").read_bytes() == b"after the restore"
+        fs.unmount()
+        fs.kill_daemon()  # before its database goes
+    finally:
+        mariadb.drop_database(fresh)
+
+
+async def test_mysql_backups_once_per_period_and_across_engines(
+    mysql_url: str, mariadb: MariaDB, tmp_path: Path
+) -> None:
+    """Two processes sharing one MySQL database (two stores open on it) back up at the
+    same moment: one backup is taken. It restores into an empty MySQL database and
+    into SQLite with every row as it was; a SQLite backup restores into MySQL."""
+    store = LocalStore(tmp_path / "store")
+    sb, keys = await create_filesystem(store, b"passphrase")
+    caches = [CacheDir(tmp_path / f"cache{n}") for n in (1, 2)]
+    for cache in caches:
+        cache.create()
+    source = open_meta(mysql_url)
+    other = open_meta(mysql_url)
+    fresh = mariadb.create_database()
+    target = open_meta(mariadb.url(fresh))
+    try:
+        await source.initialize(sb.uuid, uid=os.getuid(), gid=os.getgid())
+        async with source.transaction() as tx:
+            for n in range(30):  # more rows than a batch of the test's dumps
+                ino = await tx.create_inode(mode=0o100644, uid=0, gid=0, nlink=1, now_ns=n)
+                await tx.conn.execute("INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)",
+                                      (1, b"f\xff%d" % n, ino.id))  # fmt: skip
+                await tx.conn.execute("INSERT INTO xattrs (inode, name, value) VALUES (?, ?, ?)",
+                                      (ino.id, b"user.x", os.urandom(50)))  # fmt: skip
+
+        keys_got: list[str | None] = []
+
+        async def backup(meta: object, cache: CacheDir) -> None:
+            keys_got.append(await put_rows_backup(store, keys, cache, meta, encrypt=True,
+                                                  level=3, unless_within=600))  # type: ignore[arg-type]  # fmt: skip
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(backup, source, caches[0])
+            nursery.start_soon(backup, other, caches[1])
+        assert sorted(keys_got, key=str) == sorted([None, keys_got[0] or keys_got[1]], key=str)
+        assert len(await list_backups(store)) == 1
+
+        expected = tmp_path / "expected.rows"
+        await dump_rows(source, expected, batch=7)
+        lines = expected.read_bytes().splitlines()
+        assert len(lines) > 100
+
+        restored = await restore_newest_into(store, keys, sb.uuid, target, tmp_path / "scratch")
+        assert restored.pending_missing == 0
+        got = tmp_path / "got.rows"
+        await dump_rows(target, got, batch=7)
+        assert got.read_bytes() == expected.read_bytes()
+        with pytest.raises(UsageError, match="is not empty"):
+            await restore_newest_into(store, keys, sb.uuid, target, tmp_path / "scratch")
+
+        # a MySQL backup into SQLite: the same rows
+        db = tmp_path / "restored.db"
+        await restore_newest(store, keys, sb.uuid, db)
+        lite = open_meta(str(db))
+        try:
+            await dump_rows(lite, got, batch=7)
+        finally:
+            await lite.close()
+        assert got.read_bytes().splitlines()[1:] == lines[1:]
+
+        # and a SQLite backup into MySQL (--force: over the tables there)
+        await put_backup(store, keys, caches[0], db, encrypt=True, level=3, force=True)
+        await restore_newest_into(store, keys, sb.uuid, target, tmp_path / "scratch", force=True)
+        await dump_rows(target, got, batch=7)
+        assert got.read_bytes() == expected.read_bytes()
+    finally:
+        for meta in (source, other, target):
+            await meta.close()
+        mariadb.drop_database(fresh)
