@@ -408,11 +408,11 @@ def test_unmount_leaves_the_daemon_to_exit_by_itself(make_fs: Callable[..., Clou
 @pytest.mark.log_errors_expected(r"(?i)corrupt|verification|damaged|EIO|fetch")
 def test_damaged_objects_read_as_eio(fs: CloudFS) -> None:
     files = {
-        name: os.urandom(300 * 1024)
+        name: os.urandom(200 * 1024)
         for name in ("flipped", "truncated", "swap1", "swap2", "intact")
     }
     for name, data in files.items():
-        write_file(fs.mnt / name, data)  # each is smaller than the minimum chunk: one block
+        write_file(fs.mnt / name, data)  # below the 256 KiB minimum chunk: one block
     fs.flush()
     fs.unmount()
     by_name = {}
