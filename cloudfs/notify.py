@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -36,6 +35,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from cloudfs.errors import CloudfsError, UsageError
+from cloudfs.meta.url import password_of, read_password, without_password
 
 log = logging.getLogger(__name__)
 
@@ -83,30 +83,16 @@ def is_redis(url: str) -> bool:
 
 def redact_redis(url: str) -> str:
     """`url` without its password."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return parts._replace(netloc=f"{user}@{hostport}" if user else hostport).geturl()
+    return without_password(url)
 
 
 def redis_url_password(url: str) -> str | None:
-    password = urlsplit(url).password
-    return unquote(password) if password is not None else None
+    return password_of(url)
 
 
 def read_redis_password(password_file: str | None) -> str | None:
     """From `password_file` (first line), else $CLOUDFS_REDIS_PASSWORD, else None."""
-    if password_file:
-        try:
-            with open(password_file, encoding="utf-8") as f:
-                return f.readline().rstrip("\r\n")
-        except OSError as exc:
-            raise UsageError(
-                f"cannot read the Redis password file {password_file}: {exc.strerror}"
-            ) from None
-    return os.environ.get(REDIS_PASSWORD_ENV)
+    return read_password(password_file, REDIS_PASSWORD_ENV, "Redis")
 
 
 def parse_redis_url(url: str, password: str | None = None) -> RedisTarget:

@@ -7,7 +7,10 @@ import hashlib
 import itertools
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cloudfs.cache import CacheDir
 from cloudfs.chunking import ChunkerParams
@@ -16,6 +19,9 @@ from cloudfs.files import FileStore
 from cloudfs.meta import open_meta
 from cloudfs.namespace import Caller, Namespace
 from cloudfs.objectstore.local import LocalStore
+
+if TYPE_CHECKING:
+    from conftest import CloudFS
 
 MiB = 1 << 20
 
@@ -132,3 +138,31 @@ class Env:
         async with self.meta.reading() as tx:
             rows = await tx.conn.query("SELECT id, state, refcount FROM blocks")
         return {bytes(i): (s, n) for i, s, n in rows}
+
+
+def on_a_terminal(fs: CloudFS, *args: object) -> str:
+    """Run `cloudfs ARGS` with stderr on a pseudo-terminal (so that it draws its
+    progress bars); what it showed there."""
+    master, slave = os.openpty()
+    try:
+        cloudfs = Path(sys.executable).parent / "cloudfs"
+        r = subprocess.run([str(cloudfs), *map(str, args)], env=fs.env, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=slave, timeout=300, check=False,
+                           text=True)  # fmt: skip
+        os.close(slave)
+        slave = -1
+        assert r.returncode == 0, r.stdout
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's other side is closed and drained
+                break
+            if not chunk:
+                break
+            shown += chunk
+        return shown.decode(errors="replace")
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)

@@ -93,33 +93,45 @@ def parse_mysql_url(url: str) -> MysqlTarget:
 
 def redact(url: str) -> str:
     """`url` without its password (any metadata URL; other URLs are left as they are)."""
-    if not is_mysql(url):
-        return url
+    return without_password(url) if is_mysql(url) else url
+
+
+def without_password(url: str) -> str:
+    """`url` (mysql://, redis://, ...) with the password of its user part left out."""
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    netloc = parts.netloc.rpartition("@")
-    userinfo = netloc[0].partition(":")[0]
-    return parts._replace(netloc=f"{userinfo}@{netloc[2]}").geturl()
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return parts._replace(netloc=f"{user}@{hostport}" if user else hostport).geturl()
+
+
+def password_of(url: str) -> str | None:
+    """The password written in `url`'s user part, if any."""
+    password = urlsplit(url).password
+    return unquote(password) if password is not None else None
 
 
 def url_password(url: str) -> str | None:
     """The password written in a mysql:// URL, if any."""
-    if not is_mysql(url):
-        return None
-    password = urlsplit(url).password
-    return unquote(password) if password is not None else None
+    return password_of(url) if is_mysql(url) else None
 
 
 def read_mysql_password(password_file: str | None) -> str | None:
     """The MySQL password from `password_file` (first line), else $CLOUDFS_MYSQL_PASSWORD,
     else None (a passwordless account, or one the URL carries the password of)."""
+    return read_password(password_file, MYSQL_PASSWORD_ENV, "MySQL")
+
+
+def read_password(password_file: str | None, env: str, server: str) -> str | None:
+    """The first line of `password_file`, else the environment variable `env`, else
+    None; an unreadable file is a UsageError naming the `server` it is for."""
     if password_file:
         try:
             with open(password_file, encoding="utf-8") as f:
                 return f.readline().rstrip("\r\n")
         except OSError as exc:
             raise UsageError(
-                f"cannot read the MySQL password file {password_file}: {exc.strerror}"
+                f"cannot read the {server} password file {password_file}: {exc.strerror}"
             ) from None
-    return os.environ.get(MYSQL_PASSWORD_ENV)
+    return os.environ.get(env)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from historyutil import on_a_terminal
 
 if TYPE_CHECKING:
     from conftest import CloudFS
@@ -148,46 +149,19 @@ def test_a_copy_taken_while_the_source_changes_is_one_instant(
         assert (m / f"copy{k}" / "d07" / "f019").read_bytes() == b"7/19\n"
 
 
-def _on_a_terminal(fs: CloudFS, *args: object) -> str:
-    """Run `cloudfs ARGS` with stderr on a pseudo-terminal; what it showed there."""
-    master, slave = os.openpty()
-    try:
-        cloudfs = Path(sys.executable).parent / "cloudfs"
-        r = subprocess.run([str(cloudfs), *map(str, args)], env=fs.env, stdin=subprocess.DEVNULL,
-                           stdout=subprocess.PIPE, stderr=slave, timeout=300, check=False,
-                           text=True)  # fmt: skip
-        os.close(slave)
-        slave = -1
-        assert r.returncode == 0, r.stdout
-        shown = b""
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: the terminal's other side is closed and drained
-                break
-            if not chunk:
-                break
-            shown += chunk
-        return shown.decode(errors="replace")
-    finally:
-        os.close(master)
-        if slave >= 0:
-            os.close(slave)
-
-
-def test_snapshot_progress_bar_on_a_terminal(make_fs: Callable[..., CloudFS]) -> None:
+def test_snapshot_progress_baron_a_terminal(make_fs: Callable[..., CloudFS]) -> None:
     # a copy lasts at least 7 * 0.2 s: the command looks at its progress every 0.25 s
     fs = _mount_with_small_batches(make_fs, pause_s=0.2)
     m = fs.mnt
     entries = _source(m / "src", files_per_dir=10)  # 122 entries: 7 batches
-    shown = _on_a_terminal(fs, "snapshot", "create", m / "src", m / "copy")
+    shown = on_a_terminal(fs, "snapshot", "create", m / "src", m / "copy")
     assert f"snapshot: [{'#' * 30}] {entries}/{entries} (100%)" in shown, shown
     # the bar moved while the copy was made: a batch of BATCH inodes at a time
     midway = {int(n) for n in re.findall(r"snapshot: \[[# ]+\] (\d+)/%d " % entries, shown)}
     assert midway - {entries}, shown
     assert all(n % BATCH == 0 for n in midway - {entries}), shown
     assert (m / "copy" / "d05" / "f009").read_bytes() == b"5/9\n"
-    shown = _on_a_terminal(fs, "snapshot", "create", m / "src", "named")
+    shown = on_a_terminal(fs, "snapshot", "create", m / "src", "named")
     assert f"{entries}/{entries} (100%)" in shown, shown
     assert (m / ".cloudfs" / "snapshots" / "named" / "d05" / "f009").read_bytes() == b"5/9\n"
     # not on a terminal: no bar, and the same copy

@@ -9,12 +9,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from historyutil import MiB, make_tree, tree_state
+from historyutil import MiB, make_tree, on_a_terminal, tree_state
 from posixutil import block_refcounts, expect_errno, wait_for
 
 if TYPE_CHECKING:
@@ -172,43 +170,16 @@ def test_purge_frees(fs: CloudFS) -> None:
     assert (fs.stat_json()["trash_entries"], fs.stat_json()["trash_bytes"]) == (0, 0)
 
 
-def _on_a_terminal(fs: CloudFS, *args: object) -> str:
-    """Run a cloudfs command with stderr on a pseudo-terminal; what it showed there."""
-    master, slave = os.openpty()
-    try:
-        cloudfs = Path(sys.executable).parent / "cloudfs"
-        r = subprocess.run([str(cloudfs), *map(str, args)], env=fs.env, stdin=subprocess.DEVNULL,
-                           stdout=subprocess.PIPE, stderr=slave, timeout=300, check=False,
-                           text=True)  # fmt: skip
-        os.close(slave)
-        slave = -1
-        assert r.returncode == 0, r.stdout
-        shown = b""
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: the terminal's other side is closed and drained
-                break
-            if not chunk:
-                break
-            shown += chunk
-        return shown.decode(errors="replace")
-    finally:
-        os.close(master)
-        if slave >= 0:
-            os.close(slave)
-
-
-def test_progress_bars_on_a_terminal(fs: CloudFS) -> None:
+def test_progress_barson_a_terminal(fs: CloudFS) -> None:
     m = fs.mnt
     for i in range(3):
         (m / f"f{i}").write_bytes(os.urandom(1000) * (i + 1))
     fs.flush()
     for i in range(3):
         os.unlink(m / f"f{i}")
-    assert "trash purge: [" in _on_a_terminal(fs, "trash", "purge", m)
+    assert "trash purge: [" in on_a_terminal(fs, "trash", "purge", m)
     assert _trash(fs) == []
-    shown = _on_a_terminal(fs, "gc", m, "--grace", "0")
+    shown = on_a_terminal(fs, "gc", m, "--grace", "0")
     assert "gc: [" in shown and "3/3 (100%)" in shown
     # not on a terminal: no bar
     r = fs.check("cloudfs", "gc", m, "--grace", "0")

@@ -96,3 +96,20 @@ def test_open_meta_picks_the_engine(tmp_path: Path) -> None:
     assert sqlite_path("mysql://u@h/db") is None
     with pytest.raises(UsageError, match="scheme"):
         open_meta("postgres://u@h/db")
+
+
+def test_redis_urls_share_the_password_helpers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cloudfs import notify
+
+    assert notify.redact_redis("redis://:s%40cret@h:6379/0") == "redis://h:6379/0"
+    assert notify.redact_redis("redis://user:pw@h/1") == "redis://user@h/1"
+    assert notify.redact_redis("redis://h/1") == "redis://h/1"
+    assert notify.redis_url_password("redis://:s%40cret@h/0") == "s@cret"
+    assert notify.redis_url_password("redis://h/0") is None
+    monkeypatch.setenv("CLOUDFS_REDIS_PASSWORD", "from env")
+    assert notify.read_redis_password(None) == "from env"
+    with pytest.raises(UsageError, match="Redis password file"):
+        notify.read_redis_password(str(tmp_path / "missing"))
+    assert redact("mysql://u:pw@h/db") == "mysql://u@h/db"
