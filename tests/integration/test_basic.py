@@ -150,7 +150,6 @@ def test_unencrypted_filesystem_round_trip(make_fs: Callable[..., CloudFS]) -> N
     assert_files(fs.mnt, files)
 
 
-@pytest.mark.store_kinds("local")  # store-independent: the mount's own logic
 def test_overwrite_truncate_and_sparse_writes(fs: CloudFS) -> None:
     data = bytearray(os.urandom(3 * MiB))
     write_file(fs.mnt / "f", bytes(data))
@@ -169,7 +168,6 @@ def test_overwrite_truncate_and_sparse_writes(fs: CloudFS) -> None:
     assert_files(fs.mnt, expected)
 
 
-@pytest.mark.store_kinds("local")  # store-independent: the mount's own logic
 def test_truncate_by_path_right_after_close(fs: CloudFS) -> None:
     """`truncate -s` just after a writer closed the file (its last close is still
     sealing) must not be lost."""
@@ -373,7 +371,6 @@ def test_daemon_stops_cleanly_on_sigterm_during_uploads(fs: CloudFS) -> None:
     assert_files(fs.mnt, files)
 
 
-@pytest.mark.store_kinds("local")  # store-independent: the mount's own logic
 def test_mount_unmounts_cleanly_on_sigterm(fs: CloudFS) -> None:
     files = {"a": os.urandom(3 * MiB), "b": b"small"}
     for name, data in files.items():
@@ -753,7 +750,6 @@ def _check_tree(m: Path, contents: dict[str, bytes]) -> None:
     assert os.stat(m / "a").st_nlink == 4  # ".", "b", "newdir" + its entry in the root
 
 
-@pytest.mark.store_kinds("local")  # store-independent: the mount's own logic
 def test_namespace_operations_persist(fs: CloudFS) -> None:
     contents = _build_tree(fs.mnt)
     _check_tree(fs.mnt, contents)
@@ -768,7 +764,6 @@ def test_namespace_operations_persist(fs: CloudFS) -> None:
     assert not (fs.mnt / "linked").exists()
 
 
-@pytest.mark.store_kinds("local")  # store-independent: the mount's own logic
 def test_open_unlinked_file_stays_readable(fs: CloudFS) -> None:
     data = os.urandom(2 * MiB)
     write_file(fs.mnt / "f", data)

@@ -76,7 +76,6 @@ def test_status_is_stat(fs: CloudFS) -> None:
     assert re.search(r"^pending uploads +0 blocks", text, re.MULTILINE), text
 
 
-@pytest.mark.store_kinds("local")  # store-independent: the mount's own logic
 def test_flush_progress_on_a_terminal(fs: CloudFS) -> None:
     daemon = fs.daemon_pid()
     assert daemon is not None
