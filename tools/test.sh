@@ -61,7 +61,7 @@ trap 'rm -f "$report"' EXIT
 log "python -m pytest --import-mode=importlib -q tests $*"
 set +e
 .venv/bin/python -m pytest --import-mode=importlib -q \
-    --timeout="${CLOUDFS_TEST_TIMEOUT:-900}" tests "$@" 2>&1 | tee "$report"
+    --timeout="${CLOUDFS_TEST_TIMEOUT:-900}" --durations=25 tests "$@" 2>&1 | tee "$report"
 status=${PIPESTATUS[0]}
 set -e
 summary=$(grep -E '(passed|failed|error|errors|skipped|no tests ran)( |,|$)' "$report" \

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 MiB = 1 << 20
 _LONG_RUN = os.environ.get("CLOUDFS_MODEL_EXAMPLES")
-MAX_EXAMPLES = int(_LONG_RUN) if _LONG_RUN else 100
+MAX_EXAMPLES = int(_LONG_RUN) if _LONG_RUN else 60
 MAX_STEPS = 60
 
 # --- programs ------------------------------------------------------------------------
