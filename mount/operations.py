@@ -112,6 +112,20 @@ class Operations(pyfuse3.Operations):
         #: does not wait for it, and at unmount it stops listening for the answer);
         #: serve() waits for these tasks before it exits
         self.background: trio.Nursery | None = None
+        #: run once the kernel's INIT request is answered (the answer sets the mount's
+        #: read-ahead window, so whatever widens it must come after)
+        self.after_init: Callable[[], None] | None = None
+
+    def init(self) -> None:
+        # pyfuse3 calls this inside its FUSE_INIT handler, before the answer goes out;
+        # a task started now runs once that synchronous handler has returned
+        if self.after_init is not None and self.background is not None:
+            after_init = self.after_init
+
+            async def run() -> None:
+                after_init()
+
+            self.background.start_soon(run)
 
     # --- helpers ----------------------------------------------------------------------
 
