@@ -316,22 +316,39 @@ class BlockFiles:
     def pread(self, block_id: bytes, length: int, offset: int) -> bytes:
         """Bytes of a cached block; FileNotFoundError when it is not in the cache."""
         with self._lock:
-            fd = self._fds.get(block_id)
-            if fd is None:
-                fd = os.open(self.cache.block_path(block_id), os.O_RDONLY)
-                self._fds[block_id] = fd
-                if len(self._fds) > self.max_open:
-                    old_id, old = self._fds.popitem(last=False)
-                    self._touched.pop(old_id, None)
-                    os.close(old)
-            else:
-                self._fds.move_to_end(block_id)
-            now = time.monotonic()
-            if now - self._touched.get(block_id, -TOUCH_INTERVAL_S) >= TOUCH_INTERVAL_S:
-                self._touched[block_id] = now
-                os.utime(fd)  # used now: the evictor keeps it longer
             # pread under the lock: another thread must not close this fd meanwhile
-            return os.pread(fd, length, offset)
+            return os.pread(self._fd(block_id), length, offset)
+
+    def preadinto(self, block_id: bytes, into: memoryview, offset: int) -> int:
+        """Read a cached block's bytes at `offset` into `into`; how many were read (less
+        only at the block's end). FileNotFoundError when it is not in the cache."""
+        done = 0
+        with self._lock:
+            fd = self._fd(block_id)
+            while done < len(into):
+                n = os.preadv(fd, [into[done:]], offset + done)
+                if n == 0:
+                    break
+                done += n
+        return done
+
+    def _fd(self, block_id: bytes) -> int:
+        """An open descriptor of the block file (call with the lock held)."""
+        fd = self._fds.get(block_id)
+        if fd is None:
+            fd = os.open(self.cache.block_path(block_id), os.O_RDONLY)
+            self._fds[block_id] = fd
+            if len(self._fds) > self.max_open:
+                old_id, old = self._fds.popitem(last=False)
+                self._touched.pop(old_id, None)
+                os.close(old)
+        else:
+            self._fds.move_to_end(block_id)
+        now = time.monotonic()
+        if now - self._touched.get(block_id, -TOUCH_INTERVAL_S) >= TOUCH_INTERVAL_S:
+            self._touched[block_id] = now
+            os.utime(fd)  # used now: the evictor keeps it longer
+        return fd
 
     def close_evicted(self) -> int:
         """Close the descriptors of block files the daemon evicted meanwhile (their
