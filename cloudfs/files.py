@@ -337,6 +337,17 @@ class FileStore:
         if offset < old_end:
             view = memoryview(buf)
             i = _first_overlap(extents, offset)
+            last = i
+            while last + 1 < len(extents) and extents[last + 1].offset < old_end:
+                last += 1
+            if last > i:
+                # blocks of this range that are not cached are fetched side by side,
+                # not one after the other (the first read of a cold file often spans two)
+                missing = [
+                    e.block for e in extents[i : last + 1] if not self.cache.has_block(e.block)
+                ]
+                if len(missing) > 1:
+                    await self._fetch(missing, self._ahead(extents, last))
             while i < len(extents) and extents[i].offset < old_end:
                 ext = extents[i]
                 a, b = max(ext.offset, offset), min(ext.end, old_end)
