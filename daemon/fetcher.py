@@ -64,7 +64,7 @@ class Fetcher:
         cache: CacheDir,
         store: SealedStore,
         *,
-        fetches: int = 16,
+        fetches: int = 8,
         on_fetched: Callable[[bytes, int], None] | None = None,
     ) -> None:
         self.cache = cache

@@ -80,7 +80,7 @@ class DaemonService:
         keys: Keys,
         *,
         uploads: int = 8,
-        fetches: int = 16,
+        fetches: int = 8,
         idle_exit: float = 10.0,
         cache_size: int | None = None,
     ) -> None:

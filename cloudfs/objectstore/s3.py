@@ -74,7 +74,7 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-#: requests in flight per store (the daemon runs 8 uploads and 16 fetches by default)
+#: requests in flight per store (the daemon runs 8 uploads and 8 fetches by default)
 DEFAULT_MAX_REQUESTS = 32
 #: seconds to open a TCP connection: a dead endpoint fails fast
 CONNECT_TIMEOUT_S = 5.0
