@@ -66,11 +66,15 @@ class Fetcher:
         *,
         fetches: int = 8,
         on_fetched: Callable[[bytes, int], None] | None = None,
+        has_room: Callable[[], bool] | None = None,
     ) -> None:
         self.cache = cache
         self.store = store
         #: told of every block file the fetcher writes (the evictor's accounting)
         self._on_fetched = on_fetched
+        #: False while the cache is over the evictor's start mark: read-ahead is then
+        #: dropped (the block is fetched when read), so it cannot outrun the evictor
+        self._has_room = has_room
         self._limit = trio.Semaphore(fetches)
         # Prefetches may hold at most three quarters of the GET slots, so a read that
         # misses the cache never queues behind a long read-ahead; they are most of a
@@ -131,6 +135,9 @@ class Fetcher:
         if failures:
             raise FetchFailed(failures)
 
+    def _room(self) -> bool:
+        return self._has_room is None or self._has_room()
+
     def _missed(self, get: _Get) -> None:
         if not get.missed:
             get.missed = True
@@ -147,6 +154,8 @@ class Fetcher:
                     prefetch_slot = True
                     while self._misses:
                         await self._no_misses.wait()
+                if get.queued.cancelled_caught is False and not self._room():
+                    return  # read-ahead dropped (best effort): the finally cleans up
                 get.queued = None
             async with self._limit:
                 # it may have arrived while we waited for a slot (another process)
