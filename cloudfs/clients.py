@@ -1,14 +1,30 @@
-"""Mounts of one filesystem in shared mode: who is mounted, who has which inode open.
+"""Mounts of a filesystem and the inodes they hold open: who is mounted, which inode
+must not be freed because a mount still uses it.
 
-Each mount process registers a `clients` row and refreshes its heartbeat every
-HEARTBEAT_S seconds. While a file is open on a mount, a `holds` row (client, inode)
-says so, and an inode whose last name went (open-unlinked) is freed only when no live
-mount holds it: machine A's `rm` never frees a file machine B is still reading.
+Each mount process registers a `clients` row (on every engine) and refreshes its
+heartbeat every HEARTBEAT_S seconds. A `holds` row (client, inode) says "this mount has
+this inode open, do not free it": an inode with no name left is freed only when no live
+mount holds it, so machine A's `rm` never frees a file machine B is still reading, and a
+purge of the trash by another process (the daemon's retention) never frees a file a
+mount has open. This module is the only one that reads or writes `holds`.
 
-A mount that crashed leaves its row and holds behind. They are cleaned up when the same
-mount comes back (same host and cache dir: the cache dir's mount lock proves the old
-process gone), by any mount once the heartbeat is EXPIRE_S old, and by fsck. Only then
-are the orphans they held freed: never those of another machine that is alive.
+When a mount writes its hold differs by engine:
+- shared mode (MySQL, several machines): at the first open of an inode (`Client.hold`).
+  Machine B cannot know that machine A has a file open unless A says so before B's
+  unlink: B's unlink, and B's or the daemon's purge, run in transactions that see only
+  the database. A mark written when the file loses its last name, as on SQLite, would
+  come too late: A does not take part in B's unlink transaction and learns of it (by
+  Redis, or by its next look) only after B may have freed the inode.
+- one SQLite mount: only when an inode it has open loses its last name, inside the
+  transaction that removes the name (`Client.mark`): no other mount exists that could
+  unlink it, so every unlink of an open file is this mount's own and can write the hold
+  itself. The same for the unfinished root of a snapshot copy it is writing.
+
+A mount that crashed leaves its row and holds behind. One code path (`drop_dead`) drops
+them: when a mount registers (rows of this cache dir on this host, whose process is gone
+since this one holds the cache dir's mount lock; rows of processes on this host that no
+longer exist; rows whose heartbeat is EXPIRE_S old) and in fsck. Only then are the
+orphans they held freed: never those of another machine that is alive.
 """
 
 from __future__ import annotations
@@ -17,6 +33,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,12 +91,29 @@ def is_dead(row: ClientRow, now_ns: int, *, hostname: str | None = None) -> bool
     return row.hostname == here and not _process_is_a_mount(row.pid)
 
 
+async def held(tx: Txn, ino: int) -> bool:
+    """Does any mount hold `ino` open?"""
+    row = await tx.conn.query_one("SELECT 1 FROM holds WHERE inode = ? LIMIT 1", (ino,))
+    return row is not None
+
+
 async def held_elsewhere(tx: Txn, ino: int, client_id: int | None) -> bool:
     """Does a mount other than `client_id` hold `ino` open?"""
     row = await tx.conn.query_one(
         "SELECT 1 FROM holds WHERE inode = ? AND client <> ? LIMIT 1", (ino, client_id or 0)
     )
     return row is not None
+
+
+async def held_inodes(tx: Txn) -> set[int]:
+    """Every inode some mount holds."""
+    return {int(r[0]) for r in await tx.conn.query("SELECT DISTINCT inode FROM holds")}
+
+
+async def hold_counts(tx: Txn) -> dict[int, int]:
+    """{client id: how many inodes it holds}."""
+    rows = await tx.conn.query("SELECT client, COUNT(*) FROM holds GROUP BY client")
+    return {int(c): int(n) for c, n in rows}
 
 
 async def forget_client(tx: Txn, client_id: int) -> int:
@@ -101,6 +135,28 @@ async def stray_holds(tx: Txn) -> list[tuple[int, int]]:
     return [(int(c), int(i)) for c, i in rows]
 
 
+async def drop_dead(tx: Txn, dead: Callable[[ClientRow], bool]) -> list[tuple[ClientRow, int]]:
+    """Drop the rows and holds of the mounts `dead` says are gone, and the holds of
+    mounts without a row: the one way marks of dead mounts go (at mount, in fsck).
+    Returns each dropped mount with how many holds it had."""
+    gone = []
+    for row in await list_clients(tx):
+        if dead(row):
+            gone.append((row, await forget_client(tx, row.id)))
+    await tx.conn.execute("DELETE FROM holds WHERE client NOT IN (SELECT id FROM clients)")
+    return gone
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's: it exists
+    return True
+
+
 class Client:
     """This mount's row: registered at mount, its heartbeat, its holds."""
 
@@ -111,19 +167,21 @@ class Client:
         self.id: int | None = None
 
     async def register(self) -> list[ClientRow]:
-        """Add this mount's row; drop the rows and holds of earlier mounts of this
-        cache dir on this host (this process holds the cache dir's mount lock, so they
-        are dead) and of mounts whose heartbeat expired. Returns those dropped."""
+        """Add this mount's row; drop the rows and holds of dead mounts: earlier mounts
+        of this cache dir on this host (this process holds the cache dir's mount lock,
+        so they are dead), mounts of this host whose process no longer exists, and
+        mounts whose heartbeat expired. Returns those dropped."""
         now = time.time_ns()
 
+        def dead(row: ClientRow) -> bool:
+            if row.hostname == self.hostname:
+                if row.cachedir == self.cachedir or not _process_exists(row.pid):
+                    return True
+            return now - row.heartbeat_ns > EXPIRE_S * 1e9
+
         async def body() -> list[ClientRow]:
-            gone: list[ClientRow] = []
             async with self.meta.transaction() as tx:
-                for row in await list_clients(tx):
-                    mine = row.hostname == self.hostname and row.cachedir == self.cachedir
-                    if mine or now - row.heartbeat_ns > EXPIRE_S * 1e9:
-                        await forget_client(tx, row.id)
-                        gone.append(row)
+                gone = [row for row, _n in await drop_dead(tx, dead)]
                 self.id = await tx.conn.insert(
                     "INSERT INTO clients (hostname, pid, cachedir, started_ns, heartbeat_ns,"
                     " state) VALUES (?, ?, ?, ?, ?, ?)",
@@ -158,6 +216,8 @@ class Client:
         """Refresh the heartbeat until cancelled; a failure is logged and retried."""
         while True:
             await trio.sleep(HEARTBEAT_S)
+            if self.meta.fenced is not None:
+                continue  # this mount may change nothing any more
             try:
                 await self.heartbeat()
             except CloudfsError as exc:
@@ -184,6 +244,15 @@ class Client:
                 )
 
         await self.meta.run(body)
+
+    async def mark(self, tx: Txn, ino: int) -> None:
+        """Hold `ino` inside the caller's transaction (a single SQLite mount: an open
+        inode losing its last name, the root of a copy being written). Idempotent."""
+        await self.unmark(tx, ino)
+        await tx.conn.execute("INSERT INTO holds (client, inode) VALUES (?, ?)", (self.id, ino))
+
+    async def unmark(self, tx: Txn, ino: int) -> None:
+        await tx.conn.execute("DELETE FROM holds WHERE client = ? AND inode = ?", (self.id, ino))
 
     async def unregister(self) -> None:
         """A clean unmount: every file is sealed and closed; the row and holds go."""

@@ -12,6 +12,7 @@ that changes tables there must be safe to run again (IF NOT EXISTS, ...).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 
 from cloudfs.errors import MetadataMismatch, UnsupportedFormat
@@ -59,10 +60,53 @@ async def _trash_removals_and_open_inodes(tx: Txn) -> None:
     )  # MySQL's default engine is InnoDB, as schema.MYSQL asks
 
 
+async def _one_holds_table_and_allocated(tx: Txn) -> None:
+    """One table of open-inode marks, and the allocated size on the inode row.
+
+    `open_inodes` (inode, holder 'machine:pid': nameless inodes a mount still had open)
+    and `holds` (client, inode: shared mode's open files) said the same thing; the marks
+    of `open_inodes` move to `holds`, each holder becoming a `clients` row (a live one
+    keeps its marks; a dead one is dropped by the next mount or fsck, as before), and
+    `open_inodes` goes. `inodes.allocated` is added and filled with the total of each
+    file's live extents. Safe to run again (MySQL commits each DDL statement at once,
+    and the DROP commits the moved rows with it)."""
+    try:
+        await tx.conn.query("SELECT allocated FROM inodes LIMIT 1")
+    except Exception:  # noqa: BLE001 - the column is missing (engine-specific error)
+        await tx.conn.execute("ALTER TABLE inodes ADD COLUMN allocated BIGINT NOT NULL DEFAULT 0")
+    await tx.conn.execute(
+        "UPDATE inodes SET allocated = (SELECT COALESCE(SUM(e.length), 0) FROM extents e"
+        " WHERE e.inode = inodes.id AND e.v_to = ?)",
+        (schema.LIVE,),
+    )
+    for table in ("clients", "holds"):
+        for stmt in schema.table_ddl(tx.dialect, table):
+            await tx.conn.execute(stmt)
+    try:
+        marks = await tx.conn.query("SELECT inode, holder FROM open_inodes")
+    except Exception:  # noqa: BLE001 - moved and dropped already
+        return
+    now = time.time_ns()
+    clients: dict[str, int] = {}
+    for ino, holder in marks:
+        if holder not in clients:
+            machine, _, pid = str(holder).rpartition(":")
+            clients[holder] = await tx.conn.insert(
+                "INSERT INTO clients (hostname, pid, cachedir, started_ns, heartbeat_ns, state)"
+                " VALUES (?, ?, '', ?, ?, 0)",
+                (machine, int(pid) if pid.isdigit() else 0, now, now),
+            )
+        await tx.conn.execute(
+            "INSERT INTO holds (client, inode) VALUES (?, ?)", (clients[holder], ino)
+        )
+    await tx.conn.execute("DROP TABLE open_inodes")
+
+
 MIGRATIONS: Mapping[int, Migration] = {
     2: _extents_file_offset,
     3: _clients_and_holds,
     4: _trash_removals_and_open_inodes,
+    5: _one_holds_table_and_allocated,
 }
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 #: bump when the DDL changes, and add the migration to `cloudfs.meta.migrate`:
 #: `cloudfs upgrade` brings older databases up to it
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: `extents.v_to` of a live extent: the version range is open-ended
 LIVE = 1 << 62
@@ -77,7 +77,10 @@ CREATE TABLE inodes (
     mtime_ns    BIGINT NOT NULL,
     ctime_ns    BIGINT NOT NULL,
     version     BIGINT NOT NULL DEFAULT 0, -- newest committed data version (see versions)
-    flags       INTEGER NOT NULL DEFAULT 0 -- reserved: read-only snapshot trees, ...
+    flags       INTEGER NOT NULL DEFAULT 0, -- reserved: read-only snapshot trees, ...
+    -- bytes of a regular file's live extents (its data, holes excluded; st_blocks):
+    -- kept by every transaction that changes them (cloudfs.meta.base.Txn), checked by fsck
+    allocated   BIGINT NOT NULL DEFAULT 0
 ){suffix};
 
 -- Directory entries. `id` orders readdir and is its resume cookie, so a listing stays
@@ -156,15 +159,6 @@ CREATE TABLE trash (
     parent_mtime_ns BIGINT                 -- its directory's mtime before the removal
 ){suffix};
 
--- Nameless inodes a mount still uses (open, or known to the kernel): the trash purge
--- of another process (the daemon's retention) must not free them, the mount frees
--- them at the last close. fsck drops the rows of mounts that are gone.
-CREATE TABLE open_inodes (
-    inode       BIGINT NOT NULL,
-    holder      VARCHAR(255) NOT NULL,     -- 'machine:pid' of the mount
-    PRIMARY KEY (inode, holder)
-){suffix};
-
 -- Named snapshots of trees.
 CREATE TABLE snapshots (
     id          {autoinc_pk},
@@ -185,9 +179,9 @@ CREATE TABLE changes (
     at_ns       BIGINT NOT NULL
 ){suffix};
 
--- Mounts of the filesystem in shared mode (MySQL metadata), one row per mount process:
--- its heartbeat says it is alive, and a row whose heartbeat is long past is a dead mount,
--- whose holds no longer keep inodes (cloudfs.clients).
+-- Mounts of the filesystem, one row per mount process (on every engine): its heartbeat
+-- says it is alive, and a row whose heartbeat is long past, or whose process on this
+-- host is gone, is a dead mount, whose holds no longer keep inodes (cloudfs.clients).
 CREATE TABLE clients (
     id          {autoinc_pk},
     hostname    VARCHAR(255) NOT NULL,
@@ -198,8 +192,12 @@ CREATE TABLE clients (
     state       INTEGER NOT NULL DEFAULT 0 -- 0 mounted, 1 unmounting (its files sealed)
 ){suffix};
 
--- Which mount has which inode open: an inode with no name left is freed only when no
--- live mount holds it (open-unlinked files keep working on every machine).
+-- Which mount has which inode open (cloudfs.clients): an inode with no name left is
+-- freed only when no live mount holds it, neither by another mount's unlink nor by a
+-- purge of the trash (the daemon's retention). Shared mode writes a row at the first
+-- open of an inode; a single SQLite mount only when an open inode loses its last name,
+-- and for the unfinished root of a snapshot copy it is writing. Rows of dead mounts go
+-- with their `clients` row, at mount and in fsck.
 CREATE TABLE holds (
     client      BIGINT NOT NULL,           -- clients.id
     inode       BIGINT NOT NULL,

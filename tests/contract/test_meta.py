@@ -341,8 +341,11 @@ async def test_extents_and_versions(opener: Opener) -> None:
     # st_blocks: the live extents' bytes (history and holes excluded), per inode
     async with meta.reading() as tx:
         other = (await tx.get_inode(1)).id  # the root: no extents
-        assert await tx.allocated_bytes([ino, other]) == {ino: 300}
-        assert await tx.allocated_bytes([]) == {}
+        assert await tx.count_allocated([ino, other]) == {ino: 300}
+        assert await tx.count_allocated([]) == {}
+        # ... which the inode row keeps, changed by every add, close and drop above
+        attrs = await tx.get_inode(ino)
+        assert attrs is not None and attrs.sealed_allocated == 300
 
 
 async def test_blocks(opener: Opener) -> None:
@@ -574,7 +577,8 @@ async def test_schema_2_gains_clients_and_holds(opener: Opener) -> None:
             " pid INTEGER NOT NULL, started_ns BIGINT NOT NULL, heartbeat_ns BIGINT NOT NULL)"
         )
         await tx.set_info("schema_version", "2")
-    assert await migrate.upgrade(meta, FS_UUID) == [3, 4]  # 4: trash columns, open_inodes
+    # 4: trash columns, open_inodes; 5: open_inodes into holds, inodes.allocated
+    assert await migrate.upgrade(meta, FS_UUID) == [3, 4, 5]
     for _again in range(2):
         async with meta.transaction() as tx:
             await tx.conn.execute(
@@ -588,7 +592,7 @@ async def test_schema_2_gains_clients_and_holds(opener: Opener) -> None:
             ]
         async with meta.transaction() as tx:  # as if the version had not been written
             await tx.set_info("schema_version", "2")
-        assert await migrate.upgrade(meta, FS_UUID) == [3, 4]
+        assert await migrate.upgrade(meta, FS_UUID) == [3, 4, 5]
     assert await meta.check(FS_UUID) == schema.SCHEMA_VERSION
 
 

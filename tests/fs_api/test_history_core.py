@@ -14,7 +14,7 @@ import pytest
 import trio
 from historyutil import CALLER, Env
 
-from cloudfs import snapshots, trash
+from cloudfs import clients, snapshots, trash
 from cloudfs.meta.schema import BLOCK_DELETING, ROOT_INODE
 
 
@@ -162,28 +162,23 @@ async def test_restore_into_makes_a_new_version(env: Env) -> None:
     await env.refcounts_match()
 
 
-async def test_upgrade_from_schema_3_adds_the_trash_columns_and_open_inodes(env: Env) -> None:
+async def test_upgrade_from_schema_3_adds_the_trash_columns(env: Env) -> None:
     from cloudfs.meta import migrate
 
     uuid = "00000000-0000-0000-0000-000000000000"
     ino = await env.file(b"kept")
     async with env.meta.transaction() as tx:  # back to schema 3
-        await tx.conn.execute("DROP TABLE open_inodes")
         await tx.conn.execute("ALTER TABLE trash DROP COLUMN remover")
         await tx.conn.execute("ALTER TABLE trash DROP COLUMN parent_mtime_ns")
         await tx.conn.execute(
             "INSERT INTO trash (inode, path, deleted_ns) VALUES (?, ?, ?)", (ino, b"/old", 5)
         )
         await tx.set_info("schema_version", "3")
-    assert await migrate.upgrade(env.meta, uuid) == [4]
+    assert await migrate.upgrade(env.meta, uuid) == [4, 5]
     assert await migrate.upgrade(env.meta, uuid) == []
     async with env.meta.transaction() as tx:
         (old,) = await trash.entries(tx)
         assert (old.path, old.remover, old.parent_mtime_ns) == (b"/old", "", None)
-        await trash.mark_open(tx, ino, "host:1")
-        assert await trash.held_open(tx, ino)
-        assert await trash.clear_open_marks(tx) == 1
-
 
 async def _count_inodes(env: Env) -> int:
     async with env.meta.reading() as tx:
@@ -225,9 +220,11 @@ async def test_a_copy_in_batches_is_one_instant_and_an_unfinished_one_is_freed(e
 
     # a crash after two batches leaves an unnamed tree: the next mount frees it, unless
     # a live mount is still writing it (marked as its holder's)
-    for holder in (env.ns.holder, None):
+    writer = clients.Client(env.meta, "/cache/writer")
+    await writer.register()
+    for holder in (writer, None):
         unfinished = snapshots.TreeCopy(source, readonly=True, origin="t", now_ns=time.time_ns(),
-                                        holder=holder)  # fmt: skip
+                                        client=holder)  # fmt: skip
         await batch(unfinished)
         await batch(unfinished)
         written = unfinished.inodes_done  # a batch ends early at many extents
