@@ -78,7 +78,7 @@ CREATE TABLE inodes (
     ctime_ns    BIGINT NOT NULL,
     version     BIGINT NOT NULL DEFAULT 0, -- newest committed data version (see versions)
     flags       INTEGER NOT NULL DEFAULT 0, -- reserved: read-only snapshot trees, ...
-    -- bytes of a regular file's live extents (its data, holes excluded; st_blocks):
+    -- bytes of a regular file's live extents (its data, holes excluded, for st_blocks):
     -- kept by every transaction that changes them (cloudfs.meta.base.Txn), checked by fsck
     allocated   BIGINT NOT NULL DEFAULT 0
 ){suffix};
@@ -195,7 +195,7 @@ CREATE TABLE clients (
 -- Which mount has which inode open (cloudfs.clients): an inode with no name left is
 -- freed only when no live mount holds it, neither by another mount's unlink nor by a
 -- purge of the trash (the daemon's retention). Shared mode writes a row at the first
--- open of an inode; a single SQLite mount only when an open inode loses its last name,
+-- open of an inode, a single SQLite mount only when an open inode loses its last name,
 -- and for the unfinished root of a snapshot copy it is writing. Rows of dead mounts go
 -- with their `clients` row, at mount and in fsck.
 CREATE TABLE holds (

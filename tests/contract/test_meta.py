@@ -565,6 +565,85 @@ def test_every_schema_version_has_a_migration() -> None:
     assert sorted(migrate.MIGRATIONS) == list(range(2, schema.SCHEMA_VERSION + 1))
 
 
+async def test_a_schema_4_database_upgrades_to_the_same_answers(opener: Opener) -> None:
+    """A database made by schema 4's own DDL (tests/schema4.py) with files, history, a
+    hole, and open-inode marks of both kinds (open_inodes of a SQLite mount, holds of a
+    shared-mode mount): migration 5 keeps every answer. Each file's allocated size is
+    its live extents' total (history and holes excluded), and the same inodes are held,
+    by mounts named as before; the primitives keep the new column from then on."""
+    from schema4 import ddl4
+
+    from cloudfs import clients
+
+    meta = opener()
+    live = schema.LIVE
+    b = [block_id(100 + i) for i in range(4)]
+    async with meta.transaction(durable=True) as tx:
+        for stmt in ddl4(meta.dialect):
+            await tx.conn.execute(stmt)
+        await tx.set_info("schema_version", "4")
+        await tx.set_info("fs_uuid", FS_UUID)
+        # 1 root, 2 a file with history, 3 an empty file, 4 a directory, 5 and 6 nameless
+        for ino, mode, nlink, size in ((1, DIR, 3, 0), (2, FILE, 1, 150), (3, FILE, 1, 0),
+                                       (4, DIR, 2, 0), (5, FILE, 0, 70), (6, FILE, 0, 4126)):
+            await tx.conn.execute(
+                "INSERT INTO inodes (id, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns,"
+                " ctime_ns, version, flags) VALUES (?, ?, 0, 0, ?, ?, 0, ?, ?, ?, 2, 0)",
+                (ino, mode, nlink, size, NOW, NOW, NOW),
+            )  # fmt: skip
+        for parent, name, ino in ((1, b"f", 2), (1, b"empty", 3), (1, b"d", 4)):
+            await tx.add_dentry(parent, name, ino)
+        for i, block in enumerate(b):
+            await tx.conn.execute(
+                "INSERT INTO blocks (id, size, stored_size, refcount, state, created_ns,"
+                " unref_ns) VALUES (?, 100, NULL, ?, 0, ?, NULL)",
+                (block, 2 if i == 0 else 1, NOW),
+            )
+        for ino, v_to, offset, length, block, v_from in (
+            (2, live, 0, 100, b[0], 2), (2, live, 100, 50, b[1], 1),
+            (2, 2, 0, 100, b[2], 1),  # history: not allocated
+            (5, live, 0, 70, b[3], 1), (6, live, 4096, 30, b[0], 1),  # a hole before it
+        ):  # fmt: skip
+            await tx.conn.execute(
+                "INSERT INTO extents (inode, v_to, file_offset, length, block, v_from)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (ino, v_to, offset, length, block, v_from),
+            )
+        await tx.conn.execute("INSERT INTO open_inodes (inode, holder) VALUES (5, 'hostA:123')")
+        other = await tx.conn.insert(
+            "INSERT INTO clients (hostname, pid, cachedir, started_ns, heartbeat_ns, state)"
+            " VALUES ('hostB', 77, '/cache/b', ?, ?, 0)",
+            (time_ns(), time_ns()),
+        )
+        await tx.conn.execute("INSERT INTO holds (client, inode) VALUES (?, 6)", (other,))
+    with pytest.raises(MetadataOutdated):
+        await meta.check(FS_UUID)
+
+    assert await migrate.upgrade(meta, FS_UUID) == [5]
+    assert await meta.check(FS_UUID) == schema.SCHEMA_VERSION
+    async with meta.reading() as tx:
+        allocated = {i: a.sealed_allocated for i in range(1, 7) if (a := await tx.get_inode(i))}
+        assert allocated == {1: 0, 2: 150, 3: 0, 4: 0, 5: 70, 6: 30}
+        assert await tx.count_allocated(list(range(1, 7))) == {2: 150, 5: 70, 6: 30}
+        assert await clients.held_inodes(tx) == {5, 6}
+        holders = {(c.hostname, c.pid): c.id for c in await clients.list_clients(tx)}
+        assert set(holders) == {("hostA", 123), ("hostB", 77)}
+        assert not await clients.held_elsewhere(tx, 5, holders["hostA", 123])
+        assert await clients.held_elsewhere(tx, 6, holders["hostA", 123])
+    # the primitives keep the column: a new version of file 2 replaces its first extent
+    async with meta.transaction() as tx:
+        await tx.add_block_refs({b[3]: (100, 1)}, NOW)
+        await tx.close_extents(2, 3, [0])
+        await tx.add_extents(2, 3, [Extent(0, 40, b[3])])
+    async with meta.transaction() as tx:  # a dead mount goes with its marks (fsck, mount)
+        gone = await clients.drop_dead(tx, lambda row: row.hostname == "hostA")
+        assert [(row.hostname, n) for row, n in gone] == [("hostA", 1)]
+    async with meta.reading() as tx:
+        attrs = await tx.get_inode(2)
+        assert attrs is not None and attrs.sealed_allocated == 90
+        assert await clients.held_inodes(tx) == {6}
+
+
 async def test_schema_2_gains_clients_and_holds(opener: Opener) -> None:
     """Migration 3 on a schema-2 database (an unused `clients` table of another shape,
     no `holds`), and again after it ran (MySQL commits DDL at once: a retry must work)."""
