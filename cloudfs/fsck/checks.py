@@ -128,7 +128,6 @@ class Checker:
             self.check_reachable,
             self.check_nlink,
             self.check_extents,
-            self.check_allocated,
             self.check_block_rows,
             self.check_unknown_blocks,
             self.check_refcounts,
@@ -137,6 +136,8 @@ class Checker:
         ]
         if check_data:
             checks.append(self.check_data)
+        # last: the repairs above may drop live extents (lost blocks, overlaps)
+        checks.append(self.check_allocated)
         for check in checks:
             self._check = check.__name__.removeprefix("check_")
             await check()  # type: ignore[misc]
@@ -588,6 +589,13 @@ class Checker:
             )
 
         async def drop(tx: Txn) -> None:
+            # the files' allocated sizes lose the live bytes that become holes
+            await tx.conn.executemany(
+                "UPDATE inodes SET allocated = allocated - (SELECT COALESCE(SUM(e.length), 0)"
+                " FROM extents e WHERE e.inode = inodes.id AND e.v_to = ? AND e.block = ?)"
+                " WHERE id IN (SELECT inode FROM extents WHERE block = ? AND v_to = ?)",
+                [(LIVE, b, b, LIVE) for b in block_ids],
+            )
             await tx.conn.executemany(
                 "DELETE FROM extents WHERE block = ?", [(b,) for b in block_ids]
             )
