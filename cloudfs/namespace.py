@@ -351,12 +351,11 @@ class Namespace:
         kept = await trash.keep(tx, ino, parent, name, now)
         last = stat.S_ISDIR(attrs.mode) or attrs.nlink <= 1
         if kept and last and self.files.in_use(ino) and self.client is not None:
-            # still open here: a purge by another process must leave it to this mount
-            # (in shared mode the hold of its first open says so already)
-            st = self.files.current(ino)
-            if st is None or not st.held:
-                await self.client.mark(tx, ino)
-                self.marked_open.add(ino)
+            # still used here: a purge by another process must leave it to this mount
+            # (a mark of its own, apart from shared mode's open holds, which a
+            # heartbeat may be releasing right now)
+            await self.client.mark(tx, ino)
+            self.marked_open.add(ino)
         return last
 
     @_retried

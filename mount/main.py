@@ -486,6 +486,15 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
     ns.client = client
     if shared:
         files.client = client  # holds every open file: another machine may unlink it
+
+        async def free_released(inodes: list[int]) -> None:
+            for ino in inodes:  # freed unless open again here or held elsewhere
+                try:
+                    await ns.lost_name(ino)
+                except CloudfsError as exc:
+                    log.warning("cannot free inode %d: %s", ino, exc.message)
+
+        client.on_released = free_released
     freed = await ns.free_orphans()
     if freed:
         log.info("freed %d inodes left open-unlinked by an earlier crash", freed)

@@ -192,16 +192,18 @@ CREATE TABLE clients (
     state       INTEGER NOT NULL DEFAULT 0 -- 0 mounted, 1 unmounting (its files sealed)
 ){suffix};
 
--- Which mount has which inode open (cloudfs.clients): an inode with no name left is
--- freed only when no live mount holds it, neither by another mount's unlink nor by a
--- purge of the trash (the daemon's retention). Shared mode writes a row at the first
--- open of an inode, a single SQLite mount only when an open inode loses its last name,
--- and for the unfinished root of a snapshot copy it is writing. Rows of dead mounts go
+-- Which mount uses which inode (cloudfs.clients): an inode with no name left is freed
+-- only when no live mount holds it, neither by another mount's unlink nor by a purge
+-- of the trash (the daemon's retention). Two reasons, each its own row: shared mode
+-- holds an inode from its first open until a heartbeat after its last close (why 0),
+-- and every mount marks an inode it uses when it loses its last name there, and the
+-- unfinished root of a snapshot copy it is writing (why 1). Rows of dead mounts go
 -- with their `clients` row, at mount and in fsck.
 CREATE TABLE holds (
     client      BIGINT NOT NULL,           -- clients.id
     inode       BIGINT NOT NULL,
-    PRIMARY KEY (client, inode)
+    why         INTEGER NOT NULL,          -- 0 open (shared mode), 1 lost its last name while used
+    PRIMARY KEY (client, inode, why)
 ){suffix};
 CREATE INDEX holds_inode ON holds (inode);
 """

@@ -628,6 +628,11 @@ async def test_a_schema_4_database_upgrades_to_the_same_answers(opener: Opener) 
         assert await clients.held_inodes(tx) == {5, 6}
         holders = {(c.hostname, c.pid): c.id for c in await clients.list_clients(tx)}
         assert set(holders) == {("hostA", 123), ("hostB", 77)}
+        # schema 4's holds were open files, its open_inodes marks of nameless inodes
+        assert sorted(await tx.conn.query("SELECT client, inode, why FROM holds")) == sorted([
+            (holders["hostA", 123], 5, clients.HOLD_NAMELESS),
+            (holders["hostB", 77], 6, clients.HOLD_OPEN),
+        ])  # fmt: skip
         assert not await clients.held_elsewhere(tx, 5, holders["hostA", 123])
         assert await clients.held_elsewhere(tx, 6, holders["hostA", 123])
     # the primitives keep the column: a new version of file 2 replaces its first extent
@@ -665,7 +670,9 @@ async def test_schema_2_gains_clients_and_holds(opener: Opener) -> None:
                 " VALUES ('h', 1, '/c', 1, 1, 0)"
             )
             (client,) = await tx.conn.query_one("SELECT MAX(id) FROM clients") or (0,)
-            await tx.conn.execute("INSERT INTO holds (client, inode) VALUES (?, 1)", (client,))
+            await tx.conn.execute(
+                "INSERT INTO holds (client, inode, why) VALUES (?, 1, 0)", (client,)
+            )
             assert await tx.conn.query("SELECT inode FROM holds WHERE client = ?", (client,)) == [
                 (1,)
             ]
@@ -673,6 +680,56 @@ async def test_schema_2_gains_clients_and_holds(opener: Opener) -> None:
             await tx.set_info("schema_version", "2")
         assert await migrate.upgrade(meta, FS_UUID) == [3, 4, 5]
     assert await meta.check(FS_UUID) == schema.SCHEMA_VERSION
+
+
+async def test_open_holds_outlive_the_last_close_until_a_heartbeat(opener: Opener) -> None:
+    """Shared mode's cheap reopen: the last close leaves the hold for the next heartbeat,
+    an open before it costs no transaction, the heartbeat releases what stayed closed in
+    one transaction and names the released inodes without names; a mark of the same
+    inode (it lost its last name while used) is a row of its own and stays."""
+    from cloudfs import clients
+
+    meta = await fresh(opener)
+    a, b = clients.Client(meta, "/cache/a"), clients.Client(meta, "/cache/b")
+    await a.register()
+    await b.register()
+    async with meta.transaction() as tx:
+        named = (await tx.create_inode(mode=FILE, uid=0, gid=0, nlink=1, now_ns=NOW)).id
+        nameless = (await tx.create_inode(mode=FILE, uid=0, gid=0, nlink=0, now_ns=NOW)).id
+    transactions = 0
+    real = meta.transaction
+
+    def counted(**kwargs: bool):  # type: ignore[no-untyped-def]
+        nonlocal transactions
+        transactions += 1
+        return real(**kwargs)
+
+    meta.transaction = counted  # type: ignore[method-assign]
+    await a.hold(named)
+    await a.hold(nameless)
+    assert transactions == 2
+    for _reopen in range(3):
+        a.release_soon(named)
+        await a.hold(named)  # open again before a heartbeat: the row is still there
+    assert transactions == 2
+    a.release_soon(named)
+    a.release_soon(nameless)
+    async with meta.reading() as tx:
+        assert await clients.held_elsewhere(tx, named, b.id)
+    async with meta.transaction() as tx:  # the nameless one is unlinked while in use
+        await a.mark(tx, nameless)
+    transactions = 0
+    assert await a.heartbeat() == [nameless]
+    assert transactions == 1, "heartbeat and releases: one transaction"
+    async with meta.reading() as tx:
+        assert not await clients.held_elsewhere(tx, named, b.id)
+        assert await clients.held_elsewhere(tx, nameless, b.id), "the mark stays"
+    async with meta.transaction() as tx:
+        await a.unmark(tx, nameless)
+        assert not await clients.held(tx, nameless)
+    await a.hold(named)  # released: a new open writes its hold again
+    async with meta.reading() as tx:
+        assert await clients.held_elsewhere(tx, named, b.id)
 
 
 async def test_clients_hold_inodes_and_dead_ones_are_forgotten(opener: Opener) -> None:
