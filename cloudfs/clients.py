@@ -1,8 +1,9 @@
 """Mounts of a filesystem and the inodes they hold open: who is mounted, which inode
 must not be freed because a mount still uses it.
 
-Each mount process registers a `clients` row (on every engine) and refreshes its
-heartbeat every HEARTBEAT_S seconds. A `holds` row (client, inode) says "this mount has
+Each mount process registers a `clients` row (on every engine); in shared mode it
+refreshes its heartbeat every HEARTBEAT_S seconds (a single SQLite mount has nobody to
+tell: its row is dead when its process is, and fsck takes every row for dead). A `holds` row (client, inode) says "this mount has
 this inode open, do not free it": an inode with no name left is freed only when no live
 mount holds it, so machine A's `rm` never frees a file machine B is still reading, and a
 purge of the trash by another process (the daemon's retention) never frees a file a

@@ -559,7 +559,9 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
                 nursery.start_soon(link.run_kicker)
                 if prep.lease is not None:
                     nursery.start_soon(_renew_lease, prep.lease, meta, link)
-                nursery.start_soon(client.run_heartbeat)
+                if shared:  # (one SQLite mount: nobody to tell, and an idle
+                    # database stays unchanged, so no metadata backup is taken of it)
+                    nursery.start_soon(client.run_heartbeat)
                 nursery.start_soon(_seal_idle_files, files, opts.idle_seal_s)
                 nursery.start_soon(_stop_on_signals)
                 if ready is not None:
