@@ -501,12 +501,25 @@ class Namespace:
         self._nameless.add(ino)
         await self.maybe_free(ino)
 
+    async def released(self, inodes: list[int]) -> None:
+        """Shared mode: this mount's heartbeat released its holds on `inodes`, which
+        have no name left. One whose last name went here waits for the kernel to forget
+        it, as always; one another mount unlinked while this mount held it is freed as
+        that mount would have freed it had the hold been gone: now, unless used here or
+        held elsewhere (that mount cannot see this kernel's references either)."""
+        for ino in inodes:
+            if ino in self._nameless:
+                await self.maybe_free(ino)
+            else:
+                await self.maybe_free(ino, kernel_refs_count=False)
+
     @_retried
-    async def maybe_free(self, ino: int) -> None:
-        """Free `ino` if no name, no open handle and no kernel reference is left."""
+    async def maybe_free(self, ino: int, *, kernel_refs_count: bool = True) -> None:
+        """Free `ino` if no name, no open handle and no kernel reference is left
+        (`kernel_refs_count`: this mount's kernel references do not keep it)."""
         if self.files.in_use(ino):
             return  # the last close (or the seal under way) calls again
-        if self.kernel_refs.get(ino) > 0:
+        if kernel_refs_count and self.kernel_refs.get(ino) > 0:
             return  # forget() calls again (when `ino` is in _nameless)
         if self.meta.fenced is not None:
             return  # changes nothing any more; the next mount's free_orphans frees it

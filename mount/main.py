@@ -488,11 +488,10 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
         files.client = client  # holds every open file: another machine may unlink it
 
         async def free_released(inodes: list[int]) -> None:
-            for ino in inodes:  # freed unless open again here or held elsewhere
-                try:
-                    await ns.lost_name(ino)
-                except CloudfsError as exc:
-                    log.warning("cannot free inode %d: %s", ino, exc.message)
+            try:  # freed unless used again here or held elsewhere
+                await ns.released(inodes)
+            except CloudfsError as exc:
+                log.warning("cannot free inodes released by the heartbeat: %s", exc.message)
 
         client.on_released = free_released
     freed = await ns.free_orphans()
