@@ -252,3 +252,50 @@ async def test_a_copy_in_batches_is_one_instant_and_an_unfinished_one_is_freed(e
     async with env.meta.transaction() as tx:
         await unlucky.discard(tx)
     assert await _count_inodes(env) == copied
+
+
+async def test_an_inode_unlinked_elsewhere_is_freed_when_the_heartbeat_releases_it(
+    env: Env,
+) -> None:
+    """Shared mode with two mounts on one database: A wrote a file and closed it, and
+    its hold stays until A's heartbeat; B removes the file meanwhile (no trash) and
+    must leave it to A. A's heartbeat releases the hold and frees the inode, though A's
+    kernel still knows it (B could not have seen that either)."""
+    from dataclasses import replace
+
+    from historyutil import PARAMS
+
+    from cloudfs import retention
+    from cloudfs.files import FileStore
+    from cloudfs.namespace import Namespace
+
+    ino = await env.file()
+    async with env.meta.transaction() as tx:
+        await retention.save(tx, replace(await retention.load(tx), trash=0))
+        (name,) = await tx.conn.query_one("SELECT name FROM dentries WHERE inode = ?", (ino,))
+    a, b = clients.Client(env.meta, "/cache/a"), clients.Client(env.meta, "/cache/b")
+    for c in (a, b):
+        await c.register()
+    env.ns.client = env.files.client = a
+    b_files = FileStore(
+        env.meta, env.cache, id_key=b"i" * 32, gear_key=b"g" * 32, chunker=PARAMS,
+        fetch=env.files._fetch, on_sealed=lambda: None, origin="b",
+    )  # fmt: skip
+    b_ns = Namespace(env.meta, b_files)
+    b_ns.client = b_files.client = b
+
+    await env.files.open(ino)
+    await env.files.write(ino, 0, b"shared")
+    await env.files.release(ino)  # A's last close: the hold stays
+    env.ns.kernel_refs.add(ino)  # A's kernel knows the inode
+    await b_ns.unlink(ROOT_INODE, bytes(name))
+    async with env.meta.reading() as tx:
+        attrs = await tx.get_inode(ino)
+        assert attrs is not None and attrs.nlink == 0, "left to A, which holds it"
+    nameless = await a.heartbeat()
+    assert nameless == [ino]
+    await env.ns.released(nameless)
+    async with env.meta.reading() as tx:
+        assert await tx.get_inode(ino) is None
+        assert await clients.held_inodes(tx) == set()
+    await env.refcounts_match()
