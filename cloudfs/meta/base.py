@@ -670,7 +670,7 @@ class MetaStore(abc.ABC):
     async def wipe(self) -> None:
         """Drop every table of the schema (the filesystem's metadata is gone)."""
         async with self.transaction(durable=True) as tx:
-            for table in schema.table_names():
+            for table in (*schema.table_names(), *schema.RETIRED_TABLES):
                 await tx.conn.execute(f"DROP TABLE IF EXISTS {table}")
 
     async def schema_info(self) -> tuple[str | None, int]:
