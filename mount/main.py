@@ -7,6 +7,7 @@ a non-zero exit. The background child reports "mounted" or its error through a p
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -654,7 +655,26 @@ def _report_ready(fd: os.PathLike[str] | int, message: str) -> None:
         pass
 
 
+class _AbandonedReplies(logging.Filter):
+    """pyfuse3 logs an ERROR when the kernel refuses a reply with ENOENT: the request
+    is no longer waited for (interrupted, or a RELEASE sent while the file system is
+    being unmounted). The operation itself was carried out; nothing is lost, so the
+    line goes to the log as INFO instead of looking like a failure."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (
+            record.levelno == logging.ERROR
+            and "fuse_reply_* failed" in str(record.msg)
+            and record.args
+            and record.args[-1] == os.strerror(errno.ENOENT)  # type: ignore[index]
+        ):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = str(record.msg) + " (the kernel no longer waited for this answer)"
+        return True
+
+
 def _setup_logging(cache: CacheDir, foreground: bool, debug: bool) -> None:
+    logging.getLogger("pyfuse3").addFilter(_AbandonedReplies())
     level = logging.DEBUG if debug else logging.INFO
     fmt = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
     if foreground:
