@@ -24,6 +24,8 @@ never evicted; when they alone fill the cache, the mount's writers wait for uplo
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import itertools
 import json
@@ -56,6 +58,30 @@ DEFAULT_FULL_WAIT_S = 60.0
 #: writers wait once data not uploaded fills this share of the cache: the rest is room
 #: for blocks being read and for uploaded ones on their way out (the evictor's LOW_WATER)
 UNUPLOADED_SHARE = 0.8
+#: sync_file_range(2)'s "start writing these pages back now, do not wait"
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Callable[[int], None] | None:
+    """sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE) through libc (Python has no
+    binding), or None where libc lacks it. ctypes drops the GIL around the call."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+
+    def start_writeback(fd: int) -> None:
+        fn(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # best effort: fsync later is what counts
+
+    return start_writeback
+
+
+#: start the disk write of a file's dirty pages without waiting (None: unsupported)
+start_writeback = _load_sync_file_range()
+
 #: the mount touches (sets the mtime of) a block file it reads at most this often
 TOUCH_INTERVAL_S = 10.0
 
@@ -158,12 +184,22 @@ class CacheDir:
         return self.block_path(block_id).exists()
 
     def write_block(
-        self, block_id: bytes, data: bytes | bytearray | memoryview, *, durable: bool
+        self,
+        block_id: bytes,
+        data: bytes | bytearray | memoryview,
+        *,
+        durable: bool,
+        sync_soon: bool = False,
     ) -> None:
         """Put a block's plaintext in place atomically (blocking; call from a thread).
 
         `durable`: fsync the file before it is renamed into place (the caller syncs the
-        directories with `sync_blocks`)."""
+        directories with `sync_blocks`). `sync_soon` (a seal's block file, which an
+        fsync may have to make durable): its writeback to disk is started at once
+        (sync_file_range), so that the fsync that `sync_blocks` does later mostly
+        finds it done: the disk writes overlap the writes still coming in, instead of a
+        whole file's worth waiting for the fsync (the kernel alone would start only
+        when 10% of memory is dirty)."""
         path = self.block_path(block_id)
         tmp = self.tmp / f"{path.name}.{os.getpid()}.{id(data):x}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -174,6 +210,8 @@ class CacheDir:
                 view = view[n:]
             if durable:
                 os.fsync(fd)
+            elif sync_soon and start_writeback is not None:
+                start_writeback(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)

@@ -633,6 +633,19 @@ class FileStore:
         extents, written, holds, boundary = stream.take_extents()
         size = st.size
         try:
+            if durable:
+                # the block files first, then the durable commit that names them: a
+                # crash between the two never leaves metadata naming lost plaintext.
+                # Their writeback started as each was written, so this mostly waits
+                # for the last few and one journal commit
+                earlier, st.unsynced = [*st.unsynced, *written], []
+                try:
+                    await trio.to_thread.run_sync(self.cache.sync_blocks, earlier, [])
+                except BaseException:
+                    st.unsynced.extend(earlier)
+                    raise
+            else:
+                st.unsynced.extend(written)
             await self.meta.run(
                 self._commit, st, [], extents, publish=publish, durable=durable, size=size,
                 holds=holds,
@@ -640,11 +653,6 @@ class FileStore:
         finally:
             CacheDir.release_holds(list(holds.values()))
         stream.committed(len(extents), boundary)
-        if durable:
-            earlier, st.unsynced = [*st.unsynced, *written], []
-            await trio.to_thread.run_sync(self.cache.sync_blocks, earlier, [])
-        else:
-            st.unsynced.extend(written)
         st.sealed_size = size
         st.keep_below = size
         if final:
@@ -699,7 +707,7 @@ class FileStore:
             if block_id not in holds and block_id not in written:
                 hold = self.cache.hold_block(block_id)
                 if hold is None:
-                    self.cache.write_block(block_id, chunk, durable=durable)
+                    self.cache.write_block(block_id, chunk, durable=durable, sync_soon=True)
                     written.append(block_id)
                 else:
                     holds[block_id] = hold

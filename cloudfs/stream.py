@@ -16,6 +16,7 @@ extents committed) and then takes the overlay path.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,26 +46,30 @@ class AppendStream:
     written: list[bytes] = field(default_factory=list)
     #: block files the stream re-uses, held until the commit (CacheDir.hold_block)
     holds: dict[bytes, Path] = field(default_factory=dict)
-    #: bytes after the last cut; buffer[0] is file offset `tail_start`
-    buffer: bytearray = field(default_factory=bytearray)
+    #: bytes after the last cut, as the writes brought them (immutable, never copied
+    #: on arrival): pieces[0][head:] is file offset `tail_start`
+    pieces: deque[bytes] = field(default_factory=deque)
+    head: int = 0
+    #: bytes in `pieces` past `head`
+    buffered: int = 0
     tail_start: int = 0
-    #: bytes of `buffer` already fed to the chunker
+    #: bytes after `tail_start` already fed to the chunker
     fed: int = 0
     #: an error of a background cut, raised to the next writer or seal
     error: BaseException | None = None
 
     def __post_init__(self) -> None:
         self.tail_start = self.start
-        # guards buffer/extents/tail_start against readers while a cut runs in a thread
+        # guards pieces/extents/tail_start against readers while a cut runs in a thread
         self._lock = threading.Lock()
 
     @property
     def end(self) -> int:
-        return self.tail_start + len(self.buffer)
+        return self.tail_start + self.buffered
 
     @property
     def unfed(self) -> int:
-        return len(self.buffer) - self.fed
+        return self.buffered - self.fed
 
     @property
     def uncommitted(self) -> int:
@@ -72,50 +77,86 @@ class AppendStream:
         return self.end - self.start
 
     def append(self, data: bytes) -> None:
+        if not isinstance(data, bytes):
+            data = bytes(data)  # a piece must never change under the chunker
         with self._lock:
-            self.buffer += data
+            self.pieces.append(data)
+            self.buffered += len(data)
+
+    def _unfed_views(self) -> list[memoryview]:
+        """The bytes not fed to the chunker yet, as views of the pieces (lock held)."""
+        views: list[memoryview] = []
+        skip = self.head + self.fed
+        for piece in self.pieces:
+            if skip >= len(piece):
+                skip -= len(piece)
+                continue
+            views.append(memoryview(piece)[skip:])
+            skip = 0
+        return views
+
+    def _front(self, length: int) -> bytes | memoryview:
+        """The first `length` bytes of the tail: a view when one piece holds them, else
+        one copy (lock held; the pieces themselves never change)."""
+        first = self.pieces[0]
+        if self.head + length <= len(first):
+            return memoryview(first)[self.head : self.head + length]
+        parts: list[memoryview] = []
+        need, skip = length, self.head
+        for piece in self.pieces:
+            take = min(need, len(piece) - skip)
+            parts.append(memoryview(piece)[skip : skip + take])
+            need -= take
+            skip = 0
+            if not need:
+                break
+        return b"".join(parts)
+
+    def _drop_front(self, length: int) -> None:
+        """The first `length` bytes of the tail became a chunk (lock held)."""
+        self.head += length
+        while self.pieces and self.head >= len(self.pieces[0]):
+            self.head -= len(self.pieces.popleft())
+        self.buffered -= length
+        self.fed -= length
+        self.tail_start += length
 
     def cut(self, *, final: bool) -> None:
         """Feed what is buffered to the chunker and make block files of the chunks it
-        completes (blocking: run it in a worker thread). `final` cuts the tail too."""
+        completes (blocking: run it in a worker thread). `final` cuts the tail too.
+
+        Each byte is copied at most once here (a chunk that spans two writes is
+        joined); the chunker and the hash read the writes' own buffers."""
         with self._lock:
-            pending = bytes(self.buffer[self.fed :])
-            self.fed = len(self.buffer)
-        lengths = self.chunker.feed(pending) if pending else []
+            views = self._unfed_views()
+            self.fed = self.buffered
+        lengths: list[int] = []
+        for view in views:
+            lengths.extend(self.chunker.feed(view))
         if final:
             last = self.chunker.finish()
             if last:
-                lengths = [*lengths, last]
-        pos = 0
+                lengths.append(last)
         for length in lengths:
             with self._lock:
-                chunk = bytes(self.buffer[pos : pos + length])
-            at = self.tail_start + pos
+                chunk = self._front(length)
+                at = self.tail_start
             extent = self._make_block(chunk, at)
-            pos += length
             with self._lock:
+                # the chunk's bytes leave the tail as its extent appears: a reader
+                # finds them in one place or the other
                 if extent is not None:
                     self.extents.append(extent)
-                if pos >= CUT_BATCH or pos == len(self.buffer):
-                    # drop what is cut from the front of the buffer now and then
-                    del self.buffer[:pos]
-                    self.fed -= pos
-                    self.tail_start += pos
-                    pos = 0
-        if pos:
-            with self._lock:
-                del self.buffer[:pos]
-                self.fed -= pos
-                self.tail_start += pos
+                self._drop_front(length)
 
-    def _make_block(self, chunk: bytes, at: int) -> Extent | None:
+    def _make_block(self, chunk: bytes | memoryview, at: int) -> Extent | None:
         if _native.is_zero(chunk):
             return None  # a hole: costs nothing in the store
         block_id = _native.block_id(self.id_key, chunk)
         if block_id not in self.holds:
             hold = self.cache.hold_block(block_id)
             if hold is None:
-                self.cache.write_block(block_id, chunk, durable=False)
+                self.cache.write_block(block_id, chunk, durable=False, sync_soon=True)
                 self.written.append(block_id)
             else:
                 self.holds[block_id] = hold
@@ -147,11 +188,14 @@ class AppendStream:
         caller (they could be fetched if evicted; normally they are cached)."""
         with self._lock:
             extents = [e for e in self.extents if e.offset < end and e.end > offset]
-            a, b = max(offset, self.tail_start), min(end, self.end)
-            if a < b:
-                buf[a - offset : b - offset] = self.buffer[
-                    a - self.tail_start : b - self.tail_start
-                ]
+            pos = self.tail_start - self.head  # file offset of pieces[0][0]
+            for piece in self.pieces:
+                a, b = max(offset, pos, self.tail_start), min(end, pos + len(piece))
+                if a < b:
+                    buf[a - offset : b - offset] = memoryview(piece)[a - pos : b - pos]
+                pos += len(piece)
+                if pos >= end:
+                    break
         return extents
 
 
