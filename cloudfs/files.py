@@ -597,12 +597,15 @@ class FileStore:
             return
         extents = await self._extents(st)
         plan = self._plan(st, extents, hold_tail=not publish)
-        result = await trio.to_thread.run_sync(
-            self._rechunk, st, plan, durable, abandon_on_cancel=False
-        )
+        result = await trio.to_thread.run_sync(self._rechunk, st, plan, abandon_on_cancel=False)
         if durable:
-            earlier, st.unsynced = st.unsynced, []
-            await trio.to_thread.run_sync(self.cache.sync_blocks, earlier, result.written)
+            # all at once, in parallel, before the commit that names them
+            earlier, st.unsynced = [*st.unsynced, *result.written], []
+            try:
+                await trio.to_thread.run_sync(self.cache.sync_blocks, earlier, [])
+            except BaseException:
+                st.unsynced.extend(earlier)
+                raise
         else:
             st.unsynced.extend(result.written)
         replaced = [e for e in plan.old if e.offset < result.stop or e.offset >= plan.size]
@@ -698,7 +701,7 @@ class FileStore:
         hold = hold_tail and not truncated and (not old or old[-1].end <= start)
         return _SealPlan(start, st.size, st.keep_below, last_changed, old, hold)
 
-    def _rechunk(self, st: FileState, plan: _SealPlan, durable: bool) -> _SealResult:
+    def _rechunk(self, st: FileState, plan: _SealPlan) -> _SealResult:
         """Chunk, hash and cache the changed range (runs in a worker thread)."""
         old_ends = {e.end for e in plan.old if e.end <= plan.keep_below}
         runs = _data_runs(plan, st)
@@ -714,7 +717,7 @@ class FileStore:
             if block_id not in holds and block_id not in written:
                 hold = self.cache.hold_block(block_id)
                 if hold is None:
-                    self.cache.write_block(block_id, chunk, durable=durable, sync_soon=True)
+                    self.cache.write_block(block_id, chunk, durable=False, sync_soon=True)
                     written.append(block_id)
                 else:
                     holds[block_id] = hold
