@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,20 @@ from cloudfs.meta.base import Extent
 CUT_BATCH = 4 << 20
 #: unprocessed bytes past which a writer waits for the chunker (memory bound)
 BACKLOG_LIMIT = 4 * CUT_BATCH
+
+
+#: threads that hash and write the chunks of one cut at once (shared by all streams)
+BLOCK_THREADS = 3
+_block_threads: ThreadPoolExecutor | None = None
+_block_threads_lock = threading.Lock()
+
+
+def _block_pool() -> ThreadPoolExecutor:
+    global _block_threads
+    with _block_threads_lock:
+        if _block_threads is None:
+            _block_threads = ThreadPoolExecutor(BLOCK_THREADS, thread_name_prefix="cloudfs-cut")
+        return _block_threads
 
 
 @dataclass
@@ -95,22 +110,23 @@ class AppendStream:
             skip = 0
         return views
 
-    def _front(self, length: int) -> bytes | memoryview:
-        """The first `length` bytes of the tail: a view when one piece holds them, else
-        one copy (lock held; the pieces themselves never change)."""
-        first = self.pieces[0]
-        if self.head + length <= len(first):
-            return memoryview(first)[self.head : self.head + length]
+    def _slice(self, skip: int, length: int) -> bytes | memoryview:
+        """`length` bytes of the tail from `skip` bytes past its start: a view when one
+        piece holds them, else one copy (lock held; the pieces never change)."""
         parts: list[memoryview] = []
-        need, skip = length, self.head
+        pos = -self.head  # tail offset of the current piece's first byte
+        start, need = skip, length
         for piece in self.pieces:
-            take = min(need, len(piece) - skip)
-            parts.append(memoryview(piece)[skip : skip + take])
-            need -= take
-            skip = 0
-            if not need:
-                break
-        return b"".join(parts)
+            if pos + len(piece) > start:
+                a = start - pos
+                take = min(need, len(piece) - a)
+                parts.append(memoryview(piece)[a : a + take])
+                need -= take
+                start += take
+                if not need:
+                    break
+            pos += len(piece)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _drop_front(self, length: int) -> None:
         """The first `length` bytes of the tail became a chunk (lock held)."""
@@ -137,30 +153,52 @@ class AppendStream:
             last = self.chunker.finish()
             if last:
                 lengths.append(last)
-        for length in lengths:
-            with self._lock:
-                chunk = self._front(length)
-                at = self.tail_start
-            extent = self._make_block(chunk, at)
-            with self._lock:
-                # the chunk's bytes leave the tail as its extent appears: a reader
-                # finds them in one place or the other
+        if not lengths:
+            return
+        with self._lock:
+            chunks: list[tuple[bytes | memoryview, int]] = []
+            skip = 0
+            for length in lengths:
+                chunks.append((self._slice(skip, length), self.tail_start + skip))
+                skip += length
+        # hashing and writing release the GIL: the chunks of one cut go in parallel
+        if len(chunks) == 1:
+            made = [self._store_chunk(chunks[0])]
+        else:
+            made = list(_block_pool().map(self._store_chunk, chunks))
+        with self._lock:
+            # the chunks' bytes leave the tail as their extents appear, in file order:
+            # a reader finds them in one place or the other
+            for (chunk, _at), (extent, written, hold) in zip(chunks, made):
                 if extent is not None:
                     self.extents.append(extent)
-                self._drop_front(length)
+                if written is not None:
+                    self.written.append(written)
+                if hold is not None:
+                    if extent is not None and extent.block not in self.holds:
+                        self.holds[extent.block] = hold
+                    else:  # held twice by chunks of one cut
+                        CacheDir.release_holds([hold])
+                self._drop_front(len(chunk))
 
-    def _make_block(self, chunk: bytes | memoryview, at: int) -> Extent | None:
+    def _store_chunk(
+        self, chunk_at: tuple[bytes | memoryview, int]
+    ) -> tuple[Extent | None, bytes | None, Path | None]:
+        """Name a chunk and make sure its block file exists (blocking, thread-safe):
+        its extent (None: a hole), the id of the block file it wrote, or the hold it
+        took on an existing one."""
+        chunk, at = chunk_at
         if _native.is_zero(chunk):
-            return None  # a hole: costs nothing in the store
+            return None, None, None  # a hole: costs nothing in the store
         block_id = _native.block_id(self.id_key, chunk)
-        if block_id not in self.holds:
-            hold = self.cache.hold_block(block_id)
-            if hold is None:
-                self.cache.write_block(block_id, chunk, durable=False, sync_soon=True)
-                self.written.append(block_id)
-            else:
-                self.holds[block_id] = hold
-        return Extent(at, len(chunk), block_id)
+        extent = Extent(at, len(chunk), block_id)
+        if block_id in self.holds:
+            return extent, None, None
+        hold = self.cache.hold_block(block_id)
+        if hold is not None:
+            return extent, None, hold
+        self.cache.write_block(block_id, chunk, durable=False, sync_soon=True)
+        return extent, block_id, None
 
     def take_extents(self) -> tuple[list[Extent], list[bytes], dict[bytes, Path], int]:
         """What a commit may take: the extents cut so far, their new block files, the

@@ -117,7 +117,9 @@ def seal_block(
     only when that makes it smaller. CPU-heavy: async callers use a worker thread."""
     if len(block_id) != BLOCK_ID_SIZE:
         raise ValueError(f"block id must be {BLOCK_ID_SIZE} bytes")
-    compressed = _native.compress(plaintext, level) if _worth_compressing(plaintext, level) else None
+    compressed = (
+        _native.compress(plaintext, level) if _worth_compressing(plaintext, level) else None
+    )
     flags = 0
     payload: bytes | bytearray | memoryview = plaintext
     if compressed is not None and len(compressed) < len(plaintext):
