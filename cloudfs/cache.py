@@ -85,16 +85,28 @@ start_writeback = _load_sync_file_range()
 
 #: fsyncs run at once by CacheDir.sync_blocks
 SYNC_THREADS = 8
-_sync_threads: ThreadPoolExecutor | None = None
-_sync_threads_lock = threading.Lock()
 
 
-def _sync_pool() -> ThreadPoolExecutor:
-    global _sync_threads
-    with _sync_threads_lock:
-        if _sync_threads is None:
-            _sync_threads = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="cloudfs-fsync")
-        return _sync_threads
+class ThreadPool:
+    """A thread pool made on first use, and made again in a forked child (whose copy
+    has no threads: mount.cloudfs forks after preparing the mount)."""
+
+    def __init__(self, threads: int, name: str) -> None:
+        self.threads = threads
+        self.name = name
+        self._pool: ThreadPoolExecutor | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def get(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None or self._pid != os.getpid():
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix=self.name)
+                self._pid = os.getpid()
+            return self._pool
+
+
+_sync_pool = ThreadPool(SYNC_THREADS, "cloudfs-fsync")
 
 
 def _fsync_path(path: Path) -> None:
@@ -261,7 +273,7 @@ class CacheDir:
             for path in paths:
                 _fsync_path(path)
             return
-        for _ in _sync_pool().map(_fsync_path, paths):
+        for _ in _sync_pool.get().map(_fsync_path, paths):
             pass  # the first failure is raised here, after all have run
 
     def hold_block(self, block_id: bytes) -> Path | None:

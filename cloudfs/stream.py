@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cloudfs import _native
-from cloudfs.cache import CacheDir
+from cloudfs.cache import CacheDir, ThreadPool
 from cloudfs.meta.base import Extent
 
 #: unprocessed bytes that make a write hand the buffer to the chunker
@@ -33,16 +32,7 @@ BACKLOG_LIMIT = 4 * CUT_BATCH
 
 #: threads that hash and write the chunks of one cut at once (shared by all streams)
 BLOCK_THREADS = 3
-_block_threads: ThreadPoolExecutor | None = None
-_block_threads_lock = threading.Lock()
-
-
-def _block_pool() -> ThreadPoolExecutor:
-    global _block_threads
-    with _block_threads_lock:
-        if _block_threads is None:
-            _block_threads = ThreadPoolExecutor(BLOCK_THREADS, thread_name_prefix="cloudfs-cut")
-        return _block_threads
+_block_pool = ThreadPool(BLOCK_THREADS, "cloudfs-cut")
 
 
 @dataclass
@@ -165,7 +155,7 @@ class AppendStream:
         if len(chunks) == 1:
             made = [self._store_chunk(chunks[0])]
         else:
-            made = list(_block_pool().map(self._store_chunk, chunks))
+            made = list(_block_pool.get().map(self._store_chunk, chunks))
         with self._lock:
             # the chunks' bytes leave the tail as their extents appear, in file order:
             # a reader finds them in one place or the other

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 
-from cloudfs.cache import CacheDir
+from cloudfs.cache import CacheDir, ThreadPool
 
 
 def _cache(tmp_path: Path) -> CacheDir:
@@ -39,3 +40,22 @@ def test_sync_blocks_fails_when_a_directory_is_gone(tmp_path: Path) -> None:
     shutil.rmtree(cache.block_path(ids[3]).parent)
     with pytest.raises(FileNotFoundError):
         cache.sync_blocks(ids, [])
+
+
+def test_thread_pool_is_made_again_after_fork() -> None:
+    """mount.cloudfs forks after preparing the mount: a pool made before must not be
+    used by the child, whose copy of it has no threads (its map would hang)."""
+    pool = ThreadPool(2, "test-pool")
+    # enough work that the executor counts idle threads it would hand the child's
+    # tasks to (and then never start the threads the child lacks)
+    assert list(pool.get().map(abs, range(-40, 0))) == list(range(40, 0, -1))
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the pool works, killed if it hangs
+        code = 1
+        try:
+            signal.alarm(10)
+            code = 0 if list(pool.get().map(abs, [-3, -4])) == [3, 4] else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
