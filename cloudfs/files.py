@@ -584,6 +584,15 @@ class FileStore:
             await self._seal_stream(st, publish=publish, final=publish, durable=durable)
             return
         if not st.dirty:
+            if durable and st.unsynced:
+                # block files before the WAL sync that makes the commits naming them
+                # durable
+                earlier, st.unsynced = st.unsynced, []
+                try:
+                    await trio.to_thread.run_sync(self.cache.sync_blocks, earlier, [])
+                except BaseException:
+                    st.unsynced.extend(earlier)
+                    raise
             if publish and st.working_version is not None:
                 await self.meta.run(
                     self._commit, st, [], [], publish=True, durable=durable, size=st.size
@@ -591,9 +600,6 @@ class FileStore:
             elif durable:
                 async with self.meta.transaction(durable=True):
                     pass  # syncs the WAL: earlier commits of this file become durable
-            if durable and st.unsynced:
-                earlier, st.unsynced = st.unsynced, []
-                await trio.to_thread.run_sync(self.cache.sync_blocks, earlier, [])
             return
         extents = await self._extents(st)
         plan = self._plan(st, extents, hold_tail=not publish)
