@@ -21,6 +21,7 @@ only exists on SQLite (the mount lease, the meta.db file) is marked
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -28,12 +29,16 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
+import pymysql
 import pytest
 from s3util import Bucket
 
@@ -227,6 +232,35 @@ def _fusermount(mountpoint: Path, *, lazy: bool = False) -> subprocess.Completed
 # --- one filesystem --------------------------------------------------------------------
 
 
+class MetadataSQL:
+    """A plain connection to a filesystem's metadata: a SQLite file or a MySQL URL."""
+
+    def __init__(self, where: Path | str, password: str | None) -> None:
+        self.mysql = isinstance(where, str)
+        if isinstance(where, str):
+            url = urlsplit(where)
+            self._conn: Any = pymysql.connect(
+                host=url.hostname, port=url.port or 3306, user=url.username,
+                password=password or "", database=url.path.strip("/"), autocommit=True,
+            )  # fmt: skip
+        else:
+            self._conn = sqlite3.connect(where, isolation_level=None)
+
+    def execute(self, sql: str, params: tuple | list = ()) -> Any:
+        """Run `sql` (with `?` placeholders); returns a cursor (fetchone, fetchall)."""
+        if not self.mysql:
+            return self._conn.execute(sql, params)
+        cur = self._conn.cursor()
+        if params:
+            cur.execute(sql.replace("%", "%%").replace("?", "%s"), tuple(params))
+        else:
+            cur.execute(sql)
+        return cur
+
+    def close(self) -> None:
+        self._conn.close()
+
+
 class CloudFS:
     """One cloudfs filesystem in `root`: store/, cache/, mnt/ and the commands on them."""
 
@@ -393,6 +427,17 @@ class CloudFS:
     def flush(self, timeout: float = 600.0) -> None:
         """cloudfs flush: seal everything and wait until no upload is pending."""
         self.check("cloudfs", "flush", self.mnt, timeout=timeout)
+
+    @contextlib.contextmanager
+    def metadata_db(self) -> Iterator[MetadataSQL]:
+        """The filesystem's metadata database, SQLite or MySQL, for looking at it or
+        damaging it behind cloudfs's back (statements in SQLite's `?` style; autocommit)."""
+        db = MetadataSQL(self.cache / "meta.db" if self.metadata is None else self.metadata,
+                         self.env.get("CLOUDFS_MYSQL_PASSWORD"))  # fmt: skip
+        try:
+            yield db
+        finally:
+            db.close()
 
     # --- the daemon ---------------------------------------------------------------------
 
@@ -622,7 +667,7 @@ def metadata_engine(pytestconfig: pytest.Config) -> str:
     """"sqlite" or "mysql": where `make_fs` puts the metadata (`--metadata`)."""
     engine = str(pytestconfig.getoption("metadata"))
     if engine not in METADATA_ENGINES:
-        raise pytest.UsageError(f"--metadata / CLOUDFS_TEST_METADATA: use one of {METADATA_ENGINES}")
+        raise pytest.UsageError(f"--metadata, CLOUDFS_TEST_METADATA: one of {METADATA_ENGINES}")
     return engine
 
 

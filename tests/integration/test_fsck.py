@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ import pytest
 from historyutil import make_tree, tree_state
 
 if TYPE_CHECKING:
-    from conftest import CloudFS
+    from conftest import CloudFS, MetadataSQL
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -27,13 +26,10 @@ MiB = 1 << 20
 
 
 @contextmanager
-def metadata(fs: CloudFS) -> Iterator[sqlite3.Connection]:
-    """The filesystem's SQLite database, for damaging it (nothing may run)."""
-    db = sqlite3.connect(fs.cache / "meta.db", isolation_level=None)
-    try:
+def metadata(fs: CloudFS) -> Iterator[MetadataSQL]:
+    """The filesystem's metadata database, for damaging it (nothing may run)."""
+    with fs.metadata_db() as db:
         yield db
-    finally:
-        db.close()
 
 
 def fsck(fs: CloudFS, *args: str) -> subprocess.CompletedProcess[str]:
