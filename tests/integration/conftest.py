@@ -337,7 +337,12 @@ class CloudFS:
         """mkfs.cloudfs STORE --cachedir CACHE. A plain one (local store, no options)
         is made once per session and kind by the real command, then copied: see
         `_copy_made_fs`."""
-        if not extra and type(self) is CloudFS and self.template_root is not None:
+        if (
+            not extra
+            and type(self) is CloudFS
+            and self.template_root is not None
+            and self.metadata is None  # a MySQL database is made by the real command
+        ):
             self._copy_made_fs()
             return
         args = [self.storage_url, "--cachedir", str(self.cache), *self.storage_args, *extra]
