@@ -7,6 +7,7 @@ a non-zero exit. The background child reports "mounted" or its error through a p
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -499,12 +500,20 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
     )
     ns = Namespace(meta, files, atime=opts.atime)
     shared = is_mysql(prep.meta_url)
-    client: Client | None = None
+    # this mount's row, on every engine; rows and holds of mounts that died go
+    client = Client(meta, str(cache.root))
+    await client.register()
+    ns.client = client
     if shared:
-        # this mount's row; rows and holds of mounts of this cache dir that died go
-        client = Client(meta, str(cache.root))
-        await client.register()
-        ns.client = files.client = client
+        files.client = client  # holds every open file: another machine may unlink it
+
+        async def free_released(inodes: list[int]) -> None:
+            try:  # freed unless used again here or held elsewhere
+                await ns.released(inodes)
+            except CloudfsError as exc:
+                log.warning("cannot free inodes released by the heartbeat: %s", exc.message)
+
+        client.on_released = free_released
     freed = await ns.free_orphans()
     if freed:
         log.info("freed %d inodes left open-unlinked by an earlier crash", freed)
@@ -538,7 +547,7 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
     )  # fmt: skip
     files.on_commit = ops.file_committed
     notifier: notify.Notifier | None = None
-    if client is not None and client.id is not None and prep.redis is not None:
+    if client.id is not None and prep.redis is not None:
         notifier = notify.Notifier(
             prep.redis, notify.channel_of(sb.uuid), client.id, _invalidate_inode_quietly,
             _invalidate_entry_quietly, _resync_kernel(ops, trio.lowlevel.current_trio_token()),
@@ -569,7 +578,8 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
                 nursery.start_soon(link.run_kicker)
                 if prep.lease is not None:
                     nursery.start_soon(_renew_lease, prep.lease, meta, link)
-                if client is not None:
+                if shared:  # (one SQLite mount: nobody to tell, and an idle
+                    # database stays unchanged, so no metadata backup is taken of it)
                     nursery.start_soon(client.run_heartbeat)
                 nursery.start_soon(_seal_idle_files, files, opts.idle_seal_s)
                 nursery.start_soon(_stop_on_signals)
@@ -581,7 +591,7 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
         ops.background = None
         files.nursery = None
         await files.seal_all()
-        if client is not None:
+        if meta.fenced is None:  # a fenced mount changes nothing; the next one drops it
             await client.unregister()  # everything is sealed: nothing is held
     finally:
         if notifier is not None:
@@ -684,7 +694,26 @@ def _report_ready(fd: os.PathLike[str] | int, message: str) -> None:
         pass
 
 
+class _AbandonedReplies(logging.Filter):
+    """pyfuse3 logs an ERROR when the kernel refuses a reply with ENOENT: the request
+    is no longer waited for (interrupted, or a RELEASE sent while the file system is
+    being unmounted). The operation itself was carried out; nothing is lost, so the
+    line goes to the log as INFO instead of looking like a failure."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (
+            record.levelno == logging.ERROR
+            and "fuse_reply_* failed" in str(record.msg)
+            and record.args
+            and record.args[-1] == os.strerror(errno.ENOENT)  # type: ignore[index]
+        ):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = str(record.msg) + " (the kernel no longer waited for this answer)"
+        return True
+
+
 def _setup_logging(cache: CacheDir, foreground: bool, debug: bool) -> None:
+    logging.getLogger("pyfuse3").addFilter(_AbandonedReplies())
     level = logging.DEBUG if debug else logging.INFO
     fmt = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
     if foreground:
