@@ -12,6 +12,12 @@ change is put in a bounded queue (dropped when it is full) and published by a th
 whose socket calls time out quickly; while Redis is unreachable, changes are dropped
 and the connection is tried again with growing pauses.
 
+Pub/sub keeps no history: what was published while a mount was not subscribed (Redis
+down, the connection lost, the mount starting) never reaches it. So every time the
+subscription is (re)established, once Redis confirms it, the mount drops everything its
+kernel may cache (`resync`), as if every change it could have missed had been announced;
+from then on the notifications cover it again.
+
     redis://[[user]:password@]host[:port][/db]
 
 The password is better given in a file (`--redis-password-file`) or the environment
@@ -147,6 +153,11 @@ def channel_of(fs_uuid: str) -> str:
 #: invalidate_inode(ino), invalidate_entry(parent, name): called on the subscriber thread
 InvalidateInode = Callable[[int], None]
 InvalidateEntry = Callable[[int, bytes], None]
+#: resync(): drop everything the kernel may cache; called on the subscriber thread
+Resync = Callable[[], None]
+
+#: how long the subscriber waits for Redis to confirm a subscription
+SUBSCRIBE_TIMEOUT_S = 5.0
 
 
 class Notifier:
@@ -159,18 +170,21 @@ class Notifier:
         client_id: int,
         invalidate_inode: InvalidateInode,
         invalidate_entry: InvalidateEntry,
+        resync: Resync | None = None,
     ) -> None:
         self.target = target
         self.channel = channel
         self.client_id = client_id
         self._invalidate_inode = invalidate_inode
         self._invalidate_entry = invalidate_entry
+        self._resync = resync
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=QUEUE_LIMIT)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.dropped = 0  # changes not published (queue full, Redis unreachable)
         self.published = 0
         self.applied = 0  # changes of other mounts applied here
+        self.subscriptions = 0  # times the subscription was (re)established and resynced
 
     # --- publishing (any thread) ------------------------------------------------------------
 
@@ -241,11 +255,19 @@ class Notifier:
         failures = 0
         while not self._stop.is_set():
             client = self.target.client()
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            pubsub = client.pubsub()
             try:
                 pubsub.subscribe(self.channel)
+                if not self._confirmed(pubsub):
+                    break  # stopping
+                # every change published from here on reaches us; the ones before may
+                # not have (pub/sub keeps nothing for a subscriber that was away)
+                if self._resync is not None:
+                    self._resync()
+                self.subscriptions += 1
                 if failures:
-                    log.info("subscribed to Redis %s again", self.target.display())
+                    log.info("subscribed to Redis %s again: the kernel caches were dropped "
+                             "for changes missed meanwhile", self.target.display())  # fmt: skip
                 failures = 0
                 while not self._stop.is_set():
                     msg = pubsub.get_message(timeout=0.5)
@@ -263,6 +285,18 @@ class Notifier:
                     client.close()
                 except Exception:  # noqa: BLE001 - closing a broken connection
                     pass
+
+    def _confirmed(self, pubsub: redis.client.PubSub) -> bool:
+        """Wait until Redis confirms the subscription: True; False when stopping;
+        TimeoutError when Redis does not answer."""
+        deadline = time.monotonic() + SUBSCRIBE_TIMEOUT_S
+        while not self._stop.is_set():
+            msg = pubsub.get_message(timeout=0.5)
+            if msg is not None and msg.get("type") == "subscribe":
+                return True
+            if time.monotonic() > deadline:
+                raise TimeoutError("Redis did not confirm the subscription")
+        return False
 
     def _apply(self, data: bytes) -> None:
         try:

@@ -46,7 +46,7 @@ from cloudfs.meta import open_meta
 from cloudfs.meta.base import MetaStore
 from cloudfs.meta.sqlite import GROUP_WINDOW_S
 from cloudfs.meta.url import is_mysql, redact, sqlite_path
-from cloudfs.metabackup import DEFAULT_KEEP, put_backup, restore_newest
+from cloudfs.metabackup import DEFAULT_KEEP, put_backup, restore_newest, restore_newest_into
 from cloudfs.namespace import Namespace
 from cloudfs.objectstore import ObjectStore, open_store
 from cloudfs.objectstore.retry import RetryStore
@@ -105,8 +105,9 @@ async def prepare(opts: MountOptions) -> Prepared:
     lock_fd: int | None = None
     if opts.restore_metadata:
         # a fresh machine: the metadata comes from the newest backup in the store
-        if opts.metadata:
-            raise UsageError("--restore-metadata rebuilds SQLite metadata, not --metadata")
+        if opts.metadata and not is_mysql(opts.metadata):
+            raise UsageError("--restore-metadata --metadata: a MySQL URL (SQLite metadata is "
+                             "restored into the cache dir)")  # fmt: skip
         master = await _unlock(opts, sb)
         cache.create()
         lock_fd = await _lock_cache_dir(cache)
@@ -288,15 +289,33 @@ async def _restore_metadata(
     cache: CacheDir,
 ) -> None:
     """--restore-metadata: the newest metadata backup becomes the cache dir's meta.db
-    (refused when it has one)."""
+    (refused when it has one), or with `--metadata mysql://...` the rows of that database
+    (refused unless it holds none of the schema's tables, as fsck.cloudfs does without
+    --force); the cache dir's config then names it."""
     store = open_cli_store(opts.storage, storage_options)
+    keys = Keys.from_master(master)
     try:
-        restored = await restore_newest(store, Keys.from_master(master), sb.uuid, cache.meta_path)
+        if opts.metadata:
+            meta = open_meta(
+                opts.metadata,
+                password=metadata_password(opts.metadata, opts.mysql_password_file),
+            )
+            try:
+                restored = await restore_newest_into(store, keys, sb.uuid, meta, cache.tmp)
+            finally:
+                await meta.close()
+        else:
+            restored = await restore_newest(store, keys, sb.uuid, cache.meta_path)
     finally:
         await store.aclose()
+    where = redact(opts.metadata) if opts.metadata else str(cache.meta_path)
     previous = cache.read_config() if cache.config_path.exists() else None
-    if previous is not None and previous.metadata != str(cache.meta_path):
-        cache.write_config(replace(previous, metadata=str(cache.meta_path)))
+    if previous is not None and previous.metadata != where:
+        password_file = opts.mysql_password_file
+        cache.write_config(replace(
+            previous, metadata=where,
+            metadata_password_file=os.path.abspath(password_file) if password_file else None,
+        ))  # fmt: skip
     print(f"restored the metadata from {restored.key} ({restored.size} bytes)")
     if restored.pending_missing:
         log.warning("%d blocks of the backup are not in the store: files using them read "
@@ -567,7 +586,7 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
     if client.id is not None and prep.redis is not None:
         notifier = notify.Notifier(
             prep.redis, notify.channel_of(sb.uuid), client.id, _invalidate_inode_quietly,
-            _invalidate_entry_quietly,
+            _invalidate_entry_quietly, _resync_kernel(ops, trio.lowlevel.current_trio_token()),
         )  # fmt: skip
         ops.changed = notifier.changed
     fuse_opts = (
@@ -657,6 +676,26 @@ def _invalidate_inode_quietly(ino: int) -> None:
         pyfuse3.invalidate_inode(ino)
     except OSError:
         pass  # the kernel does not know it
+
+
+def _resync_kernel(ops: HistoryOperations, token: trio.lowlevel.TrioToken) -> Callable[[], None]:
+    """The notifier's resync: after (re)subscribing, drop the attributes, cached data and
+    directory listings of every inode the kernel may hold, since changes of other mounts
+    may have gone unannounced meanwhile. Names the kernel cached still resolve until
+    their entry timeout (1 s in shared mode; kernel dentries cannot be listed), but each
+    resolves to an inode whose attributes are fetched again."""
+
+    def known() -> list[int]:  # on the trio thread: the lookup counts change there
+        return sorted(set(ops.ns.kernel_refs) | set(ops.files.states) | {pyfuse3.ROOT_INODE})
+
+    def resync() -> None:
+        inodes = trio.from_thread.run_sync(known, trio_token=token)
+        for ino in inodes:
+            _invalidate_inode_quietly(ino)
+        log.info("dropped the kernel caches of %d inodes (Redis subscription (re)established)",
+                 len(inodes))  # fmt: skip
+
+    return resync
 
 
 def _invalidate_entry_quietly(parent: int, name: bytes) -> None:

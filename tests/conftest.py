@@ -36,6 +36,24 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     return True
 
 
+# --- which metadata engine the integration filesystems use ------------------------------------
+
+
+#: the metadata engines the integration suite runs on (`--metadata`, $CLOUDFS_TEST_METADATA)
+METADATA_ENGINES = ("sqlite", "mysql")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--metadata",
+        choices=METADATA_ENGINES,
+        default=os.environ.get("CLOUDFS_TEST_METADATA", "sqlite"),
+        help="metadata engine of the filesystems the integration tests make: sqlite "
+        "(a meta.db in the cache dir) or mysql (a fresh database of the private MariaDB "
+        "server per filesystem); default $CLOUDFS_TEST_METADATA or sqlite",
+    )
+
+
 # --- a private MariaDB server ---------------------------------------------------------------
 #
 # Started once per session, and only when a test asks for it: its own datadir under a

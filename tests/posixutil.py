@@ -9,7 +9,6 @@ import ctypes
 import errno
 import os
 import pickle
-import sqlite3
 import sys
 import time
 import traceback
@@ -150,13 +149,12 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "
         time.sleep(0.1)
 
 
-def block_refcounts(cache: Path) -> dict[bytes, int]:
-    """Every block row of the filesystem's SQLite metadata: id -> refcount (read only)."""
-    db = sqlite3.connect(f"file:{cache / 'meta.db'}?mode=ro", uri=True, timeout=30)
-    try:
-        return {bytes(i): n for i, n in db.execute("SELECT id, refcount FROM blocks")}
-    finally:
-        db.close()
+def block_refcounts(fs: Any) -> dict[bytes, int]:
+    """Every block row of the filesystem's metadata (a CloudFS of the integration
+    fixtures, SQLite or MySQL): id -> refcount."""
+    with fs.metadata_db() as db:
+        rows = db.execute("SELECT id, refcount FROM blocks").fetchall()
+    return {bytes(i): int(n) for i, n in rows}
 
 
 def rss_kib(pid: int) -> int:

@@ -611,6 +611,10 @@ class Checker:
         listing = self.store.listing
         after = b""
         lost: list[bytes] = []
+        # shared mode: a pending block may be in the cache dir of the machine that wrote
+        # it (down, or not uploaded yet): never lost from here
+        elsewhere: list[bytes] = []
+        shared = self.meta.dialect.name == "mysql"
         while True:
             async with self.meta.reading() as tx:
                 rows = await tx.conn.query(
@@ -654,6 +658,8 @@ class Checker:
                     to_pending.append(block_id)
                 elif in_store:  # deleting or revived, the object still there
                     to_stored.append((listing[block_id], block_id))
+                elif block_id in used and state == BLOCK_PENDING and shared:
+                    elsewhere.append(block_id)
                 elif block_id in used:
                     lost.append(block_id)
                 else:
@@ -682,6 +688,28 @@ class Checker:
                     listing.pop(b, None)
         if lost:
             await self._lose(lost, "is neither in the store nor in the cache dir")
+        if elsewhere:
+            await self._pending_elsewhere(elsewhere)
+
+    async def _pending_elsewhere(self, block_ids: list[bytes]) -> None:
+        """Shared mode: pending blocks whose plaintext is not in this cache dir are in
+        the cache dir of the mount that wrote them. Nothing to repair from here: their
+        files read as I/O errors until that machine's mount, daemon or fsck uploads
+        them; a machine that never comes back means they are lost (`--repair` on that
+        machine's cache dir, or restoring the files from their history)."""
+        async with self.meta.reading() as tx:
+            mounts = await clients.list_clients(tx)
+            users = [u for b in block_ids[:5] for u in await self._users(tx, b)]
+        size = len(block_ids)
+        where = "; ".join(m.describe() for m in mounts) or "no mount is registered"
+        self.found(
+            f"{size} blocks wait for upload from another machine's cache dir (not in this "
+            f"one, not in the store): files using them read as I/O errors until that "
+            f"machine's mount, cloudfsd or fsck.cloudfs uploads them. Used by "
+            + "; ".join(users[:5]) + ("; ..." if size > 5 else "")
+            + f". Mounts known now: {where}",
+            fixed=False,
+        )
 
     async def check_unknown_blocks(self) -> None:
         """Every block an extent names has a row."""
@@ -798,7 +826,12 @@ class Checker:
                 break
             after = rows[-1][0]
             for block_id, bsize in rows:
-                data = self.cache.block_path(block_id).read_bytes()
+                try:
+                    data = self.cache.block_path(block_id).read_bytes()
+                except FileNotFoundError:
+                    # another machine's (shared mode): check_block_rows reported it
+                    count -= 1
+                    continue
                 if len(data) != bsize:
                     raise CorruptBlock(
                         f"block {block_id.hex()}: cached plaintext has the wrong size"
@@ -809,7 +842,8 @@ class Checker:
                 uploaded += 1
                 if self.progress is not None:
                     self.progress("upload", uploaded, count)
-        self.found(f"{count} blocks ({size} bytes) waited for upload: uploaded")
+        if count:
+            self.found(f"{count} blocks waited for upload: uploaded")
 
     # --- the data ------------------------------------------------------------------------
 

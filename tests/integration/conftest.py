@@ -10,10 +10,18 @@ them and see their exit status ("the mount process exits 0 after fusermount3 -u"
 After a test, DIR/mount.log and DIR/daemon.log must hold no ERROR/CRITICAL line and
 no Python traceback; a test that provokes one on purpose says so with
 `@pytest.mark.log_errors_expected(regex, ...)`.
+
+The metadata of every filesystem is SQLite (a meta.db in its cache dir) unless pytest
+runs with `--metadata=mysql` (or CLOUDFS_TEST_METADATA=mysql): then mkfs gets
+`--metadata mysql://...`, a fresh database of the session's private MariaDB server per
+filesystem (tests/conftest.py), dropped at the end of the test. A test whose subject
+only exists on SQLite (the mount lease, the meta.db file) is marked
+`@pytest.mark.sqlite_only(reason)` and skipped on MySQL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -21,12 +29,16 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
+import pymysql
 import pytest
 from s3util import Bucket
 
@@ -56,10 +68,18 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line(
         "markers",
+        "sqlite_only(reason): the test is about SQLite metadata (meta.db, the mount lease) "
+        "and is skipped when the suite runs with --metadata=mysql",
+    )
+    config.addinivalue_line(
+        "markers",
         "store_kinds(*kinds): run each test of `fs`/`make_fs` once per object store kind "
         '("local", "s3"); see the store_kind fixture',
     )
 
+
+#: the metadata engines (tests/conftest.py: `--metadata`)
+METADATA_ENGINES = ("sqlite", "mysql")
 
 #: the object store kinds a filesystem can live in
 STORE_KINDS = ("local", "s3")
@@ -212,10 +232,46 @@ def _fusermount(mountpoint: Path, *, lazy: bool = False) -> subprocess.Completed
 # --- one filesystem --------------------------------------------------------------------
 
 
+class MetadataSQL:
+    """A plain connection to a filesystem's metadata: a SQLite file or a MySQL URL."""
+
+    def __init__(self, where: Path | str, password: str | None) -> None:
+        self.mysql = isinstance(where, str)
+        if isinstance(where, str):
+            url = urlsplit(where)
+            self._conn: Any = pymysql.connect(
+                host=url.hostname, port=url.port or 3306, user=url.username,
+                password=password or "", database=url.path.strip("/"), autocommit=True,
+            )  # fmt: skip
+        else:
+            self._conn = sqlite3.connect(where, isolation_level=None)
+
+    def execute(self, sql: str, params: tuple | list = ()) -> Any:
+        """Run `sql` (with `?` placeholders); returns a cursor (fetchone, fetchall)."""
+        if not self.mysql:
+            return self._conn.execute(sql, params)
+        cur = self._conn.cursor()
+        if params:
+            cur.execute(sql.replace("%", "%%").replace("?", "%s"), tuple(params))
+        else:
+            cur.execute(sql)
+        return cur
+
+    def close(self) -> None:
+        self._conn.close()
+
+
 class CloudFS:
     """One cloudfs filesystem in `root`: store/, cache/, mnt/ and the commands on them."""
 
-    def __init__(self, root: Path, *, encryption: bool = True) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        encryption: bool = True,
+        metadata: str | None = None,
+        metadata_password: str | None = None,
+    ) -> None:
         self.root = root
         self.store = root / "store"
         self.cache = root / "cache"
@@ -224,12 +280,16 @@ class CloudFS:
         #: storage options mkfs and mount get (an S3 endpoint)
         self.storage_args: list[str] = []
         self.encryption = encryption
+        #: the MySQL URL (without password) mkfs puts the metadata in; None: SQLite
+        self.metadata = metadata
         self.passphrase = PASSPHRASE
         self.env = {
             **os.environ,
             "CLOUDFS_PASSPHRASE": self.passphrase,
             "CLOUDFS_TEST_FAST_KDF": "1",
         }
+        if metadata is not None:
+            self.env["CLOUDFS_MYSQL_PASSWORD"] = metadata_password or ""
         #: the mount.cloudfs process serving mnt while mounted
         self.mount_pid: int | None = None
         #: exit codes of the mount processes that ended (None: not ours to reap)
@@ -277,10 +337,17 @@ class CloudFS:
         """mkfs.cloudfs STORE --cachedir CACHE. A plain one (local store, no options)
         is made once per session and kind by the real command, then copied: see
         `_copy_made_fs`."""
-        if not extra and type(self) is CloudFS and self.template_root is not None:
+        if (
+            not extra
+            and type(self) is CloudFS
+            and self.template_root is not None
+            and self.metadata is None  # a MySQL database is made by the real command
+        ):
             self._copy_made_fs()
             return
         args = [self.storage_url, "--cachedir", str(self.cache), *self.storage_args, *extra]
+        if self.metadata is not None and not any(a.startswith("--metadata") for a in extra):
+            args += ["--metadata", self.metadata]  # the cache dir remembers it for mount
         if not self.encryption:
             args.append("--no-encryption")
         self.check("mkfs.cloudfs", *args)
@@ -321,6 +388,11 @@ class CloudFS:
         """mount.cloudfs STORE MNT --cachedir CACHE; returns once mounted (the command
         goes to the background only after the mount is up)."""
         assert not os.path.ismount(self.mnt), f"{self.mnt} is already mounted"
+        if self.metadata is not None and not any("upload" in str(a) for a in extra):
+            # the same write-back as on SQLite, so each test checks the same thing on
+            # both engines (MySQL's default is --upload=sync: test_shared, test_mysql
+            # and test_durability cover it)
+            extra = ("--upload=async", *extra)
         r = self.check(
             "mount.cloudfs",
             self.storage_url,
@@ -399,6 +471,17 @@ class CloudFS:
     def flush(self, timeout: float = 600.0) -> None:
         """cloudfs flush: seal everything and wait until no upload is pending."""
         self.check("cloudfs", "flush", self.mnt, timeout=timeout)
+
+    @contextlib.contextmanager
+    def metadata_db(self) -> Iterator[MetadataSQL]:
+        """The filesystem's metadata database, SQLite or MySQL, for looking at it or
+        damaging it behind cloudfs's back (statements in SQLite's `?` style; autocommit)."""
+        db = MetadataSQL(self.cache / "meta.db" if self.metadata is None else self.metadata,
+                         self.env.get("CLOUDFS_MYSQL_PASSWORD"))  # fmt: skip
+        try:
+            yield db
+        finally:
+            db.close()
 
     # --- the daemon ---------------------------------------------------------------------
 
@@ -559,9 +642,18 @@ class S3CloudFS(CloudFS):
     in front of it. Only the store is elsewhere; the cache dir and mount are as above."""
 
     def __init__(
-        self, root: Path, bucket: Bucket, *, endpoint: str | None = None, encryption: bool = True
+        self,
+        root: Path,
+        bucket: Bucket,
+        *,
+        endpoint: str | None = None,
+        encryption: bool = True,
+        metadata: str | None = None,
+        metadata_password: str | None = None,
     ) -> None:
-        super().__init__(root, encryption=encryption)
+        super().__init__(
+            root, encryption=encryption, metadata=metadata, metadata_password=metadata_password
+        )
         self.bucket = bucket
         self.key_prefix = f"{root.name}/"
         self.storage_url = f"{bucket.url}/{root.name}"
@@ -614,16 +706,42 @@ def store_kind(request: pytest.FixtureRequest) -> str:
     return str(kind)
 
 
+@pytest.fixture(scope="session")
+def metadata_engine(pytestconfig: pytest.Config) -> str:
+    """"sqlite" or "mysql": where `make_fs` puts the metadata (`--metadata`)."""
+    engine = str(pytestconfig.getoption("metadata"))
+    if engine not in METADATA_ENGINES:
+        raise pytest.UsageError(f"--metadata, CLOUDFS_TEST_METADATA: one of {METADATA_ENGINES}")
+    return engine
+
+
+@pytest.fixture(autouse=True)
+def _skip_sqlite_only(request: pytest.FixtureRequest, metadata_engine: str) -> None:
+    marker = request.node.get_closest_marker("sqlite_only")
+    if marker is not None and metadata_engine != "sqlite":
+        pytest.skip(f"SQLite only: {marker.args[0] if marker.args else 'no reason given'}")
+
+
 @pytest.fixture
 def make_fs(
-    request: pytest.FixtureRequest, tmp_path: Path, store_kind: str
+    request: pytest.FixtureRequest, tmp_path: Path, store_kind: str, metadata_engine: str
 ) -> Iterator[Callable[..., CloudFS]]:
     """A factory: make_fs(name="fs", encryption=True, mkfs=True, mount=True) -> CloudFS,
     in the test's `store_kind` unless `store` ("local" or "s3") or `bucket` says
-    otherwise. Every filesystem it made is unmounted and stopped at the end of the
+    otherwise, with its metadata in the session's `metadata_engine` (on MySQL a fresh
+    database each). Every filesystem it made is unmounted and stopped at the end of the
     test, and its logs are checked for errors."""
     made: list[CloudFS] = []
+    databases: list[str] = []
     subreaper = _set_subreaper(True)
+
+    def new_database() -> dict[str, str]:
+        """CloudFS arguments: a fresh MySQL database, or none (SQLite)."""
+        if metadata_engine != "mysql":
+            return {}
+        server = request.getfixturevalue("mariadb")
+        databases.append(server.create_database())
+        return {"metadata": server.url(databases[-1]), "metadata_password": server.password}
 
     def make(
         name: str = "fs",
@@ -638,11 +756,13 @@ def make_fs(
         """With `bucket`, an S3CloudFS in it (see there)."""
         if bucket is None and (store or store_kind) == "s3":
             bucket = request.getfixturevalue("s3_bucket")
+        metadata = new_database()
         fs = (
-            CloudFS(tmp_path / name, encryption=encryption)
+            CloudFS(tmp_path / name, encryption=encryption, **metadata)
             if bucket is None
-            else S3CloudFS(tmp_path / name, bucket, endpoint=endpoint, encryption=encryption)
-        )
+            else S3CloudFS(tmp_path / name, bucket, endpoint=endpoint, encryption=encryption,
+                           **metadata)
+        )  # fmt: skip
         made.append(fs)
         if mkfs:
             fs.mkfs()
@@ -656,6 +776,8 @@ def make_fs(
         notes = []
         for fs in reversed(made):
             notes.extend(fs.cleanup())
+        for name in databases:  # after every mount and daemon using it stopped
+            request.getfixturevalue("mariadb").drop_database(name)
         if subreaper:
             _set_subreaper(False)
             _reap_children()

@@ -12,7 +12,6 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -107,19 +106,13 @@ class Writer:
 
 
 def pending_blocks(fs: CloudFS) -> int:
-    db = sqlite3.connect(f"file:{fs.cache / 'meta.db'}?mode=ro", uri=True)
-    try:
+    with fs.metadata_db() as db:
         return int(db.execute("SELECT COUNT(*) FROM blocks WHERE state = 0").fetchone()[0])
-    finally:
-        db.close()
 
 
 def uncommitted_block_files(fs: CloudFS) -> list[str]:
-    db = sqlite3.connect(f"file:{fs.cache / 'meta.db'}?mode=ro", uri=True)
-    try:
-        known = {bytes(r[0]).hex() for r in db.execute("SELECT id FROM blocks")}
-    finally:
-        db.close()
+    with fs.metadata_db() as db:
+        known = {bytes(r[0]).hex() for r in db.execute("SELECT id FROM blocks").fetchall()}
     return [p.name for p in fs.cached_blocks() if p.name not in known]
 
 

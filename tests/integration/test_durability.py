@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -53,11 +52,8 @@ def write_and_fsync(path: os.PathLike[str], data: bytes, *, close: bool = True) 
 def pending_blocks(fs: CloudFS) -> int:
     """Pending blocks per the metadata (read directly: `cloudfs stat` would wait for
     the stopped daemon)."""
-    db = sqlite3.connect(f"file:{fs.cache / 'meta.db'}?mode=ro", uri=True)
-    try:
+    with fs.metadata_db() as db:
         return int(db.execute("SELECT COUNT(*) FROM blocks WHERE state = 0").fetchone()[0])
-    finally:
-        db.close()
 
 
 def stored_everything(fs: CloudFS) -> dict:

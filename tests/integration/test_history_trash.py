@@ -164,7 +164,7 @@ def test_purge_frees(fs: CloudFS) -> None:
         assert "purged 2 entries" in r.stdout
         assert f.read() == b"small"
     wait_for(lambda: fs.stat_json()["referenced_bytes"] == 0, what="blocks released")
-    assert all(n == 0 for n in block_refcounts(fs.cache).values())
+    assert all(n == 0 for n in block_refcounts(fs).values())
     assert _trash(fs) == []
     assert fs.check("cloudfs", "trash", "list", m).stdout.strip() == "the trash is empty"
     assert (fs.stat_json()["trash_entries"], fs.stat_json()["trash_bytes"]) == (0, 0)

@@ -22,7 +22,12 @@ import pytest
 if TYPE_CHECKING:  # the fixtures' type; conftest is not importable as a module
     from conftest import CloudFS
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [
+    pytest.mark.timeout(300),
+    pytest.mark.sqlite_only(
+        "the mount lease guards SQLite metadata; MySQL is made for several mounts"
+    ),
+]
 
 
 def second_machine(a: CloudFS, make_fs: Callable[..., CloudFS], name: str = "b") -> CloudFS:

@@ -116,26 +116,45 @@ def test_restore_metadata_on_a_fresh_cache_dir(make_fs: Callable[..., CloudFS]) 
     assert (fs.mnt / "docs" / "new").read_bytes() == b"after the restore"
 
 
-def test_mount_restore_metadata(make_fs: Callable[..., CloudFS]) -> None:
+def test_mount_restore_metadata(
+    make_fs: Callable[..., CloudFS], request: pytest.FixtureRequest
+) -> None:
+    """mount.cloudfs --restore-metadata on a fresh cache dir: into its meta.db, or with
+    `--metadata mysql://...` into an empty database (the suite on MySQL)."""
     fs = make_fs()
     make_tree(fs.mnt)
     before = tree(fs.mnt)
     fs.unmount()  # uploads may still be going on: the backup has pending blocks
-    assert backups(fs), "no backup at unmount"
+    deadline = time.monotonic() + 180  # MySQL: the daemon's backup once the mount left
+    while not backups(fs):
+        assert time.monotonic() < deadline, "no backup at unmount"
+        time.sleep(0.2)
     fs.wait_daemon_gone(60)  # uploaded, backed up once more (if anything changed), exited
     assert 1 <= len(backups(fs)) <= 2, backups(fs)
     shutil.rmtree(fs.cache)
-    r = fs.mount("--restore-metadata")
-    assert r.stdout.startswith("restored the metadata from meta/backup-")
-    assert tree(fs.mnt) == before
-    assert fs.stat_json()["pending_uploads"] == 0
-    fs.unmount()
-    # it never replaces metadata that is there
-    r = fs.run("mount.cloudfs", fs.storage_url, fs.mnt, "--cachedir", fs.cache,
-               "--restore-metadata")  # fmt: skip
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
-    assert "meta.db exists: restoring would replace it" in r.stderr
-    assert not fs.mounted
+    into: list[str] = []
+    mariadb = fresh = None
+    if fs.metadata is not None:  # the database is lost with the machine: a fresh one
+        mariadb = request.getfixturevalue("mariadb")
+        fresh = mariadb.create_database()
+        into = ["--metadata", mariadb.url(fresh)]
+    try:
+        r = fs.mount("--restore-metadata", *into)
+        assert r.stdout.startswith("restored the metadata from meta/backup-")
+        assert tree(fs.mnt) == before
+        assert fs.stat_json()["pending_uploads"] == 0
+        fs.unmount()
+        # it never replaces metadata that is there
+        r = fs.run("mount.cloudfs", fs.storage_url, fs.mnt, "--cachedir", fs.cache,
+                   "--restore-metadata", *into)  # fmt: skip
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        refusal = "is not empty" if into else "meta.db exists: restoring would replace it"
+        assert refusal in r.stderr, r.stderr
+        assert not fs.mounted
+        fs.kill_daemon()  # before its database goes
+    finally:
+        if mariadb is not None:
+            mariadb.drop_database(fresh)
 
 
 @pytest.mark.log_errors_expected(r"(?i)object not found|read failed")

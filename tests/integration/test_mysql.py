@@ -178,6 +178,7 @@ def test_bad_metadata_databases(
     assert fs.mounted
 
 
+@pytest.mark.sqlite_only("a SQLite database as the first cloudfs made it")
 def test_upgrade_migrates_a_schema_1_database(make_fs: Callable[..., CloudFS]) -> None:
     """A SQLite database made by the first cloudfs (extents.offset, schema 1)."""
     fs = make_fs()

@@ -146,13 +146,16 @@ def test_removed_directory_in_use(fs: CloudFS) -> None:
     assert os.listdir(m / "parent") == []
 
 
-def _add_entries(db: Path, parent: int, names: list[bytes]) -> None:
+def _add_entries(fs: CloudFS, parent: int, names: list[bytes]) -> None:
     """Give directory `parent` one empty file per name, in one metadata transaction of
     the cloudfs library (the mount is down): 100,000 creates through FUSE take minutes
     on a loaded machine, and this test is about listing them."""
 
     async def add() -> None:
-        meta = open_meta(str(db))
+        if fs.metadata is None:
+            meta = open_meta(str(fs.cache / "meta.db"))
+        else:
+            meta = open_meta(fs.metadata, password=fs.env["CLOUDFS_MYSQL_PASSWORD"])
         try:
             now = time.time_ns()
             async with meta.transaction() as tx:
@@ -225,7 +228,7 @@ def test_hundred_thousand_entries(fs: CloudFS) -> None:
     n = 100_000
     names = [b"entry-%06d" % i for i in range(n)]
     fs.unmount()
-    _add_entries(fs.cache / "meta.db", parent, names)
+    _add_entries(fs, parent, names)
     fs.mount()
     pid = fs.mount_pid
     assert pid is not None

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 def _live_refs(fs: CloudFS) -> int:
-    return sum(1 for n in block_refcounts(fs.cache).values() if n > 0)
+    return sum(1 for n in block_refcounts(fs).values() if n > 0)
 
 
 def _released(fs: CloudFS, referenced: int) -> None:
@@ -98,7 +98,7 @@ def test_rename_over_open_file(fs: CloudFS) -> None:
         assert (m / "target").read_bytes() == new, "writes to the old file reach the new one"
         assert os.fstat(f.fileno()).st_size == len(expected)
     _released(fs, len(new))
-    refcounts = block_refcounts(fs.cache)
+    refcounts = block_refcounts(fs)
     assert sum(1 for n in refcounts.values() if n > 0) >= 1
     fs.remount()
     assert os.listdir(m) == ["target"]

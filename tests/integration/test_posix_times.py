@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -256,14 +255,11 @@ def test_atime_mount_options(make_fs: Callable[..., CloudFS]) -> None:
     assert _changes(p, p.read_bytes) == (True, False, False)
 
 
-def _db_mtimes(cache: Path, inodes: list[int]) -> dict[int, int]:
-    db = sqlite3.connect(f"file:{cache / 'meta.db'}?mode=ro", uri=True, timeout=30)
-    try:
+def _db_mtimes(fs: CloudFS, inodes: list[int]) -> dict[int, int]:
+    with fs.metadata_db() as db:
         marks = ", ".join("?" * len(inodes))
         rows = db.execute(f"SELECT id, mtime_ns FROM inodes WHERE id IN ({marks})", inodes)
         return dict(rows.fetchall())
-    finally:
-        db.close()
 
 
 def test_utime_right_after_close_wins(fs: CloudFS) -> None:
@@ -289,7 +285,7 @@ def test_utime_right_after_close_wins(fs: CloudFS) -> None:
     inodes = {p: os.stat(p).st_ino for p in paths}
     # the mount answers once every seal is done; then the metadata must hold the stamps
     os.setxattr(m, "user.cloudfs.command", b"seal")
-    stored = _db_mtimes(fs.cache, list(inodes.values()))
+    stored = _db_mtimes(fs, list(inodes.values()))
     assert {p: stored[inodes[p]] for p in paths} == wanted
     fs.remount()
     assert {p: os.stat(p).st_mtime_ns for p in paths} == wanted

@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -64,14 +65,15 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
+    def start(self, port: int | None = None) -> None:
+        """Start on a free port, or on `port` (a restart where the mounts expect it)."""
         binary = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/sbin")
         if binary is None:
             pytest.fail("redis-server is not installed (apt-get install redis-server)")
         setpriv = shutil.which("setpriv")
         prefix = [setpriv, "--pdeathsig", "TERM"] if setpriv else []
         for _attempt in range(3):  # a free port may be taken before the server binds it
-            self.port = _free_port()
+            self.port = port or _free_port()
             self.proc = subprocess.Popen(
                 [*prefix, binary, "--port", str(self.port), "--bind", "127.0.0.1",
                  "--save", "", "--appendonly", "no", "--dir", str(self.dir),
@@ -139,6 +141,17 @@ def pair(
     make_fs: Callable[..., CloudFS],
 ) -> Pair:
     """A filesystem in S3 with MySQL metadata, mounted twice (A and B) with Redis."""
+    return _mount_pair(redis_server, mysql_url, s3_bucket, make_fs)
+
+
+def _mount_pair(
+    redis_server: RedisServer,
+    mysql_url: str,
+    s3_bucket: Bucket,
+    make_fs: Callable[..., CloudFS],
+    *b_options: str,
+) -> Pair:
+    """The `pair` fixture; B's mount gets `b_options` too."""
     a = make_fs("a", bucket=s3_bucket, mkfs=False, mount=False)
     a.mkfs("--metadata", mysql_url)
     b = make_fs("b", bucket=s3_bucket, mkfs=False, mount=False)
@@ -150,7 +163,7 @@ def pair(
     password_file.write_text(redis_server.password + "\n")
     a.mount("--redis", redis_server.url, "--redis-password-file", str(password_file))
     with_password = redis_server.url.replace("//", f"//:{quote(REDIS_PASSWORD, safe='')}@")
-    b.mount("-o", f"metadata={mysql_url},redis={with_password}")
+    b.mount("-o", f"metadata={mysql_url},redis={with_password}", *b_options)
     return Pair(a, b, redis_server.url)
 
 
@@ -350,7 +363,9 @@ def _racing_namespace_operations(pair: Pair) -> None:
     got = _race(lambda: os.rename(a / "r1", a / "target"), lambda: os.rename(b / "r2", b / "target"))
     assert got == ["ok", "ok"], got
     assert (a / "target").read_bytes() in (b"one", b"two")
-    assert not exists(a / "r1") and not exists(a / "r2")
+    # B's rename reaches A's kernel cache by a notification (or the 1 s timeout)
+    seen_after(lambda: not exists(a / "r1") and not exists(a / "r2"), CONVERGE_S,
+               "both renames on A")  # fmt: skip
     for i in range(3):
         os.mkdir(a / f"gone{i}")
         seen_after(lambda: exists(b / f"gone{i}"), CONVERGE_S, "the directory on B")  # noqa: B023
@@ -386,6 +401,91 @@ def test_namespace_over_two_mounts(
     payload = os.urandom(200_000)
     (pair.a.mnt / "after").write_bytes(payload)
     assert (pair.b.mnt / "after").read_bytes() == payload
+
+
+def test_changes_missed_while_redis_was_down_reach_b_after_it_resubscribes(
+    redis_server: RedisServer,
+    mysql_url: str,
+    s3_bucket: Bucket,
+    make_fs: Callable[..., CloudFS],
+) -> None:
+    """B keeps its kernel caches for an hour (-o attr_timeout=3600) and counts on Redis
+    to hear of changes. What A changes while Redis is down is never announced; once
+    B's subscriber is back it drops every kernel cache it has, so B shows the changes
+    long before its timeouts would."""
+    pair = _mount_pair(redis_server, mysql_url, s3_bucket, make_fs, "-o", "attr_timeout=3600")
+    a, b = pair.a, pair.b
+    (a.mnt / "d").mkdir()
+    (a.mnt / "d" / "f").write_bytes(b"old")
+    seen_after(lambda: exists(b.mnt / "d" / "f"), CONVERGE_S, "the file on B")
+    assert (b.mnt / "d" / "f").read_bytes() == b"old"  # B's kernel caches it now
+    mode = os.stat(b.mnt / "d" / "f").st_mode & 0o777
+
+    redis_server.stop()
+    new = b"new contents, longer than the old"
+    (a.mnt / "d" / "f").write_bytes(new)
+    os.chmod(a.mnt / "d" / "f", mode ^ 0o070)
+    (a.mnt / "d" / "g").write_bytes(b"g")
+    log = b.cache / "mount.log"
+    again = len(re.findall(r"subscribed to Redis \S+ again", log.read_text()))
+    redis_server.start(port=int(pair.redis_url.rsplit(":", 1)[1].split("/")[0]))
+    # the subscriber retries with pauses of up to 5 s; generous for a loaded machine
+    seen_after(
+        lambda: len(re.findall(r"subscribed to Redis \S+ again", log.read_text())) > again,
+        60.0, "B subscribing to Redis again",
+    )  # fmt: skip
+    # the caches were dropped before that line was logged; the rest is B's own round trip
+    seen_after(lambda: os.stat(b.mnt / "d" / "f").st_size == len(new), 10.0, "the new size on B")
+    assert os.stat(b.mnt / "d" / "f").st_mode & 0o777 == mode ^ 0o070
+    assert (b.mnt / "d" / "f").read_bytes() == new
+    assert sorted(os.listdir(b.mnt / "d")) == ["f", "g"]
+
+
+@pytest.mark.log_errors_expected(r"read failed: object not found in the store")
+def test_a_dead_machines_pending_uploads_are_reported_and_kept(
+    redis_server: RedisServer,
+    mysql_url: str,
+    s3_bucket: Bucket,
+    make_fs: Callable[..., CloudFS],
+) -> None:
+    """B runs with --upload=async; its daemon is frozen, B fsyncs a file (acknowledged:
+    sealed and committed, not uploaded) and the machine dies. Its blocks are pending
+    with their plaintext only in B's cache dir: A reads the file as EIO, and fsck
+    --repair from A's cache dir reports them as waiting on another machine instead of
+    dropping them as lost. Once B comes back, its daemon uploads them and the file
+    reads back whole everywhere."""
+    pair = _mount_pair(redis_server, mysql_url, s3_bucket, make_fs, "--upload=async")
+    a, b = pair.a, pair.b
+    daemon = b.daemon_pid()
+    assert daemon is not None
+    os.kill(daemon, signal.SIGSTOP)  # nothing of B's is uploaded from here on
+    payload = os.urandom(200_000)
+    with open(b.mnt / "f", "wb") as f:
+        f.write(payload)
+        os.fsync(f.fileno())  # async: returns once sealed in B's cache dir, committed
+    b.kill_mount(signal.SIGKILL)
+    b.kill_daemon(signal.SIGKILL)
+
+    seen_after(lambda: exists(a.mnt / "f"), CONVERGE_S, "the file on A")
+    assert os.stat(a.mnt / "f").st_size == len(payload)
+    with pytest.raises(OSError) as raised:
+        (a.mnt / "f").read_bytes()
+    assert raised.value.errno == errno.EIO
+    a.unmount()
+    r = a.run("fsck.cloudfs", a.storage_url, "--cachedir", a.cache, *a.storage_args, "--repair")
+    out = r.stdout + r.stderr
+    assert r.returncode == 4, out  # left uncorrected: only B can
+    assert "blocks wait for upload from another machine's cache dir" in out, out
+    assert "DATA LOST" not in out, out
+
+    # B is back (its Redis password was in the URL, so it is not remembered): its
+    # daemon uploads what it left pending
+    b.mount(env=dict(b.env, CLOUDFS_REDIS_PASSWORD=redis_server.password))
+    b.flush()
+    assert (b.mnt / "f").read_bytes() == payload
+    b.unmount()
+    r = a.run("fsck.cloudfs", a.storage_url, "--cachedir", a.cache, *a.storage_args)
+    assert r.returncode == 0 and "clean" in r.stdout, r.stdout + r.stderr
 
 
 def _concurrent_writers_leave_a_winner_and_a_conflict(pair: Pair) -> None:

@@ -10,7 +10,6 @@ import pty
 import re
 import select
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -29,11 +28,8 @@ MiB = 1 << 20
 
 def pending_blocks(fs: CloudFS) -> int:
     """Pending blocks per the metadata (read directly: the daemon may be stopped)."""
-    db = sqlite3.connect(f"file:{fs.cache / 'meta.db'}?mode=ro", uri=True)
-    try:
+    with fs.metadata_db() as db:
         return int(db.execute("SELECT COUNT(*) FROM blocks WHERE state = 0").fetchone()[0])
-    finally:
-        db.close()
 
 
 def test_unmount_returns_while_the_daemon_uploads(fs: CloudFS) -> None:
