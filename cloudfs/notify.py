@@ -28,14 +28,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
-
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from cloudfs.errors import CloudfsError, UsageError
 from cloudfs.meta.url import password_of, read_password, without_password
+
+if TYPE_CHECKING:
+    import redis
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,12 @@ class RedisTarget:
         return f"redis://{user}{self.host}:{self.port}/{self.db}"
 
     def client(self) -> redis.Redis:
+        # imported here: redis-py takes about 0.3 s to import, and only shared mounts
+        # with --redis need it (every mount imports this module)
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
         return redis.Redis(
             host=self.host, port=self.port, db=self.db, username=self.username,
             password=self.password, socket_timeout=SOCKET_TIMEOUT_S,
@@ -119,6 +125,8 @@ def parse_redis_url(url: str, password: str | None = None) -> RedisTarget:
 
 def check_redis(target: RedisTarget) -> None:
     """Log in and ping once (blocking); RedisUnavailable with the reason otherwise."""
+    import redis
+
     client = target.client()
     try:
         client.ping()

@@ -270,11 +270,50 @@ class CloudFS:
             )
         return r
 
+    #: where `mkfs` keeps the filesystems it copies (set per session by a fixture)
+    template_root: Path | None = None
+
     def mkfs(self, *extra: str) -> None:
+        """mkfs.cloudfs STORE --cachedir CACHE. A plain one (local store, no options)
+        is made once per session and kind by the real command, then copied: see
+        `_copy_made_fs`."""
+        if not extra and type(self) is CloudFS and self.template_root is not None:
+            self._copy_made_fs()
+            return
         args = [self.storage_url, "--cachedir", str(self.cache), *self.storage_args, *extra]
         if not self.encryption:
             args.append("--no-encryption")
         self.check("mkfs.cloudfs", *args)
+
+    def _copy_made_fs(self) -> None:
+        """What `mkfs.cloudfs local://STORE --cachedir CACHE` writes is store/superblock,
+        cache/meta.db and cache/config.json (which names the two paths). A session makes
+        one such filesystem per passphrase and encryption setting with the real command
+        and gives each test a copy with the paths in config.json rewritten: a test then
+        pays a file copy instead of a Python start, mkfs's tests run the command itself.
+        The copies share the uuid and master key, which nothing outside their own store
+        and cache dir looks at (tests that mount without --cachedir run mkfs themselves)."""
+        assert self.template_root is not None
+        key = hashlib.sha256(
+            f"{self.encryption}\0{self.env.get('CLOUDFS_PASSPHRASE')}\0"
+            f"{self.env.get('CLOUDFS_TEST_FAST_KDF')}".encode()
+        ).hexdigest()[:16]
+        made = self.template_root / key
+        if not made.exists():
+            building = self.template_root / f"{key}.new"
+            shutil.rmtree(building, ignore_errors=True)
+            template = CloudFS(building, encryption=self.encryption)
+            template.env = self.env
+            template.template_root = None
+            template.mkfs()
+            building.rename(made)
+        shutil.copytree(made / "store", self.store)
+        shutil.copytree(made / "cache", self.cache)
+        config_path = self.cache / "config.json"
+        config = json.loads(config_path.read_text())
+        config["storage"] = self.storage_url
+        config["metadata"] = str(self.cache / "meta.db")
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
 
     def mount(
         self, *extra: str, env: dict[str, str] | None = None
@@ -646,6 +685,14 @@ def fs(request: pytest.FixtureRequest, make_fs: Callable[..., CloudFS]) -> Cloud
     kind = getattr(request, "param", None)
     assert kind in (None, *STORE_KINDS), kind
     return make_fs(store=kind)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _mkfs_templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The session's made filesystems that `CloudFS.mkfs` copies."""
+    CloudFS.template_root = tmp_path_factory.mktemp("mkfs-made")
+    yield
+    CloudFS.template_root = None
 
 
 @pytest.fixture(scope="session", autouse=True)
