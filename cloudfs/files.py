@@ -75,7 +75,6 @@ class FileState:
     keep_below: int
     lock: trio.Lock = field(default_factory=trio.Lock)
     opens: int = 0
-    held: bool = False  # shared mode: this mount's `holds` row for the inode exists
     overlay: DirtyOverlay | None = None
     extents: list[Extent] | None = None  # live extents, loaded on demand
     mtime_ns: int | None = None  # unsealed data change time
@@ -261,16 +260,12 @@ class FileStore:
         the metadata (close-to-open: a state with nothing unsealed that another
         machine's commit made stale is read again)."""
         st = await self.state(ino)
-        if self.client is not None and not st.held:
-            # another mount's unlink must not free it now; marked first (a concurrent
-            # open does not hold it twice) and pinned (the state stays meanwhile)
-            st.held = True
+        if self.client is not None:
+            # another mount's unlink must not free it now; pinned (the state stays
+            # meanwhile); no transaction when the hold is there already
             st.pins += 1
             try:
                 await self.client.hold(ino)
-            except BaseException:
-                st.held = False
-                raise
             finally:
                 st.pins -= 1
         if version is not None and version != st.base_version:
@@ -297,9 +292,8 @@ class FileStore:
         st = self.states.get(ino)
         if st is not None and st.opens == 0:
             await self._seal_state(st, publish=True)
-            if self.client is not None and st.held and st.opens == 0:
-                await self.client.release(ino)
-                st.held = False
+            if self.client is not None and st.opens == 0:
+                self.client.release_soon(ino)  # by the next heartbeat, in one batch
             self._forget_if_idle(st)
 
     async def release(self, ino: int) -> int:

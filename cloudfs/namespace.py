@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import os
 import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -107,11 +106,11 @@ class Namespace:
         #: inodes that lost their last name while the kernel knew them or a handle had
         #: them open: only these need a look when the kernel forgets one
         self._nameless: set[int] = set()
-        #: shared mode: this mount's `clients` row; an inode another mount holds open
-        #: stays too (cloudfs.clients)
+        #: this mount's `clients` row: it holds (cloudfs.clients) the open inodes that
+        #: lose their last name here; an inode another mount holds stays too. None (a
+        #: namespace outside a mount, in tests and tools): no holds are written
         self.client: clients.Client | None = None
-        #: this mount in open_inodes ('machine:pid'), and the inodes it marked there
-        self.holder = f"{files.origin}:{os.getpid()}"
+        #: the inodes this mount holds because they lost their last name while open
         self.marked_open: set[int] = set()
         #: inodes known to hold no extended attribute, while the kernel knows them. The
         #: kernel asks for security.capability before every write(2); these answer
@@ -133,10 +132,11 @@ class Namespace:
             changes["ctime_ns"] = max(st.mtime_ns, attrs.ctime_ns)
         return replace(attrs, **changes)
 
-    async def _sealed_bytes(self, tx: Txn, *attrs: InodeAttrs) -> dict[int, int]:
-        """The live extents' total of each regular file among `attrs`."""
-        files = [a.id for a in attrs if stat.S_ISREG(a.mode)]
-        return await tx.allocated_bytes(files) if files else {}
+    @staticmethod
+    def _sealed_bytes(*attrs: InodeAttrs) -> dict[int, int]:
+        """The live extents' total of each regular file among `attrs`: the inode row's
+        `allocated` column (no SUM over the extents on a lookup)."""
+        return {a.id: a.sealed_allocated for a in attrs if stat.S_ISREG(a.mode)}
 
     async def _fill_allocated(self, sealed: dict[int, int], *attrs: InodeAttrs) -> None:
         """Set `allocated` of the regular files among `attrs` (outside a transaction:
@@ -154,7 +154,7 @@ class Namespace:
     async def getattr(self, ino: int) -> InodeAttrs:
         async with self.meta.reading() as tx:
             attrs = self._live(await self._get(tx, ino))
-            sealed = await self._sealed_bytes(tx, attrs)
+            sealed = self._sealed_bytes(attrs)
         await self._fill_allocated(sealed, attrs)
         return attrs
 
@@ -171,7 +171,7 @@ class Namespace:
             if ino is None:
                 raise _err(errno.ENOENT)
             attrs = self._live(await self._get(tx, ino))
-            sealed = await self._sealed_bytes(tx, attrs)
+            sealed = self._sealed_bytes(attrs)
         await self._fill_allocated(sealed, attrs)
         return attrs
 
@@ -221,7 +221,7 @@ class Namespace:
                     st.mtime_ns = None  # an explicit time wins over the pending write time
             await tx.update_inode(ino, **changes)
             attrs = self._live(replace(attrs, **changes))
-            sealed = await self._sealed_bytes(tx, attrs)
+            sealed = self._sealed_bytes(attrs)
         await self._fill_allocated(sealed, attrs)
         return attrs
 
@@ -345,7 +345,7 @@ class Namespace:
             await tx.update_inode(ino, nlink=attrs.nlink + 1, ctime_ns=now)
             await tx.update_inode(new_parent, mtime_ns=now, ctime_ns=now)
             attrs = self._live(replace(attrs, nlink=attrs.nlink + 1, ctime_ns=now))
-            sealed = await self._sealed_bytes(tx, attrs)
+            sealed = self._sealed_bytes(attrs)
         await self._fill_allocated(sealed, attrs)
         return attrs
 
@@ -366,9 +366,11 @@ class Namespace:
         # after its last name the inode stays there, kept for the retention period
         kept = await trash.keep(tx, ino, parent, name, now)
         last = stat.S_ISDIR(attrs.mode) or attrs.nlink <= 1
-        if kept and last and self.files.in_use(ino):
-            # still open here: a purge by another process must leave it to this mount
-            await trash.mark_open(tx, ino, self.holder)
+        if kept and last and self.files.in_use(ino) and self.client is not None:
+            # still used here: a purge by another process must leave it to this mount
+            # (a mark of its own, apart from shared mode's open holds, which a
+            # heartbeat may be releasing right now)
+            await self.client.mark(tx, ino)
             self.marked_open.add(ino)
         return last
 
@@ -517,18 +519,31 @@ class Namespace:
         self._nameless.add(ino)
         await self.maybe_free(ino)
 
+    async def released(self, inodes: list[int]) -> None:
+        """Shared mode: this mount's heartbeat released its holds on `inodes`, which
+        have no name left. One whose last name went here waits for the kernel to forget
+        it, as always; one another mount unlinked while this mount held it is freed as
+        that mount would have freed it had the hold been gone: now, unless used here or
+        held elsewhere (that mount cannot see this kernel's references either)."""
+        for ino in inodes:
+            if ino in self._nameless:
+                await self.maybe_free(ino)
+            else:
+                await self.maybe_free(ino, kernel_refs_count=False)
+
     @_retried
-    async def maybe_free(self, ino: int) -> None:
-        """Free `ino` if no name, no open handle and no kernel reference is left."""
+    async def maybe_free(self, ino: int, *, kernel_refs_count: bool = True) -> None:
+        """Free `ino` if no name, no open handle and no kernel reference is left
+        (`kernel_refs_count`: this mount's kernel references do not keep it)."""
         if self.files.in_use(ino):
             return  # the last close (or the seal under way) calls again
-        if self.kernel_refs.get(ino) > 0:
+        if kernel_refs_count and self.kernel_refs.get(ino) > 0:
             return  # forget() calls again (when `ino` is in _nameless)
         if self.meta.fenced is not None:
             return  # changes nothing any more; the next mount's free_orphans frees it
         async with self.meta.transaction() as tx:
-            if ino in self.marked_open:
-                await trash.unmark_open(tx, ino, self.holder)  # no longer used here
+            if ino in self.marked_open and self.client is not None:
+                await self.client.unmark(tx, ino)  # no longer used here
             attrs = await tx.get_inode(ino)
             if attrs is None or attrs.nlink > 0 or ino == ROOT_INODE:
                 self._nameless.discard(ino)
@@ -538,8 +553,9 @@ class Namespace:
                 self._nameless.discard(ino)  # a purge of the trash calls lost_name again
                 self.marked_open.discard(ino)
                 return  # kept for the retention period (cloudfs.trash)
-            if self.client is not None and await clients.held_elsewhere(tx, ino, self.client.id):
+            if await clients.held_elsewhere(tx, ino, self.client.id if self.client else None):
                 self._nameless.discard(ino)
+                self.marked_open.discard(ino)
                 return  # open on another machine: its last close frees it
             await tx.free_inode(ino, time.time_ns())
         self._nameless.discard(ino)
@@ -548,37 +564,20 @@ class Namespace:
 
     async def free_orphans(self) -> int:
         """Free inodes a crashed mount left without names (open-unlinked at the crash,
-        or the unfinished copy of a snapshot)."""
-        async with self.meta.transaction() as tx:
-            await trash.clear_open_marks(tx, await self._gone_holders(tx))
+        or the unfinished copy of a snapshot). Call it after `Client.register`, which
+        drops the holds of dead mounts."""
         async with self.meta.reading() as tx:
             unfinished = await snapshots.unfinished_copies(tx)
         for root in unfinished:  # whole trees: freeing only the root would strand the rest
             async with self.meta.transaction() as tx:
                 await snapshots.free_tree(tx, root, time.time_ns())
         async with self.meta.reading() as tx:
-            # a live mount's marks: its open-unlinked files and the copies it is writing
-            marked = {r[0] for r in await tx.conn.query("SELECT inode FROM open_inodes")}
-            orphans = [i for i in await tx.orphan_inodes() if i not in marked]
+            # a live mount's holds: its open-unlinked files and the copies it is writing
+            held = await clients.held_inodes(tx)
+            orphans = [i for i in await tx.orphan_inodes() if i not in held]
         for ino in orphans:
             await self.maybe_free(ino)
         return len(unfinished) + len(orphans)
-
-    async def _gone_holders(self, tx: Txn) -> list[str]:
-        """Holders of open_inodes rows that were mounts of this machine and are gone."""
-        rows = await tx.conn.query("SELECT DISTINCT holder FROM open_inodes")
-        gone = []
-        for (holder,) in rows:
-            machine, _, pid = holder.rpartition(":")
-            if machine != self.files.origin or holder == self.holder:
-                continue
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                gone.append(holder)
-            except (ValueError, OSError):
-                pass  # not a pid, or not ours to signal: alive
-        return gone
 
     async def sync(self) -> None:
         """fsync of a directory: every namespace change committed so far reaches stable
@@ -610,7 +609,7 @@ class Namespace:
             after = max(cookie - _DOT_COOKIES, 0)
             for dentry_id, name, attrs in await tx.readdir_attrs(ino, after, limit):
                 out.append((name, self._live(attrs), dentry_id + _DOT_COOKIES))
-            sealed = await self._sealed_bytes(tx, *(attrs for _n, attrs, _c in out))
+            sealed = self._sealed_bytes(*(attrs for _n, attrs, _c in out))
         await self._fill_allocated(sealed, *(attrs for _n, attrs, _c in out))
         return out
 

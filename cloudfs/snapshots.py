@@ -32,6 +32,7 @@ import stat
 from collections import Counter
 from dataclasses import dataclass
 
+from cloudfs.clients import Client
 from cloudfs.errors import FSOpError
 from cloudfs.meta.base import _INODE_COLUMNS, InodeAttrs, Txn
 from cloudfs.meta.schema import LIVE, ROOT_INODE
@@ -187,12 +188,12 @@ class TreeCopy:
 
     def __init__(
         self, source: Source, *, readonly: bool, origin: str, now_ns: int,
-        holder: str | None = None,
+        client: Client | None = None,
     ) -> None:  # fmt: skip
         self.source = source
-        #: the mount writing the copy ('machine:pid'): its unfinished root is marked in
-        #: open_inodes, so that another mount's start does not take it for a crash's
-        self.holder = holder
+        #: the mount writing the copy: it holds the unfinished root (cloudfs.clients),
+        #: so that another mount's start does not take it for a crash's
+        self.client = client
         self.readonly = readonly
         self.origin = origin
         self.now_ns = now_ns
@@ -235,17 +236,17 @@ class TreeCopy:
             a = src.tree.inodes[old]
             flags = (a.flags | READONLY) if self.readonly else (a.flags & ~READONLY)
             version = COPY_VERSION if stat.S_ISREG(a.mode) else 0
+            # allocated: the live extents copied below (inodes.allocated follows them)
+            allocated = sum(n for _off, n, _b in src.extents.get(old, ()))
             ids[old] = await tx.conn.insert(
                 "INSERT INTO inodes (mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns,"
-                " ctime_ns, version, flags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " ctime_ns, version, flags, allocated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (a.mode, a.uid, a.gid, self._nlink(old, a), a.size, a.rdev, a.atime_ns,
-                 a.mtime_ns, a.ctime_ns, version, flags),
+                 a.mtime_ns, a.ctime_ns, version, flags, allocated),
             )  # fmt: skip
         root = src.tree.root.id
-        if self.holder is not None and root in batch:
-            await tx.conn.execute(
-                "INSERT INTO open_inodes (inode, holder) VALUES (?, ?)", (ids[root], self.holder)
-            )
+        if self.client is not None and root in batch:
+            await self.client.mark(tx, ids[root])
         # the entries whose two ends exist now, in the order read (a prefix: an entry's
         # parent and child were met no later than the entry itself)
         dentries = src.tree.dentries
@@ -349,10 +350,8 @@ class TreeCopy:
         return await free_tree(tx, root, self.now_ns)
 
     async def _unmark(self, tx: Txn, root: int) -> None:
-        if self.holder is not None:
-            await tx.conn.execute(
-                "DELETE FROM open_inodes WHERE inode = ? AND holder = ?", (root, self.holder)
-            )
+        if self.client is not None:
+            await self.client.unmark(tx, root)
 
 
 async def check_snapshot_name(tx: Txn, name: bytes) -> None:
@@ -403,10 +402,10 @@ async def create_at(
 async def unfinished_copies(tx: Txn) -> list[int]:
     """Roots of copies a crash interrupted: directories without a name or a link that
     still have entries (a removed directory is empty), except what the trash keeps and
-    the copies live mounts are writing (marked in open_inodes)."""
+    the copies live mounts are writing (their holds, cloudfs.clients)."""
     rows = await tx.conn.query(
         "SELECT id FROM inodes i WHERE nlink = 0 AND id <> ?"
-        " AND id NOT IN (SELECT inode FROM trash) AND id NOT IN (SELECT inode FROM open_inodes)"
+        " AND id NOT IN (SELECT inode FROM trash) AND id NOT IN (SELECT inode FROM holds)"
         " AND EXISTS (SELECT 1 FROM dentries d WHERE d.parent = i.id)",
         (ROOT_INODE,),
     )

@@ -13,7 +13,7 @@ A removal: restoring a directory also restores the entries below its path that t
 same process ('machine:pid', `remover`) deleted no later than it and after the
 path's previous deletion — what that `rm -rf` took, not a file deleted from the
 directory earlier by another command. Directories of the removal get back the mtime
-they had before it. Purging frees the inodes (not one a mount has open: open_inodes).
+they had before it. Purging frees the inodes (not one a mount has open: cloudfs.clients).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import errno
 import stat
 from dataclasses import dataclass
 
-from cloudfs import retention
+from cloudfs import clients, retention
 from cloudfs.errors import FSOpError
 from cloudfs.meta.base import Txn
 from cloudfs.meta.schema import ROOT_INODE
@@ -272,7 +272,7 @@ async def take_out(tx: Txn, chosen: list[TrashEntry]) -> list[int]:
 
 async def purge_older(tx: Txn, cutoff_ns: int, now_ns: int, limit: int = 1000) -> int:
     """Free at most `limit` entries deleted before `cutoff_ns` (the retention pruner,
-    which runs outside the mount: an inode a mount still has open, per open_inodes,
+    which runs outside the mount: an inode a mount still has open, per cloudfs.clients,
     is left to that mount, which frees it at its last close). Returns how many
     entries went."""
     rows = await tx.conn.query(
@@ -282,7 +282,7 @@ async def purge_older(tx: Txn, cutoff_ns: int, now_ns: int, limit: int = 1000) -
     )
     chosen = [_entry(row) for row in rows]
     for ino in await take_out(tx, chosen):
-        if not await held_open(tx, ino):
+        if not await clients.held(tx, ino):
             await tx.free_inode(ino, now_ns)  # else the mount frees it at its last close
     # rows whose inode is gone (freed by fsck, ...) are dropped as well
     await tx.conn.execute(
@@ -291,37 +291,6 @@ async def purge_older(tx: Txn, cutoff_ns: int, now_ns: int, limit: int = 1000) -
     )
     return len(chosen)
 
-
-
-# --- inodes a mount has open -----------------------------------------------------------
-
-
-async def mark_open(tx: Txn, ino: int, holder: str) -> None:
-    """Nameless inode `ino` is still used by mount `holder` (see open_inodes)."""
-    await tx.conn.execute("DELETE FROM open_inodes WHERE inode = ? AND holder = ?", (ino, holder))
-    await tx.conn.execute("INSERT INTO open_inodes (inode, holder) VALUES (?, ?)", (ino, holder))
-
-
-async def unmark_open(tx: Txn, ino: int, holder: str) -> None:
-    await tx.conn.execute("DELETE FROM open_inodes WHERE inode = ? AND holder = ?", (ino, holder))
-
-
-async def held_open(tx: Txn, ino: int) -> bool:
-    """Does a mount still use inode `ino` (open_inodes; in shared mode also `holds`)?"""
-    row = await tx.conn.query_one("SELECT 1 FROM open_inodes WHERE inode = ? LIMIT 1", (ino,))
-    if row is None:
-        row = await tx.conn.query_one("SELECT 1 FROM holds WHERE inode = ? LIMIT 1", (ino,))
-    return row is not None
-
-
-async def clear_open_marks(tx: Txn, holders: list[str] | None = None) -> int:
-    """Drop the marks of mounts that are gone (of `holders`, or all); how many."""
-    if holders is None:
-        return await tx.conn.execute("DELETE FROM open_inodes")
-    count = 0
-    for holder in holders:
-        count += await tx.conn.execute("DELETE FROM open_inodes WHERE holder = ?", (holder,))
-    return count
 
 
 async def usage(tx: Txn) -> tuple[int, int]:

@@ -246,7 +246,7 @@ class HistoryOperations(Operations):
             source = await snapshots.read_source(tx, src)
         copy = snapshots.TreeCopy(
             source, readonly=named or readonly, origin=self.files.origin, now_ns=time.time_ns(),
-            holder=self.ns.holder,
+            client=self.ns.client,
         )  # fmt: skip
         read_s = time.monotonic() - started
         if isinstance(token, str):

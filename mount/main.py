@@ -480,12 +480,20 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
     )
     ns = Namespace(meta, files, atime=opts.atime)
     shared = is_mysql(prep.meta_url)
-    client: Client | None = None
+    # this mount's row, on every engine; rows and holds of mounts that died go
+    client = Client(meta, str(cache.root))
+    await client.register()
+    ns.client = client
     if shared:
-        # this mount's row; rows and holds of mounts of this cache dir that died go
-        client = Client(meta, str(cache.root))
-        await client.register()
-        ns.client = files.client = client
+        files.client = client  # holds every open file: another machine may unlink it
+
+        async def free_released(inodes: list[int]) -> None:
+            try:  # freed unless used again here or held elsewhere
+                await ns.released(inodes)
+            except CloudfsError as exc:
+                log.warning("cannot free inodes released by the heartbeat: %s", exc.message)
+
+        client.on_released = free_released
     freed = await ns.free_orphans()
     if freed:
         log.info("freed %d inodes left open-unlinked by an earlier crash", freed)
@@ -519,7 +527,7 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
     )  # fmt: skip
     files.on_commit = ops.file_committed
     notifier: notify.Notifier | None = None
-    if client is not None and client.id is not None and prep.redis is not None:
+    if client.id is not None and prep.redis is not None:
         notifier = notify.Notifier(
             prep.redis, notify.channel_of(sb.uuid), client.id, _invalidate_inode_quietly,
             _invalidate_entry_quietly,
@@ -550,7 +558,8 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
                 nursery.start_soon(link.run_kicker)
                 if prep.lease is not None:
                     nursery.start_soon(_renew_lease, prep.lease, meta, link)
-                if client is not None:
+                if shared:  # (one SQLite mount: nobody to tell, and an idle
+                    # database stays unchanged, so no metadata backup is taken of it)
                     nursery.start_soon(client.run_heartbeat)
                 nursery.start_soon(_seal_idle_files, files, opts.idle_seal_s)
                 nursery.start_soon(_stop_on_signals)
@@ -562,7 +571,7 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
         ops.background = None
         files.nursery = None
         await files.seal_all()
-        if client is not None:
+        if meta.fenced is None:  # a fenced mount changes nothing; the next one drops it
             await client.unregister()  # everything is sealed: nothing is held
     finally:
         if notifier is not None:

@@ -50,7 +50,7 @@ RUN_MAX_PAUSE_S = 0.5
 
 _INODE_COLUMNS = (
     "id", "mode", "uid", "gid", "nlink", "size", "rdev",
-    "atime_ns", "mtime_ns", "ctime_ns", "version", "flags",
+    "atime_ns", "mtime_ns", "ctime_ns", "version", "flags", "allocated",
 )  # fmt: skip
 
 
@@ -70,8 +70,11 @@ class InodeAttrs:
     ctime_ns: int
     version: int
     flags: int
-    #: not a column: bytes of a regular file that hold data (holes excluded), when the
-    #: namespace filled it in (st_blocks); None: unknown
+    #: column `allocated`: bytes of the live extents (sealed data, holes excluded); the
+    #: Txn methods that change live extents keep it, nothing else sets it
+    sealed_allocated: int = field(default=0, compare=False)
+    #: not a column: bytes of a regular file that hold data (holes excluded), unsealed
+    #: writes included, when the namespace filled it in (st_blocks); None: unknown
     allocated: int | None = field(default=None, compare=False)
 
 
@@ -155,7 +158,7 @@ def _inode(row: tuple) -> InodeAttrs:
 
 
 _INODE_SELECT = "SELECT " + ", ".join(_INODE_COLUMNS) + " FROM inodes"
-_SETTABLE = {f.name for f in fields(InodeAttrs)} - {"id", "allocated"}
+_SETTABLE = {f.name for f in fields(InodeAttrs)} - {"id", "allocated", "sealed_allocated"}
 
 
 class Txn:
@@ -345,9 +348,10 @@ class Txn:
         )
         return [Extent(o, n, bytes(b), v) for o, n, b, v in rows]
 
-    async def allocated_bytes(self, inodes: Sequence[int]) -> dict[int, int]:
+    async def count_allocated(self, inodes: Sequence[int]) -> dict[int, int]:
         """Bytes of the live extents of each of `inodes` (holes have no extent), for
-        those that have any."""
+        those that have any, summed over the extents: what `inodes.allocated` must
+        say (fsck, the migration to schema 5). Lookups read the column instead."""
         out: dict[int, int] = {}
         for i in range(0, len(inodes), 500):
             part = inodes[i : i + 500]
@@ -358,6 +362,13 @@ class Txn:
             )  # fmt: skip
             out.update((ino, int(total)) for ino, total in rows)
         return out
+
+    async def _add_allocated(self, ino: int, delta: int) -> None:
+        """`inodes.allocated` follows the live extents (invariant checked by fsck)."""
+        if delta:
+            await self.conn.execute(
+                "UPDATE inodes SET allocated = allocated + ? WHERE id = ?", (delta, ino)
+            )
 
     async def version_extents(self, ino: int, version: int) -> list[Extent]:
         """Extents of `ino` as of `version`, by offset."""
@@ -372,6 +383,17 @@ class Txn:
         """End the live extents of `ino` at `offsets`: they belong to history from `version` on.
 
         Refcounts do not change: a closed row still names its block."""
+        offsets = list(offsets)
+        closed = 0
+        for i in range(0, len(offsets), 500):
+            part = offsets[i : i + 500]
+            row = await self.conn.query_one(
+                "SELECT COALESCE(SUM(length), 0) FROM extents WHERE inode = ? AND v_to = ?"
+                " AND file_offset IN (" + ", ".join("?" * len(part)) + ")",
+                (ino, LIVE, *part),
+            )
+            closed += int(row[0]) if row else 0
+        await self._add_allocated(ino, -closed)
         await self.conn.executemany(
             "UPDATE extents SET v_to = ? WHERE inode = ? AND v_to = ? AND file_offset = ?",
             [(version, ino, LIVE, off) for off in offsets],
@@ -384,6 +406,7 @@ class Txn:
             "DELETE FROM extents WHERE inode = ? AND v_to = ? AND file_offset = ?",
             [(ino, LIVE, e.offset) for e in extents],
         )
+        await self._add_allocated(ino, -sum(e.length for e in extents))
         await self.unref_blocks([e.block for e in extents], now_ns)
 
     async def unref_blocks(self, block_ids: Sequence[bytes], now_ns: int) -> None:
@@ -407,6 +430,7 @@ class Txn:
             " VALUES (?, ?, ?, ?, ?, ?)",
             [(ino, LIVE, e.offset, e.length, e.block, version) for e in extents],
         )
+        await self._add_allocated(ino, sum(e.length for e in extents))
 
     async def add_version(
         self, ino: int, version: int, *, size: int, mtime_ns: int, origin: str, flags: int = 0
@@ -646,7 +670,7 @@ class MetaStore(abc.ABC):
     async def wipe(self) -> None:
         """Drop every table of the schema (the filesystem's metadata is gone)."""
         async with self.transaction(durable=True) as tx:
-            for table in schema.table_names():
+            for table in (*schema.table_names(), *schema.RETIRED_TABLES):
                 await tx.conn.execute(f"DROP TABLE IF EXISTS {table}")
 
     async def schema_info(self) -> tuple[str | None, int]:

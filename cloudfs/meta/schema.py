@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 #: bump when the DDL changes, and add the migration to `cloudfs.meta.migrate`:
 #: `cloudfs upgrade` brings older databases up to it
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: `extents.v_to` of a live extent: the version range is open-ended
 LIVE = 1 << 62
@@ -77,7 +77,10 @@ CREATE TABLE inodes (
     mtime_ns    BIGINT NOT NULL,
     ctime_ns    BIGINT NOT NULL,
     version     BIGINT NOT NULL DEFAULT 0, -- newest committed data version (see versions)
-    flags       INTEGER NOT NULL DEFAULT 0 -- reserved: read-only snapshot trees, ...
+    flags       INTEGER NOT NULL DEFAULT 0, -- reserved: read-only snapshot trees, ...
+    -- bytes of a regular file's live extents (its data, holes excluded, for st_blocks):
+    -- kept by every transaction that changes them (cloudfs.meta.base.Txn), checked by fsck
+    allocated   BIGINT NOT NULL DEFAULT 0
 ){suffix};
 
 -- Directory entries. `id` orders readdir and is its resume cookie, so a listing stays
@@ -156,15 +159,6 @@ CREATE TABLE trash (
     parent_mtime_ns BIGINT                 -- its directory's mtime before the removal
 ){suffix};
 
--- Nameless inodes a mount still uses (open, or known to the kernel): the trash purge
--- of another process (the daemon's retention) must not free them, the mount frees
--- them at the last close. fsck drops the rows of mounts that are gone.
-CREATE TABLE open_inodes (
-    inode       BIGINT NOT NULL,
-    holder      VARCHAR(255) NOT NULL,     -- 'machine:pid' of the mount
-    PRIMARY KEY (inode, holder)
-){suffix};
-
 -- Named snapshots of trees.
 CREATE TABLE snapshots (
     id          {autoinc_pk},
@@ -185,9 +179,9 @@ CREATE TABLE changes (
     at_ns       BIGINT NOT NULL
 ){suffix};
 
--- Mounts of the filesystem in shared mode (MySQL metadata), one row per mount process:
--- its heartbeat says it is alive, and a row whose heartbeat is long past is a dead mount,
--- whose holds no longer keep inodes (cloudfs.clients).
+-- Mounts of the filesystem, one row per mount process (on every engine): its heartbeat
+-- says it is alive, and a row whose heartbeat is long past, or whose process on this
+-- host is gone, is a dead mount, whose holds no longer keep inodes (cloudfs.clients).
 CREATE TABLE clients (
     id          {autoinc_pk},
     hostname    VARCHAR(255) NOT NULL,
@@ -198,12 +192,18 @@ CREATE TABLE clients (
     state       INTEGER NOT NULL DEFAULT 0 -- 0 mounted, 1 unmounting (its files sealed)
 ){suffix};
 
--- Which mount has which inode open: an inode with no name left is freed only when no
--- live mount holds it (open-unlinked files keep working on every machine).
+-- Which mount uses which inode (cloudfs.clients): an inode with no name left is freed
+-- only when no live mount holds it, neither by another mount's unlink nor by a purge
+-- of the trash (the daemon's retention). Two reasons, each its own row: shared mode
+-- holds an inode from its first open until a heartbeat after its last close (why 0),
+-- and every mount marks an inode it uses when it loses its last name there, and the
+-- unfinished root of a snapshot copy it is writing (why 1). Rows of dead mounts go
+-- with their `clients` row, at mount and in fsck.
 CREATE TABLE holds (
     client      BIGINT NOT NULL,           -- clients.id
     inode       BIGINT NOT NULL,
-    PRIMARY KEY (client, inode)
+    why         INTEGER NOT NULL,          -- 0 open (shared mode), 1 lost its last name while used
+    PRIMARY KEY (client, inode, why)
 ){suffix};
 CREATE INDEX holds_inode ON holds (inode);
 """
@@ -237,6 +237,11 @@ def table_ddl(dialect: Dialect, table: str) -> list[str]:
         elif re.match(rf"CREATE INDEX \w+ ON {table} ", stmt):
             out.append(stmt.replace("CREATE INDEX", "CREATE INDEX IF NOT EXISTS", 1))
     return out
+
+
+#: tables of older schemas that no longer exist (a wipe drops them too): open_inodes
+#: (schema 4), holds_v4 (schema 4's holds while migration 5 copies it)
+RETIRED_TABLES = ("open_inodes", "holds_v4")
 
 
 def table_names() -> list[str]:

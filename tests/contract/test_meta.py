@@ -341,8 +341,11 @@ async def test_extents_and_versions(opener: Opener) -> None:
     # st_blocks: the live extents' bytes (history and holes excluded), per inode
     async with meta.reading() as tx:
         other = (await tx.get_inode(1)).id  # the root: no extents
-        assert await tx.allocated_bytes([ino, other]) == {ino: 300}
-        assert await tx.allocated_bytes([]) == {}
+        assert await tx.count_allocated([ino, other]) == {ino: 300}
+        assert await tx.count_allocated([]) == {}
+        # ... which the inode row keeps, changed by every add, close and drop above
+        attrs = await tx.get_inode(ino)
+        assert attrs is not None and attrs.sealed_allocated == 300
 
 
 async def test_blocks(opener: Opener) -> None:
@@ -562,6 +565,90 @@ def test_every_schema_version_has_a_migration() -> None:
     assert sorted(migrate.MIGRATIONS) == list(range(2, schema.SCHEMA_VERSION + 1))
 
 
+async def test_a_schema_4_database_upgrades_to_the_same_answers(opener: Opener) -> None:
+    """A database made by schema 4's own DDL (tests/schema4.py) with files, history, a
+    hole, and open-inode marks of both kinds (open_inodes of a SQLite mount, holds of a
+    shared-mode mount): migration 5 keeps every answer. Each file's allocated size is
+    its live extents' total (history and holes excluded), and the same inodes are held,
+    by mounts named as before; the primitives keep the new column from then on."""
+    from schema4 import ddl4
+
+    from cloudfs import clients
+
+    meta = opener()
+    live = schema.LIVE
+    b = [block_id(100 + i) for i in range(4)]
+    async with meta.transaction(durable=True) as tx:
+        for stmt in ddl4(meta.dialect):
+            await tx.conn.execute(stmt)
+        await tx.set_info("schema_version", "4")
+        await tx.set_info("fs_uuid", FS_UUID)
+        # 1 root, 2 a file with history, 3 an empty file, 4 a directory, 5 and 6 nameless
+        for ino, mode, nlink, size in ((1, DIR, 3, 0), (2, FILE, 1, 150), (3, FILE, 1, 0),
+                                       (4, DIR, 2, 0), (5, FILE, 0, 70), (6, FILE, 0, 4126)):
+            await tx.conn.execute(
+                "INSERT INTO inodes (id, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns,"
+                " ctime_ns, version, flags) VALUES (?, ?, 0, 0, ?, ?, 0, ?, ?, ?, 2, 0)",
+                (ino, mode, nlink, size, NOW, NOW, NOW),
+            )  # fmt: skip
+        for parent, name, ino in ((1, b"f", 2), (1, b"empty", 3), (1, b"d", 4)):
+            await tx.add_dentry(parent, name, ino)
+        for i, block in enumerate(b):
+            await tx.conn.execute(
+                "INSERT INTO blocks (id, size, stored_size, refcount, state, created_ns,"
+                " unref_ns) VALUES (?, 100, NULL, ?, 0, ?, NULL)",
+                (block, 2 if i == 0 else 1, NOW),
+            )
+        for ino, v_to, offset, length, block, v_from in (
+            (2, live, 0, 100, b[0], 2), (2, live, 100, 50, b[1], 1),
+            (2, 2, 0, 100, b[2], 1),  # history: not allocated
+            (5, live, 0, 70, b[3], 1), (6, live, 4096, 30, b[0], 1),  # a hole before it
+        ):  # fmt: skip
+            await tx.conn.execute(
+                "INSERT INTO extents (inode, v_to, file_offset, length, block, v_from)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (ino, v_to, offset, length, block, v_from),
+            )
+        await tx.conn.execute("INSERT INTO open_inodes (inode, holder) VALUES (5, 'hostA:123')")
+        other = await tx.conn.insert(
+            "INSERT INTO clients (hostname, pid, cachedir, started_ns, heartbeat_ns, state)"
+            " VALUES ('hostB', 77, '/cache/b', ?, ?, 0)",
+            (time_ns(), time_ns()),
+        )
+        await tx.conn.execute("INSERT INTO holds (client, inode) VALUES (?, 6)", (other,))
+    with pytest.raises(MetadataOutdated):
+        await meta.check(FS_UUID)
+
+    assert await migrate.upgrade(meta, FS_UUID) == [5]
+    assert await meta.check(FS_UUID) == schema.SCHEMA_VERSION
+    async with meta.reading() as tx:
+        allocated = {i: a.sealed_allocated for i in range(1, 7) if (a := await tx.get_inode(i))}
+        assert allocated == {1: 0, 2: 150, 3: 0, 4: 0, 5: 70, 6: 30}
+        assert await tx.count_allocated(list(range(1, 7))) == {2: 150, 5: 70, 6: 30}
+        assert await clients.held_inodes(tx) == {5, 6}
+        holders = {(c.hostname, c.pid): c.id for c in await clients.list_clients(tx)}
+        assert set(holders) == {("hostA", 123), ("hostB", 77)}
+        # schema 4's holds were open files, its open_inodes marks of nameless inodes
+        assert sorted(await tx.conn.query("SELECT client, inode, why FROM holds")) == sorted([
+            (holders["hostA", 123], 5, clients.HOLD_NAMELESS),
+            (holders["hostB", 77], 6, clients.HOLD_OPEN),
+        ])  # fmt: skip
+        assert not await clients.held_elsewhere(tx, 5, holders["hostA", 123])
+        assert await clients.held_elsewhere(tx, 6, holders["hostA", 123])
+    # the primitives keep the column: a new version of file 2 replaces its first extent
+    async with meta.transaction() as tx:
+        await tx.add_block_refs({b[3]: (100, 1)}, NOW)
+        await tx.close_extents(2, 3, [0])
+        await tx.add_extents(2, 3, [Extent(0, 40, b[3])])
+    async with meta.transaction() as tx:  # a dead mount goes with its marks (fsck, mount)
+        gone = await clients.drop_dead(tx, lambda row: row.hostname == "hostA")
+        assert [(row.hostname, n) for row, n in gone] == [("hostA", 1)]
+    async with meta.reading() as tx:
+        attrs = await tx.get_inode(2)
+        assert attrs is not None and attrs.sealed_allocated == 90
+        assert await clients.held_inodes(tx) == {6}
+
+
 async def test_schema_2_gains_clients_and_holds(opener: Opener) -> None:
     """Migration 3 on a schema-2 database (an unused `clients` table of another shape,
     no `holds`), and again after it ran (MySQL commits DDL at once: a retry must work)."""
@@ -574,7 +661,8 @@ async def test_schema_2_gains_clients_and_holds(opener: Opener) -> None:
             " pid INTEGER NOT NULL, started_ns BIGINT NOT NULL, heartbeat_ns BIGINT NOT NULL)"
         )
         await tx.set_info("schema_version", "2")
-    assert await migrate.upgrade(meta, FS_UUID) == [3, 4]  # 4: trash columns, open_inodes
+    # 4: trash columns, open_inodes; 5: open_inodes into holds, inodes.allocated
+    assert await migrate.upgrade(meta, FS_UUID) == [3, 4, 5]
     for _again in range(2):
         async with meta.transaction() as tx:
             await tx.conn.execute(
@@ -582,14 +670,66 @@ async def test_schema_2_gains_clients_and_holds(opener: Opener) -> None:
                 " VALUES ('h', 1, '/c', 1, 1, 0)"
             )
             (client,) = await tx.conn.query_one("SELECT MAX(id) FROM clients") or (0,)
-            await tx.conn.execute("INSERT INTO holds (client, inode) VALUES (?, 1)", (client,))
+            await tx.conn.execute(
+                "INSERT INTO holds (client, inode, why) VALUES (?, 1, 0)", (client,)
+            )
             assert await tx.conn.query("SELECT inode FROM holds WHERE client = ?", (client,)) == [
                 (1,)
             ]
         async with meta.transaction() as tx:  # as if the version had not been written
             await tx.set_info("schema_version", "2")
-        assert await migrate.upgrade(meta, FS_UUID) == [3, 4]
+        assert await migrate.upgrade(meta, FS_UUID) == [3, 4, 5]
     assert await meta.check(FS_UUID) == schema.SCHEMA_VERSION
+
+
+async def test_open_holds_outlive_the_last_close_until_a_heartbeat(opener: Opener) -> None:
+    """Shared mode's cheap reopen: the last close leaves the hold for the next heartbeat,
+    an open before it costs no transaction, the heartbeat releases what stayed closed in
+    one transaction and names the released inodes without names; a mark of the same
+    inode (it lost its last name while used) is a row of its own and stays."""
+    from cloudfs import clients
+
+    meta = await fresh(opener)
+    a, b = clients.Client(meta, "/cache/a"), clients.Client(meta, "/cache/b")
+    await a.register()
+    await b.register()
+    async with meta.transaction() as tx:
+        named = (await tx.create_inode(mode=FILE, uid=0, gid=0, nlink=1, now_ns=NOW)).id
+        nameless = (await tx.create_inode(mode=FILE, uid=0, gid=0, nlink=0, now_ns=NOW)).id
+    transactions = 0
+    real = meta.transaction
+
+    def counted(**kwargs: bool):  # type: ignore[no-untyped-def]
+        nonlocal transactions
+        transactions += 1
+        return real(**kwargs)
+
+    meta.transaction = counted  # type: ignore[method-assign]
+    await a.hold(named)
+    await a.hold(nameless)
+    assert transactions == 2
+    for _reopen in range(3):
+        a.release_soon(named)
+        await a.hold(named)  # open again before a heartbeat: the row is still there
+    assert transactions == 2
+    a.release_soon(named)
+    a.release_soon(nameless)
+    async with meta.reading() as tx:
+        assert await clients.held_elsewhere(tx, named, b.id)
+    async with meta.transaction() as tx:  # the nameless one is unlinked while in use
+        await a.mark(tx, nameless)
+    transactions = 0
+    assert await a.heartbeat() == [nameless]
+    assert transactions == 1, "heartbeat and releases: one transaction"
+    async with meta.reading() as tx:
+        assert not await clients.held_elsewhere(tx, named, b.id)
+        assert await clients.held_elsewhere(tx, nameless, b.id), "the mark stays"
+    async with meta.transaction() as tx:
+        await a.unmark(tx, nameless)
+        assert not await clients.held(tx, nameless)
+    await a.hold(named)  # released: a new open writes its hold again
+    async with meta.reading() as tx:
+        assert await clients.held_elsewhere(tx, named, b.id)
 
 
 async def test_clients_hold_inodes_and_dead_ones_are_forgotten(opener: Opener) -> None:

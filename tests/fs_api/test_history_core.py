@@ -14,7 +14,7 @@ import pytest
 import trio
 from historyutil import CALLER, Env
 
-from cloudfs import snapshots, trash
+from cloudfs import clients, snapshots, trash
 from cloudfs.meta.schema import BLOCK_DELETING, ROOT_INODE
 
 
@@ -162,28 +162,23 @@ async def test_restore_into_makes_a_new_version(env: Env) -> None:
     await env.refcounts_match()
 
 
-async def test_upgrade_from_schema_3_adds_the_trash_columns_and_open_inodes(env: Env) -> None:
+async def test_upgrade_from_schema_3_adds_the_trash_columns(env: Env) -> None:
     from cloudfs.meta import migrate
 
     uuid = "00000000-0000-0000-0000-000000000000"
     ino = await env.file(b"kept")
     async with env.meta.transaction() as tx:  # back to schema 3
-        await tx.conn.execute("DROP TABLE open_inodes")
         await tx.conn.execute("ALTER TABLE trash DROP COLUMN remover")
         await tx.conn.execute("ALTER TABLE trash DROP COLUMN parent_mtime_ns")
         await tx.conn.execute(
             "INSERT INTO trash (inode, path, deleted_ns) VALUES (?, ?, ?)", (ino, b"/old", 5)
         )
         await tx.set_info("schema_version", "3")
-    assert await migrate.upgrade(env.meta, uuid) == [4]
+    assert await migrate.upgrade(env.meta, uuid) == [4, 5]
     assert await migrate.upgrade(env.meta, uuid) == []
     async with env.meta.transaction() as tx:
         (old,) = await trash.entries(tx)
         assert (old.path, old.remover, old.parent_mtime_ns) == (b"/old", "", None)
-        await trash.mark_open(tx, ino, "host:1")
-        assert await trash.held_open(tx, ino)
-        assert await trash.clear_open_marks(tx) == 1
-
 
 async def _count_inodes(env: Env) -> int:
     async with env.meta.reading() as tx:
@@ -225,9 +220,11 @@ async def test_a_copy_in_batches_is_one_instant_and_an_unfinished_one_is_freed(e
 
     # a crash after two batches leaves an unnamed tree: the next mount frees it, unless
     # a live mount is still writing it (marked as its holder's)
-    for holder in (env.ns.holder, None):
+    writer = clients.Client(env.meta, "/cache/writer")
+    await writer.register()
+    for holder in (writer, None):
         unfinished = snapshots.TreeCopy(source, readonly=True, origin="t", now_ns=time.time_ns(),
-                                        holder=holder)  # fmt: skip
+                                        client=holder)  # fmt: skip
         await batch(unfinished)
         await batch(unfinished)
         written = unfinished.inodes_done  # a batch ends early at many extents
@@ -255,3 +252,50 @@ async def test_a_copy_in_batches_is_one_instant_and_an_unfinished_one_is_freed(e
     async with env.meta.transaction() as tx:
         await unlucky.discard(tx)
     assert await _count_inodes(env) == copied
+
+
+async def test_an_inode_unlinked_elsewhere_is_freed_when_the_heartbeat_releases_it(
+    env: Env,
+) -> None:
+    """Shared mode with two mounts on one database: A wrote a file and closed it, and
+    its hold stays until A's heartbeat; B removes the file meanwhile (no trash) and
+    must leave it to A. A's heartbeat releases the hold and frees the inode, though A's
+    kernel still knows it (B could not have seen that either)."""
+    from dataclasses import replace
+
+    from historyutil import PARAMS
+
+    from cloudfs import retention
+    from cloudfs.files import FileStore
+    from cloudfs.namespace import Namespace
+
+    ino = await env.file()
+    async with env.meta.transaction() as tx:
+        await retention.save(tx, replace(await retention.load(tx), trash=0))
+        (name,) = await tx.conn.query_one("SELECT name FROM dentries WHERE inode = ?", (ino,))
+    a, b = clients.Client(env.meta, "/cache/a"), clients.Client(env.meta, "/cache/b")
+    for c in (a, b):
+        await c.register()
+    env.ns.client = env.files.client = a
+    b_files = FileStore(
+        env.meta, env.cache, id_key=b"i" * 32, gear_key=b"g" * 32, chunker=PARAMS,
+        fetch=env.files._fetch, on_sealed=lambda: None, origin="b",
+    )  # fmt: skip
+    b_ns = Namespace(env.meta, b_files)
+    b_ns.client = b_files.client = b
+
+    await env.files.open(ino)
+    await env.files.write(ino, 0, b"shared")
+    await env.files.release(ino)  # A's last close: the hold stays
+    env.ns.kernel_refs.add(ino)  # A's kernel knows the inode
+    await b_ns.unlink(ROOT_INODE, bytes(name))
+    async with env.meta.reading() as tx:
+        attrs = await tx.get_inode(ino)
+        assert attrs is not None and attrs.nlink == 0, "left to A, which holds it"
+    nameless = await a.heartbeat()
+    assert nameless == [ino]
+    await env.ns.released(nameless)
+    async with env.meta.reading() as tx:
+        assert await tx.get_inode(ino) is None
+        assert await clients.held_inodes(tx) == set()
+    await env.refcounts_match()

@@ -108,17 +108,19 @@ def test_dentry_to_a_missing_inode(populated: tuple[CloudFS, dict]) -> None:
     intact(fs, state)
 
 
-def test_wrong_nlink(populated: tuple[CloudFS, dict]) -> None:
+def test_wrong_nlink_and_allocated_size(populated: tuple[CloudFS, dict]) -> None:
     fs, state = populated
     with metadata(fs) as db:
         (ino,) = db.execute("SELECT inode FROM dentries WHERE name = ?", (b"victim",)).fetchone()
-        db.execute("UPDATE inodes SET nlink = 7 WHERE id = ?", (ino,))
+        db.execute("UPDATE inodes SET nlink = 7, allocated = 12345 WHERE id = ?", (ino,))
         (tree,) = db.execute("SELECT inode FROM dentries WHERE name = ?", (b"tree",)).fetchone()
         db.execute("UPDATE inodes SET nlink = 2 WHERE id = ?", (tree,))
-    damaged_then_repaired(fs, f"inode {ino}: nlink 7, should be 1")
+    out = damaged_then_repaired(fs, f"inode {ino}: nlink 7, should be 1")
+    assert f"inode {ino}: allocated size 12345, its extents hold {2 * MiB}" in out, out
     intact(fs, state)
     fs.mount()
     assert os.stat(fs.mnt / "tree").st_nlink == 2 + 2  # its subdirectories docs and empty-dir
+    assert os.stat(fs.mnt / "victim").st_blocks * 512 == 2 * MiB  # st_blocks: the column
 
 
 def test_wrong_refcount(populated: tuple[CloudFS, dict]) -> None:
