@@ -88,6 +88,11 @@ class FileState:
     #: sequential writes at the end of the file, chunked as they arrive
     stream: AppendStream | None = None
     cut_lock: trio.Lock = field(default_factory=trio.Lock)  # one stream cut at a time
+    #: the file has no security.capability xattr (the kernel asks before every write,
+    #: file_remove_privs). Kept by the FUSE adapter, single-mount mode only, and only
+    #: while the file stays open: an open inode is never freed (so never reused), and
+    #: only this mount's setxattr/removexattr change its xattrs, which reset it
+    capability_absent: bool = False
 
     @property
     def dirty(self) -> bool:
@@ -276,6 +281,8 @@ class FileStore:
                     st.size = st.sealed_size = st.keep_below = attrs.size
                     st.base_version = attrs.version
                     st.extents = None
+        if st.opens == 0:
+            st.capability_absent = False  # known only while the file stays open
         st.opens += 1
         return st
 
@@ -329,12 +336,26 @@ class FileStore:
         # moves extents from the stream to the metadata, never out of both at once
         streamed = st.stream.read_into(buf, offset, end) if st.stream is not None else []
         if offset < old_end:
+            view = memoryview(buf)
             i = _first_overlap(extents, offset)
+            last = i
+            while last + 1 < len(extents) and extents[last + 1].offset < old_end:
+                last += 1
+            if last > i:
+                # blocks of this range that are not cached are fetched side by side,
+                # not one after the other (the first read of a cold file often spans two)
+                missing = [
+                    e.block for e in extents[i : last + 1] if not self.cache.has_block(e.block)
+                ]
+                if len(missing) > 1:
+                    await self._fetch(missing, self._ahead(extents, last))
             while i < len(extents) and extents[i].offset < old_end:
                 ext = extents[i]
                 a, b = max(ext.offset, offset), min(ext.end, old_end)
-                data = await self._block_bytes(ext, a - ext.offset, b - a, extents, i)
-                buf[a - offset : b - offset] = data
+                # straight from the block file into the reply: a 1 MiB read spans two
+                # blocks most of the time, and each copy of it costs
+                await self._block_bytes(ext, a - ext.offset, b - a, extents, i,
+                                        into=view[a - offset : b - offset])  # fmt: skip
                 i += 1
         for ext in streamed:
             a, b = max(ext.offset, offset), min(ext.end, end)
@@ -350,15 +371,18 @@ class FileStore:
         length: int,
         extents: list[Extent] | None = None,
         index: int = 0,
+        *,
+        into: memoryview | None = None,
     ) -> bytes:
-        """Bytes of an extent's block, fetched through the daemon when not cached."""
+        """Bytes of an extent's block, fetched through the daemon when not cached;
+        with `into` (`length` bytes) they are read into it and b"" is returned."""
         try:
-            data = self.blockfiles.pread(ext.block, length, start)
+            data = self._pread_block(ext.block, start, length, into)
         except FileNotFoundError:
             # a miss while reading a file: have the blocks that follow fetched too,
             # after the one waited for
             await self._fetch([ext.block], self._ahead(extents, index))
-            data = self.blockfiles.pread(ext.block, length, start)
+            data = self._pread_block(ext.block, start, length, into)
         else:
             if start == 0 and extents:
                 # a reader starts a cached block: keep the window ahead filled
@@ -368,9 +392,18 @@ class FileStore:
                         self.nursery.start_soon(self._prefetch, ahead)
                     else:
                         await self._prefetch(ahead)
-        if len(data) != length:
+        if data is None:
             raise FSOpError(5, f"block {ext.block.hex()} is shorter than its extent")
         return data
+
+    def _pread_block(
+        self, block_id: bytes, start: int, length: int, into: memoryview | None
+    ) -> bytes | None:
+        """The bytes (b"" when read `into`), None when the block file is short."""
+        if into is None:
+            data = self.blockfiles.pread(block_id, length, start)
+            return data if len(data) == length else None
+        return b"" if self.blockfiles.preadinto(block_id, into, start) == length else None
 
     def _ahead(self, extents: list[Extent] | None, index: int) -> list[bytes]:
         """Blocks of the READAHEAD_BLOCKS extents after `index` that are not cached and
@@ -571,6 +604,15 @@ class FileStore:
             await self._seal_stream(st, publish=publish, final=publish, durable=durable)
             return
         if not st.dirty:
+            if durable and st.unsynced:
+                # block files before the WAL sync that makes the commits naming them
+                # durable
+                earlier, st.unsynced = st.unsynced, []
+                try:
+                    await trio.to_thread.run_sync(self.cache.sync_blocks, earlier, [])
+                except BaseException:
+                    st.unsynced.extend(earlier)
+                    raise
             if publish and st.working_version is not None:
                 await self.meta.run(
                     self._commit, st, [], [], publish=True, durable=durable, size=st.size
@@ -578,18 +620,18 @@ class FileStore:
             elif durable:
                 async with self.meta.transaction(durable=True):
                     pass  # syncs the WAL: earlier commits of this file become durable
-            if durable and st.unsynced:
-                earlier, st.unsynced = st.unsynced, []
-                await trio.to_thread.run_sync(self.cache.sync_blocks, earlier, [])
             return
         extents = await self._extents(st)
         plan = self._plan(st, extents, hold_tail=not publish)
-        result = await trio.to_thread.run_sync(
-            self._rechunk, st, plan, durable, abandon_on_cancel=False
-        )
+        result = await trio.to_thread.run_sync(self._rechunk, st, plan, abandon_on_cancel=False)
         if durable:
-            earlier, st.unsynced = st.unsynced, []
-            await trio.to_thread.run_sync(self.cache.sync_blocks, earlier, result.written)
+            # all at once, in parallel, before the commit that names them
+            earlier, st.unsynced = [*st.unsynced, *result.written], []
+            try:
+                await trio.to_thread.run_sync(self.cache.sync_blocks, earlier, [])
+            except BaseException:
+                st.unsynced.extend(earlier)
+                raise
         else:
             st.unsynced.extend(result.written)
         replaced = [e for e in plan.old if e.offset < result.stop or e.offset >= plan.size]
@@ -627,6 +669,19 @@ class FileStore:
         extents, written, holds, boundary = stream.take_extents()
         size = st.size
         try:
+            if durable:
+                # the block files first, then the durable commit that names them: a
+                # crash between the two never leaves metadata naming lost plaintext.
+                # Their writeback started as each was written, so this mostly waits
+                # for the last few and one journal commit
+                earlier, st.unsynced = [*st.unsynced, *written], []
+                try:
+                    await trio.to_thread.run_sync(self.cache.sync_blocks, earlier, [])
+                except BaseException:
+                    st.unsynced.extend(earlier)
+                    raise
+            else:
+                st.unsynced.extend(written)
             await self.meta.run(
                 self._commit, st, [], extents, publish=publish, durable=durable, size=size,
                 holds=holds,
@@ -634,11 +689,6 @@ class FileStore:
         finally:
             CacheDir.release_holds(list(holds.values()))
         stream.committed(len(extents), boundary)
-        if durable:
-            earlier, st.unsynced = [*st.unsynced, *written], []
-            await trio.to_thread.run_sync(self.cache.sync_blocks, earlier, [])
-        else:
-            st.unsynced.extend(written)
         st.sealed_size = size
         st.keep_below = size
         if final:
@@ -677,7 +727,7 @@ class FileStore:
         hold = hold_tail and not truncated and (not old or old[-1].end <= start)
         return _SealPlan(start, st.size, st.keep_below, last_changed, old, hold)
 
-    def _rechunk(self, st: FileState, plan: _SealPlan, durable: bool) -> _SealResult:
+    def _rechunk(self, st: FileState, plan: _SealPlan) -> _SealResult:
         """Chunk, hash and cache the changed range (runs in a worker thread)."""
         old_ends = {e.end for e in plan.old if e.end <= plan.keep_below}
         runs = _data_runs(plan, st)
@@ -693,7 +743,7 @@ class FileStore:
             if block_id not in holds and block_id not in written:
                 hold = self.cache.hold_block(block_id)
                 if hold is None:
-                    self.cache.write_block(block_id, chunk, durable=durable)
+                    self.cache.write_block(block_id, chunk, durable=False, sync_soon=True)
                     written.append(block_id)
                 else:
                     holds[block_id] = hold

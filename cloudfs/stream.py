@@ -16,17 +16,23 @@ extents committed) and then takes the overlay path.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cloudfs import _native
-from cloudfs.cache import CacheDir
+from cloudfs.cache import CacheDir, ThreadPool
 from cloudfs.meta.base import Extent
 
 #: unprocessed bytes that make a write hand the buffer to the chunker
 CUT_BATCH = 4 << 20
 #: unprocessed bytes past which a writer waits for the chunker (memory bound)
 BACKLOG_LIMIT = 4 * CUT_BATCH
+
+
+#: threads that hash and write the chunks of one cut at once (shared by all streams)
+BLOCK_THREADS = 3
+_block_pool = ThreadPool(BLOCK_THREADS, "cloudfs-cut")
 
 
 @dataclass
@@ -45,26 +51,30 @@ class AppendStream:
     written: list[bytes] = field(default_factory=list)
     #: block files the stream re-uses, held until the commit (CacheDir.hold_block)
     holds: dict[bytes, Path] = field(default_factory=dict)
-    #: bytes after the last cut; buffer[0] is file offset `tail_start`
-    buffer: bytearray = field(default_factory=bytearray)
+    #: bytes after the last cut, as the writes brought them (immutable, never copied
+    #: on arrival): pieces[0][head:] is file offset `tail_start`
+    pieces: deque[bytes] = field(default_factory=deque)
+    head: int = 0
+    #: bytes in `pieces` past `head`
+    buffered: int = 0
     tail_start: int = 0
-    #: bytes of `buffer` already fed to the chunker
+    #: bytes after `tail_start` already fed to the chunker
     fed: int = 0
     #: an error of a background cut, raised to the next writer or seal
     error: BaseException | None = None
 
     def __post_init__(self) -> None:
         self.tail_start = self.start
-        # guards buffer/extents/tail_start against readers while a cut runs in a thread
+        # guards pieces/extents/tail_start against readers while a cut runs in a thread
         self._lock = threading.Lock()
 
     @property
     def end(self) -> int:
-        return self.tail_start + len(self.buffer)
+        return self.tail_start + self.buffered
 
     @property
     def unfed(self) -> int:
-        return len(self.buffer) - self.fed
+        return self.buffered - self.fed
 
     @property
     def uncommitted(self) -> int:
@@ -72,54 +82,113 @@ class AppendStream:
         return self.end - self.start
 
     def append(self, data: bytes) -> None:
+        if not isinstance(data, bytes):
+            data = bytes(data)  # a piece must never change under the chunker
         with self._lock:
-            self.buffer += data
+            self.pieces.append(data)
+            self.buffered += len(data)
+
+    def _unfed_views(self) -> list[memoryview]:
+        """The bytes not fed to the chunker yet, as views of the pieces (lock held)."""
+        views: list[memoryview] = []
+        skip = self.head + self.fed
+        for piece in self.pieces:
+            if skip >= len(piece):
+                skip -= len(piece)
+                continue
+            views.append(memoryview(piece)[skip:])
+            skip = 0
+        return views
+
+    def _slice(self, skip: int, length: int) -> bytes | memoryview:
+        """`length` bytes of the tail from `skip` bytes past its start: a view when one
+        piece holds them, else one copy (lock held; the pieces never change)."""
+        parts: list[memoryview] = []
+        pos = -self.head  # tail offset of the current piece's first byte
+        start, need = skip, length
+        for piece in self.pieces:
+            if pos + len(piece) > start:
+                a = start - pos
+                take = min(need, len(piece) - a)
+                parts.append(memoryview(piece)[a : a + take])
+                need -= take
+                start += take
+                if not need:
+                    break
+            pos += len(piece)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _drop_front(self, length: int) -> None:
+        """The first `length` bytes of the tail became a chunk (lock held)."""
+        self.head += length
+        while self.pieces and self.head >= len(self.pieces[0]):
+            self.head -= len(self.pieces.popleft())
+        self.buffered -= length
+        self.fed -= length
+        self.tail_start += length
 
     def cut(self, *, final: bool) -> None:
         """Feed what is buffered to the chunker and make block files of the chunks it
-        completes (blocking: run it in a worker thread). `final` cuts the tail too."""
+        completes (blocking: run it in a worker thread). `final` cuts the tail too.
+
+        Each byte is copied at most once here (a chunk that spans two writes is
+        joined); the chunker and the hash read the writes' own buffers."""
         with self._lock:
-            pending = bytes(self.buffer[self.fed :])
-            self.fed = len(self.buffer)
-        lengths = self.chunker.feed(pending) if pending else []
+            views = self._unfed_views()
+            self.fed = self.buffered
+        lengths: list[int] = []
+        for view in views:
+            lengths.extend(self.chunker.feed(view))
         if final:
             last = self.chunker.finish()
             if last:
-                lengths = [*lengths, last]
-        pos = 0
-        for length in lengths:
-            with self._lock:
-                chunk = bytes(self.buffer[pos : pos + length])
-            at = self.tail_start + pos
-            extent = self._make_block(chunk, at)
-            pos += length
-            with self._lock:
+                lengths.append(last)
+        if not lengths:
+            return
+        with self._lock:
+            chunks: list[tuple[bytes | memoryview, int]] = []
+            skip = 0
+            for length in lengths:
+                chunks.append((self._slice(skip, length), self.tail_start + skip))
+                skip += length
+        # hashing and writing release the GIL: the chunks of one cut go in parallel
+        if len(chunks) == 1:
+            made = [self._store_chunk(chunks[0])]
+        else:
+            made = list(_block_pool.get().map(self._store_chunk, chunks))
+        with self._lock:
+            # the chunks' bytes leave the tail as their extents appear, in file order:
+            # a reader finds them in one place or the other
+            for (chunk, _at), (extent, written, hold) in zip(chunks, made):
                 if extent is not None:
                     self.extents.append(extent)
-                if pos >= CUT_BATCH or pos == len(self.buffer):
-                    # drop what is cut from the front of the buffer now and then
-                    del self.buffer[:pos]
-                    self.fed -= pos
-                    self.tail_start += pos
-                    pos = 0
-        if pos:
-            with self._lock:
-                del self.buffer[:pos]
-                self.fed -= pos
-                self.tail_start += pos
+                if written is not None:
+                    self.written.append(written)
+                if hold is not None:
+                    if extent is not None and extent.block not in self.holds:
+                        self.holds[extent.block] = hold
+                    else:  # held twice by chunks of one cut
+                        CacheDir.release_holds([hold])
+                self._drop_front(len(chunk))
 
-    def _make_block(self, chunk: bytes, at: int) -> Extent | None:
+    def _store_chunk(
+        self, chunk_at: tuple[bytes | memoryview, int]
+    ) -> tuple[Extent | None, bytes | None, Path | None]:
+        """Name a chunk and make sure its block file exists (blocking, thread-safe):
+        its extent (None: a hole), the id of the block file it wrote, or the hold it
+        took on an existing one."""
+        chunk, at = chunk_at
         if _native.is_zero(chunk):
-            return None  # a hole: costs nothing in the store
+            return None, None, None  # a hole: costs nothing in the store
         block_id = _native.block_id(self.id_key, chunk)
-        if block_id not in self.holds:
-            hold = self.cache.hold_block(block_id)
-            if hold is None:
-                self.cache.write_block(block_id, chunk, durable=False)
-                self.written.append(block_id)
-            else:
-                self.holds[block_id] = hold
-        return Extent(at, len(chunk), block_id)
+        extent = Extent(at, len(chunk), block_id)
+        if block_id in self.holds:
+            return extent, None, None
+        hold = self.cache.hold_block(block_id)
+        if hold is not None:
+            return extent, None, hold
+        self.cache.write_block(block_id, chunk, durable=False, sync_soon=True)
+        return extent, block_id, None
 
     def take_extents(self) -> tuple[list[Extent], list[bytes], dict[bytes, Path], int]:
         """What a commit may take: the extents cut so far, their new block files, the
@@ -147,11 +216,14 @@ class AppendStream:
         caller (they could be fetched if evicted; normally they are cached)."""
         with self._lock:
             extents = [e for e in self.extents if e.offset < end and e.end > offset]
-            a, b = max(offset, self.tail_start), min(end, self.end)
-            if a < b:
-                buf[a - offset : b - offset] = self.buffer[
-                    a - self.tail_start : b - self.tail_start
-                ]
+            pos = self.tail_start - self.head  # file offset of pieces[0][0]
+            for piece in self.pieces:
+                a, b = max(offset, pos, self.tail_start), min(end, pos + len(piece))
+                if a < b:
+                    buf[a - offset : b - offset] = memoryview(piece)[a - pos : b - pos]
+                pos += len(piece)
+                if pos >= end:
+                    break
         return extents
 
 

@@ -1,10 +1,17 @@
 """The fetcher: brings blocks from the object store into the cache dir on request.
 
-GET → verify, decrypt, decompress (SealedStore.get_block) → cache/blocks (not fsynced:
-a block lost in a crash is fetched again). Requests for a block that is already being
-fetched wait for that one GET instead of starting another, and the GETs run in the
-fetcher's own nursery, so a requester that goes away does not cancel a GET that
-others wait for. At most `fetches` GETs run at once.
+GET → verify, decrypt, decompress → cache/blocks (not fsynced: a block lost in a crash
+is fetched again); the opening and the write run in one worker thread. Requests for a
+block that is already being fetched wait for that one GET instead of starting another,
+and the GETs run in the fetcher's own nursery, so a requester that goes away does not
+cancel a GET that others wait for. At most `fetches` GETs run at once, read-ahead
+(prefetch) ones in at most three quarters of those slots.
+
+A read that misses (its block is not in flight yet) goes first: no prefetch GET starts
+while one waits. The first read of a cold file then has the store to itself instead of
+sharing it with the read-ahead that its own request asked for (on S3 the time to its
+first byte), while a sequential reader, whose blocks are in flight as prefetches by the
+time it asks, never holds the read-ahead back.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ class _Get:
     #: a prefetch waits in this scope for its turn; a read that needs the block
     #: cancels the wait (promotes it)
     queued: trio.CancelScope | None = None
+    #: a read waits for this block, and no GET had started for it when it asked
+    missed: bool = False
 
 
 class FetchFailed(Exception):
@@ -57,16 +66,25 @@ class Fetcher:
         *,
         fetches: int = 8,
         on_fetched: Callable[[bytes, int], None] | None = None,
+        has_room: Callable[[], bool] | None = None,
     ) -> None:
         self.cache = cache
         self.store = store
         #: told of every block file the fetcher writes (the evictor's accounting)
         self._on_fetched = on_fetched
+        #: False while the cache is over the evictor's start mark: read-ahead is then
+        #: dropped (the block is fetched when read), so it cannot outrun the evictor
+        self._has_room = has_room
         self._limit = trio.Semaphore(fetches)
-        # Prefetches may hold at most half the GET slots, so a read that misses the
-        # cache never queues behind a long read-ahead.
-        self._prefetch_limit = trio.Semaphore(max(1, fetches // 2))
+        # Prefetches may hold at most three quarters of the GET slots, so a read that
+        # misses the cache never queues behind a long read-ahead; they are most of a
+        # sequential reader's GETs, and each one in flight hides a GET's latency.
+        self._prefetch_limit = trio.Semaphore(max(1, fetches * 3 // 4))
         self._gets: dict[bytes, _Get] = {}
+        #: GETs of missed blocks not done yet; prefetch GETs start only at 0
+        self._misses = 0
+        self._no_misses = trio.Event()
+        self._no_misses.set()
         self._nursery: trio.Nursery | None = None
         #: blocks fetched since the daemon started
         self.fetched = 0
@@ -99,9 +117,11 @@ class Fetcher:
             get = self._gets.get(block_id)
             if get is None:
                 get = self._gets[block_id] = _Get()
+                self._missed(get)
                 self._nursery.start_soon(self._get, block_id, get)
             elif get.queued is not None:
                 get.queued.cancel()  # a read needs it now
+                self._missed(get)
             waits[block_id] = get
         for block_id in dict.fromkeys(prefetch or ()):
             if block_id not in self._gets and not self.cache.has_block(block_id):
@@ -115,6 +135,16 @@ class Fetcher:
         if failures:
             raise FetchFailed(failures)
 
+    def _room(self) -> bool:
+        return self._has_room is None or self._has_room()
+
+    def _missed(self, get: _Get) -> None:
+        if not get.missed:
+            get.missed = True
+            if self._misses == 0:
+                self._no_misses = trio.Event()
+            self._misses += 1
+
     async def _get(self, block_id: bytes, get: _Get) -> None:
         prefetch_slot = False
         try:
@@ -122,16 +152,21 @@ class Fetcher:
                 with get.queued:
                     await self._prefetch_limit.acquire()
                     prefetch_slot = True
+                    while self._misses:
+                        await self._no_misses.wait()
+                if get.queued.cancelled_caught is False and not self._room():
+                    return  # read-ahead dropped (best effort): the finally cleans up
                 get.queued = None
             async with self._limit:
                 # it may have arrived while we waited for a slot (another process)
                 if not self.cache.has_block(block_id):
-                    plaintext = await self.store.get_block(block_id)
-                    await trio.to_thread.run_sync(self._write, block_id, plaintext)
+                    size = await trio.to_thread.run_sync(
+                        self._open_and_write, block_id, await self.store.get_sealed(block_id)
+                    )
                     self.fetched += 1
-                    self.fetched_bytes += len(plaintext)
+                    self.fetched_bytes += size
                     if self._on_fetched is not None:
-                        self._on_fetched(block_id, len(plaintext))
+                        self._on_fetched(block_id, size)
         except CloudfsError as exc:
             get.error = _about_block(exc, block_id)
             log.warning("fetch of block %s failed: %s", block_id.hex(), exc.message)
@@ -141,13 +176,21 @@ class Fetcher:
         finally:
             if prefetch_slot:
                 self._prefetch_limit.release()
+            if get.missed:
+                self._misses -= 1
+                if self._misses == 0:
+                    self._no_misses.set()
             # a failed GET is forgotten at once: the next request tries again
             del self._gets[block_id]
             self.last_progress = trio.current_time()
             get.done.set()
 
-    def _write(self, block_id: bytes, plaintext: bytes) -> None:
+    def _open_and_write(self, block_id: bytes, body: bytes) -> int:
+        """Verify and open the object, write the block file: one worker thread hop
+        per block instead of two. The plaintext's size."""
+        plaintext = self.store.open_sealed(block_id, body)
         self.cache.write_block(block_id, plaintext, durable=False)
+        return len(plaintext)
 
 
 def _about_block(exc: CloudfsError, block_id: bytes) -> CloudfsError:

@@ -19,7 +19,7 @@ from typing import Any
 import trio
 from cloudfs.daemon.backup import Backups
 from cloudfs.daemon.control import ControlServer, SocketPath
-from cloudfs.daemon.evictor import Evictor
+from cloudfs.daemon.evictor import HIGH_WATER, Evictor
 from cloudfs.daemon.fetcher import Fetcher, FetchFailed
 from cloudfs.daemon.remover import Remover
 from cloudfs.daemon.uploader import Uploader
@@ -105,7 +105,10 @@ class DaemonService:
             meta, cache, store, keys, uploads=uploads,
             on_pending=self.evictor.pending_seen, on_stored=self.evictor.stored,
         )  # fmt: skip
-        self.fetcher = Fetcher(cache, store, fetches=fetches, on_fetched=self.evictor.fetched)
+        self.fetcher = Fetcher(
+            cache, store, fetches=fetches, on_fetched=self.evictor.fetched,
+            has_room=lambda: self.evictor.used < self.evictor.limit * HIGH_WATER,
+        )  # fmt: skip
         self.remover = Remover(meta, store.inner, cache)
         self.control = ControlServer(self)
         self.idle_exit = idle_exit

@@ -42,6 +42,8 @@ SHARED_TIMEOUT = 1.0
 #: changed(inodes, entries): announce a change to the other mounts (shared mode)
 Changed = Callable[[Sequence[int], Sequence[tuple[int, bytes]]], None]
 BLOCK_SIZE = 4096
+#: the xattr the kernel looks up before each write to a file (to drop it)
+CAPABILITY_XATTR = b"security.capability"
 
 
 def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -90,6 +92,8 @@ class Operations(pyfuse3.Operations):
         #: several mounts share the metadata: short kernel cache timeouts, and the page
         #: cache of a file is kept at open only if no other mount changed it since
         self.shared = shared
+        #: setxattr/removexattr calls begun (see getxattr of CAPABILITY_XATTR)
+        self._xattr_changes = 0
         #: entry and attribute timeout of the replies (-o attr_timeout overrides)
         if cache_timeout is None:
             cache_timeout = SHARED_TIMEOUT if shared else SINGLE_MOUNT_TIMEOUT
@@ -112,6 +116,20 @@ class Operations(pyfuse3.Operations):
         #: does not wait for it, and at unmount it stops listening for the answer);
         #: serve() waits for these tasks before it exits
         self.background: trio.Nursery | None = None
+        #: run once the kernel's INIT request is answered (the answer sets the mount's
+        #: read-ahead window, so whatever widens it must come after)
+        self.after_init: Callable[[], None] | None = None
+
+    def init(self) -> None:
+        # pyfuse3 calls this inside its FUSE_INIT handler, before the answer goes out;
+        # a task started now runs once that synchronous handler has returned
+        if self.after_init is not None and self.background is not None:
+            after_init = self.after_init
+
+            async def run() -> None:
+                after_init()
+
+            self.background.start_soon(run)
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -434,7 +452,11 @@ class Operations(pyfuse3.Operations):
             finally:  # the admin tool may read the metadata next
                 await self.ns.meta.commit()
             return
-        await self.ns.setxattr(inode, name, value)
+        self._xattr_changed(inode)
+        try:
+            await self.ns.setxattr(inode, name, value)
+        finally:
+            self._xattr_changed(inode)
         self._announce([inode])
 
     @fuse_errors
@@ -442,7 +464,29 @@ class Operations(pyfuse3.Operations):
         if inode == pyfuse3.ROOT_INODE and name == XATTR_CACHEDIR:
             await self.ns.meta.commit()  # an admin tool: it reads the metadata next
             return os.fsencode(self.files.cache.root)
-        return await self.ns.getxattr(inode, name)
+        if name != CAPABILITY_XATTR or self.shared:
+            return await self.ns.getxattr(inode, name)
+        # asked before every write: answered from memory while the file is open
+        st = self.files.current(inode)
+        if st is not None and st.capability_absent:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        changes = self._xattr_changes
+        try:
+            return await self.ns.getxattr(inode, name)
+        except FSOpError as exc:
+            st = self.files.current(inode)
+            if (exc.errno == errno.ENODATA and st is not None and st.opens > 0
+                    and changes == self._xattr_changes):  # fmt: skip
+                st.capability_absent = True
+            raise
+
+    def _xattr_changed(self, inode: int) -> None:
+        """An xattr of `inode` changes: forget that it had no capability (a getxattr
+        under way meanwhile must not record its older answer either)."""
+        self._xattr_changes += 1
+        st = self.files.current(inode)
+        if st is not None:
+            st.capability_absent = False
 
     async def _command(self, command: bytes) -> None:
         """Commands of the admin tool, sent as a virtual xattr of the root."""
@@ -471,7 +515,11 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.ns.removexattr(inode, name)
+        self._xattr_changed(inode)
+        try:
+            await self.ns.removexattr(inode, name)
+        finally:
+            self._xattr_changed(inode)
         self._announce([inode])
 
 

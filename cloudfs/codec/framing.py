@@ -90,6 +90,21 @@ def _body_tag(
     return mac.digest()[:TAG_SIZE]
 
 
+#: bytes at the start of a block that zstd tries first: when they do not shrink, the
+#: block is stored raw without compressing the rest (random, encrypted or already
+#: compressed data: zstd would spend ~0.25 CPU s per GiB to find nothing)
+PROBE_SIZE = 64 << 10
+#: the probe must come out at most this share of its size for zstd to run on the block
+PROBE_RATIO = 0.97
+
+
+def _worth_compressing(plaintext: bytes | bytearray | memoryview, level: int) -> bool:
+    if len(plaintext) <= 2 * PROBE_SIZE:
+        return True  # the probe would cost about as much as the whole block
+    probe = _native.compress(memoryview(plaintext)[:PROBE_SIZE], level)
+    return probe is not None and len(probe) <= PROBE_SIZE * PROBE_RATIO
+
+
 def seal_block(
     keys: Keys,
     block_id: bytes,
@@ -102,7 +117,9 @@ def seal_block(
     only when that makes it smaller. CPU-heavy: async callers use a worker thread."""
     if len(block_id) != BLOCK_ID_SIZE:
         raise ValueError(f"block id must be {BLOCK_ID_SIZE} bytes")
-    compressed = _native.compress(plaintext, level)
+    compressed = (
+        _native.compress(plaintext, level) if _worth_compressing(plaintext, level) else None
+    )
     flags = 0
     payload: bytes | bytearray | memoryview = plaintext
     if compressed is not None and len(compressed) < len(plaintext):

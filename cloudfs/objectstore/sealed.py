@@ -46,8 +46,18 @@ class SealedStore:
     async def get_block(self, block_id: bytes) -> bytes:
         """The block's verified plaintext; ObjectNotFound if it is not stored,
         CorruptBlock if the stored object is not exactly this block."""
-        body = await self.inner.get(block_key(block_id))
-        return await trio.to_thread.run_sync(self._open, block_id, body)
+        body = await self.get_sealed(block_id)
+        return await trio.to_thread.run_sync(self.open_sealed, block_id, body)
+
+    async def get_sealed(self, block_id: bytes) -> bytes:
+        """The block's object as stored, not verified yet: `open_sealed` (blocking)
+        verifies it, for callers that do more in the same worker thread."""
+        return await self.inner.get(block_key(block_id))
+
+    def open_sealed(self, block_id: bytes, body: bytes) -> bytes:
+        """The verified plaintext of `body` (from `get_sealed`); CorruptBlock unless
+        it is exactly the block `block_id`. CPU work: call from a worker thread."""
+        return open_block(self.keys, block_id, body, max_size=self.max_size)
 
     async def has_block(self, block_id: bytes) -> bool:
         """True when an object exists under the block's key (not verified)."""
@@ -59,9 +69,6 @@ class SealedStore:
 
     def _seal(self, block_id: bytes, plaintext: bytes) -> bytes:
         return seal_block(self.keys, block_id, plaintext, encrypt=self.encrypt, level=self.level)
-
-    def _open(self, block_id: bytes, body: bytes) -> bytes:
-        return open_block(self.keys, block_id, body, max_size=self.max_size)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

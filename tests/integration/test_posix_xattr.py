@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -157,3 +158,28 @@ def test_cp_a_and_tar_keep_xattrs(fs: CloudFS, tmp_path: Path) -> None:
     _check_tree(m / "copy2", BIG)
     _check_tree(m / "untar-local")
     _check_tree(m / "untar-mount", BIG)
+
+
+def test_write_drops_capability_set_while_open(fs: CloudFS) -> None:
+    """The kernel asks for security.capability before each write (to drop it); the
+    mount answers "none" from memory while a file stays open, so a capability set
+    meanwhile must still be seen, and dropped by the next write as on ext4."""
+    p = fs.mnt / "prog"
+    # vfs_cap_data revision 2, effective, permitted = CAP_NET_RAW
+    cap = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT, 0o755)
+    try:
+        os.write(fd, b"a" * 4096)
+        os.write(fd, b"b" * 4096)  # the answer "no capability" is remembered now
+        os.setxattr(p, "security.capability", cap)
+        assert os.getxattr(p, "security.capability") == cap
+        os.write(fd, b"c" * 4096)
+        expect_errno(errno.ENODATA, os.getxattr, p, "security.capability")
+        os.setxattr(p, "security.capability", cap)
+    finally:
+        os.close(fd)
+    # a new open asks again: set while closed, a write drops it too
+    with open(p, "r+b", buffering=0) as f:
+        f.write(b"d")
+    expect_errno(errno.ENODATA, os.getxattr, p, "security.capability")
+    assert p.read_bytes() == b"d" + b"a" * 4095 + b"b" * 4096 + b"c" * 4096

@@ -22,6 +22,7 @@ from cloudfs.codec.framing import (
     FLAG_COMPRESSED,
     FLAG_ENCRYPTED,
     HEADER_SIZE,
+    PROBE_SIZE,
     block_key,
     open_block,
     parse_block_key,
@@ -164,6 +165,24 @@ def test_compression_only_when_smaller(keys: Keys) -> None:
     assert len(body) == HEADER_SIZE + len(INCOMPRESSIBLE) + 16
     _, body = seal(keys, INCOMPRESSIBLE, encrypt=True)
     assert len(body) == HEADER_SIZE + 12 + len(INCOMPRESSIBLE) + 16
+
+
+def test_probe_decides_compression_of_big_blocks(keys: Keys) -> None:
+    """A block past twice PROBE_SIZE is compressed only if its first PROBE_SIZE bytes
+    shrink: random data is stored raw without a full zstd pass, text still shrinks,
+    and either way the block opens to its bytes."""
+    text = b"".join(b"line %d of some text that repeats\n" % i for i in range(40_000))
+    noise = os.urandom(3 * PROBE_SIZE)
+    cases = {
+        text: True,
+        noise: False,
+        noise[:PROBE_SIZE] + text: False,  # the price of the probe: stored raw
+        text[:PROBE_SIZE] + noise: True,  # a little gained on the head: zstd runs
+    }
+    for plaintext, compressed in cases.items():
+        block_id, body = seal(keys, plaintext, encrypt=True)
+        assert bool(body[5] & FLAG_COMPRESSED) == compressed
+        assert open_block(keys, block_id, body) == plaintext
 
 
 def test_encrypted_body_hides_plaintext(keys: Keys) -> None:

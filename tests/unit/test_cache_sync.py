@@ -1,0 +1,61 @@
+"""CacheDir.write_block and sync_blocks: block files written with early writeback and
+synced later, many at once on threads."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from cloudfs.cache import CacheDir, ThreadPool
+
+
+def _cache(tmp_path: Path) -> CacheDir:
+    cache = CacheDir(tmp_path / "cache")
+    cache.create()
+    return cache
+
+
+def test_sync_blocks_many_at_once(tmp_path: Path) -> None:
+    cache = _cache(tmp_path)
+    blocks = {os.urandom(32): os.urandom(1000 + i) for i in range(40)}
+    for block_id, data in blocks.items():
+        cache.write_block(block_id, data, durable=False, sync_soon=True)
+    ids = list(blocks)
+    cache.remove_block(ids[0])  # uploaded and evicted meanwhile: nothing to sync
+    cache.sync_blocks(ids, [])
+    for block_id in ids[1:]:
+        assert cache.block_path(block_id).read_bytes() == blocks[block_id]
+
+
+def test_sync_blocks_fails_when_a_directory_is_gone(tmp_path: Path) -> None:
+    """An error on one of the threads reaches the caller (fsync must not succeed)."""
+    cache = _cache(tmp_path)
+    ids = [os.urandom(32) for _ in range(10)]
+    for block_id in ids:
+        cache.write_block(block_id, b"x" * 100, durable=False, sync_soon=True)
+    shutil.rmtree(cache.block_path(ids[3]).parent)
+    with pytest.raises(FileNotFoundError):
+        cache.sync_blocks(ids, [])
+
+
+def test_thread_pool_is_made_again_after_fork() -> None:
+    """mount.cloudfs forks after preparing the mount: a pool made before must not be
+    used by the child, whose copy of it has no threads (its map would hang)."""
+    pool = ThreadPool(2, "test-pool")
+    # enough work that the executor counts idle threads it would hand the child's
+    # tasks to (and then never start the threads the child lacks)
+    assert list(pool.get().map(abs, range(-40, 0))) == list(range(40, 0, -1))
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the pool works, killed if it hangs
+        code = 1
+        try:
+            signal.alarm(10)
+            code = 0 if list(pool.get().map(abs, [-3, -4])) == [3, 4] else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
