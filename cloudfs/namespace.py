@@ -112,6 +112,12 @@ class Namespace:
         self.client: clients.Client | None = None
         #: the inodes this mount holds because they lost their last name while open
         self.marked_open: set[int] = set()
+        #: inodes known to hold no extended attribute, while the kernel knows them. The
+        #: kernel asks for security.capability before every write(2); these answer
+        #: ENODATA without SQL. Sound while this mount is the only writer of xattrs
+        #: (single mount: setxattr, removexattr here; a snapshot gives its copies new
+        #: ids, which are never reused); with other mounts (`client` set) not kept.
+        self._without_xattrs: set[int] = set()
 
     # --- attributes -------------------------------------------------------------------
 
@@ -290,12 +296,22 @@ class Namespace:
         if stat.S_IFMT(mode) == 0:
             mode |= stat.S_IFREG
         async with self.meta.transaction() as tx:
-            return await self._new_inode(tx, parent, name, mode, caller, rdev=rdev)
+            attrs = await self._new_inode(tx, parent, name, mode, caller, rdev=rdev)
+        return self._born(attrs)
 
     @_retried
     async def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> InodeAttrs:
         async with self.meta.transaction() as tx:
-            return await self._new_inode(tx, parent, name, stat.S_IFDIR | (mode & 0o7777), caller)
+            attrs = await self._new_inode(
+                tx, parent, name, stat.S_IFDIR | (mode & 0o7777), caller
+            )
+        return self._born(attrs)
+
+    def _born(self, attrs: InodeAttrs) -> InodeAttrs:
+        """A new inode, committed (or in the group): it has no extended attributes."""
+        if self.client is None:
+            self._without_xattrs.add(attrs.id)
+        return attrs
 
     @_retried
     async def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> InodeAttrs:
@@ -492,8 +508,10 @@ class Namespace:
         it was known can have to go: the others cost no transaction (the kernel forgets
         whole directories at once when it drops its caches)."""
         for ino, n in items:
-            if self.kernel_refs.forget(ino, n) == 0 and ino in self._nameless:
-                await self.maybe_free(ino)
+            if self.kernel_refs.forget(ino, n) == 0:
+                self._without_xattrs.discard(ino)
+                if ino in self._nameless:
+                    await self.maybe_free(ino)
 
     async def lost_name(self, ino: int) -> None:
         """`ino` may have lost its last name: free it now or once it is closed and
@@ -599,9 +617,15 @@ class Namespace:
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
         _check_xattr_name(name)
+        if ino in self._without_xattrs:
+            raise _err(errno.ENODATA)  # the inode exists: the kernel still knows it
         async with self.meta.reading() as tx:
             await self._get(tx, ino)
             value = await tx.get_xattr(ino, name)
+            if value is None and self.client is None and self.kernel_refs.get(ino) > 0:
+                if not await tx.list_xattrs(ino):
+                    # inside the transaction: no setxattr can come between
+                    self._without_xattrs.add(ino)
         if value is None:
             raise _err(errno.ENODATA)
         return value
@@ -621,6 +645,7 @@ class Namespace:
             if flags & XATTR_REPLACE and not exists:
                 raise _err(errno.ENODATA)
             await tx.set_xattr(ino, name, value)
+            self._without_xattrs.discard(ino)  # in the transaction: see getxattr
             await tx.update_inode(ino, ctime_ns=time.time_ns())
 
     async def listxattr(self, ino: int) -> list[bytes]:

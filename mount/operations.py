@@ -303,7 +303,7 @@ class Operations(pyfuse3.Operations):
             # atime is read at open, not at read(): reads served from the page cache
             # never reach the filesystem. The kernel keeps cached attributes and hears
             # nothing of this change from an open, so tell it.
-            await trio.to_thread.run_sync(_invalidate_attributes, inode)
+            _invalidate_attributes(inode)
         await self.files.open(inode, attrs.version if self.shared else None)
         # the kernel's page cache stays valid across opens: every change passes through
         # it, except, in shared mode, another mount's (close-to-open: drop it then)
@@ -352,6 +352,11 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def flush(self, fh: int) -> None:
         # close(2) waits for this answer (release comes later, unwaited for)
+        if self.wait_stored is None:
+            # --upload=async: a close has nothing to wait for. ENOSYS makes the kernel
+            # stop sending FLUSH for good (one round trip fewer per close; POSIX locks
+            # are the kernel's own here, so no lock owner needs this request)
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         ino = self._ino(fh)
         if self.wait_stored is not None and fh in self._written:
             self._written.discard(fh)
@@ -519,8 +524,10 @@ class Operations(pyfuse3.Operations):
 
 
 def _invalidate_attributes(ino: int) -> None:
-    """Make the kernel ask for the attributes of `ino` again (blocking, but quick: it
-    leaves cached data alone, so it never waits for writeback)."""
+    """Make the kernel ask for the attributes of `ino` again. Called on the trio thread:
+    the kernel only marks the cached attributes stale, it leaves cached data alone and
+    so never waits for writeback or for an answer of this process (a thread hop per
+    first read of a written file cost more than the call)."""
     try:
         pyfuse3.invalidate_inode(ino, attr_only=True)
     except OSError:
