@@ -88,11 +88,6 @@ class FileState:
     #: sequential writes at the end of the file, chunked as they arrive
     stream: AppendStream | None = None
     cut_lock: trio.Lock = field(default_factory=trio.Lock)  # one stream cut at a time
-    #: the file has no security.capability xattr (the kernel asks before every write,
-    #: file_remove_privs). Kept by the FUSE adapter, single-mount mode only, and only
-    #: while the file stays open: an open inode is never freed (so never reused), and
-    #: only this mount's setxattr/removexattr change its xattrs, which reset it
-    capability_absent: bool = False
 
     @property
     def dirty(self) -> bool:
@@ -281,8 +276,6 @@ class FileStore:
                     st.size = st.sealed_size = st.keep_below = attrs.size
                     st.base_version = attrs.version
                     st.extents = None
-        if st.opens == 0:
-            st.capability_absent = False  # known only while the file stays open
         st.opens += 1
         return st
 

@@ -116,8 +116,10 @@ class Namespace:
         #: kernel asks for security.capability before every write(2); these answer
         #: ENODATA without SQL. Sound while this mount is the only writer of xattrs
         #: (single mount: setxattr, removexattr here; a snapshot gives its copies new
-        #: ids, which are never reused); with other mounts (`client` set) not kept.
+        #: ids, which are never reused); in shared mode (other mounts) not kept.
         self._without_xattrs: set[int] = set()
+        #: other mounts share the metadata (MySQL): what they change is never known here
+        self.shared = False
 
     # --- attributes -------------------------------------------------------------------
 
@@ -309,7 +311,7 @@ class Namespace:
 
     def _born(self, attrs: InodeAttrs) -> InodeAttrs:
         """A new inode, committed (or in the group): it has no extended attributes."""
-        if self.client is None:
+        if not self.shared:
             self._without_xattrs.add(attrs.id)
         return attrs
 
@@ -622,7 +624,7 @@ class Namespace:
         async with self.meta.reading() as tx:
             await self._get(tx, ino)
             value = await tx.get_xattr(ino, name)
-            if value is None and self.client is None and self.kernel_refs.get(ino) > 0:
+            if value is None and not self.shared and self.kernel_refs.get(ino) > 0:
                 if not await tx.list_xattrs(ino):
                     # inside the transaction: no setxattr can come between
                     self._without_xattrs.add(ino)

@@ -535,7 +535,7 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
         origin=socket.gethostname(),
     )
     ns = Namespace(meta, files, atime=opts.atime)
-    shared = is_mysql(prep.meta_url)
+    shared = ns.shared = is_mysql(prep.meta_url)
     # this mount's row, on every engine; rows and holds of mounts that died go
     client = Client(meta, str(cache.root))
     await client.register()

@@ -43,7 +43,6 @@ SHARED_TIMEOUT = 1.0
 Changed = Callable[[Sequence[int], Sequence[tuple[int, bytes]]], None]
 BLOCK_SIZE = 4096
 #: the xattr the kernel looks up before each write to a file (to drop it)
-CAPABILITY_XATTR = b"security.capability"
 
 
 def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -92,8 +91,6 @@ class Operations(pyfuse3.Operations):
         #: several mounts share the metadata: short kernel cache timeouts, and the page
         #: cache of a file is kept at open only if no other mount changed it since
         self.shared = shared
-        #: setxattr/removexattr calls begun (see getxattr of CAPABILITY_XATTR)
-        self._xattr_changes = 0
         #: entry and attribute timeout of the replies (-o attr_timeout overrides)
         if cache_timeout is None:
             cache_timeout = SHARED_TIMEOUT if shared else SINGLE_MOUNT_TIMEOUT
@@ -452,11 +449,7 @@ class Operations(pyfuse3.Operations):
             finally:  # the admin tool may read the metadata next
                 await self.ns.meta.commit()
             return
-        self._xattr_changed(inode)
-        try:
-            await self.ns.setxattr(inode, name, value)
-        finally:
-            self._xattr_changed(inode)
+        await self.ns.setxattr(inode, name, value)
         self._announce([inode])
 
     @fuse_errors
@@ -464,29 +457,9 @@ class Operations(pyfuse3.Operations):
         if inode == pyfuse3.ROOT_INODE and name == XATTR_CACHEDIR:
             await self.ns.meta.commit()  # an admin tool: it reads the metadata next
             return os.fsencode(self.files.cache.root)
-        if name != CAPABILITY_XATTR or self.shared:
-            return await self.ns.getxattr(inode, name)
-        # asked before every write: answered from memory while the file is open
-        st = self.files.current(inode)
-        if st is not None and st.capability_absent:
-            raise pyfuse3.FUSEError(errno.ENODATA)
-        changes = self._xattr_changes
-        try:
-            return await self.ns.getxattr(inode, name)
-        except FSOpError as exc:
-            st = self.files.current(inode)
-            if (exc.errno == errno.ENODATA and st is not None and st.opens > 0
-                    and changes == self._xattr_changes):  # fmt: skip
-                st.capability_absent = True
-            raise
-
-    def _xattr_changed(self, inode: int) -> None:
-        """An xattr of `inode` changes: forget that it had no capability (a getxattr
-        under way meanwhile must not record its older answer either)."""
-        self._xattr_changes += 1
-        st = self.files.current(inode)
-        if st is not None:
-            st.capability_absent = False
+        # the kernel asks for security.capability before every write(2): the namespace
+        # answers it for inodes known to have no xattrs without SQL
+        return await self.ns.getxattr(inode, name)
 
     async def _command(self, command: bytes) -> None:
         """Commands of the admin tool, sent as a virtual xattr of the root."""
@@ -515,11 +488,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._xattr_changed(inode)
-        try:
-            await self.ns.removexattr(inode, name)
-        finally:
-            self._xattr_changed(inode)
+        await self.ns.removexattr(inode, name)
         self._announce([inode])
 
 

@@ -122,7 +122,7 @@ async def test_fact_learned_from_the_database_and_dropped_at_forget(env: Env) ->
 async def test_no_fact_with_other_mounts(env: Env) -> None:
     ino = await env.setup()
     ns = Namespace(env.meta, env.files)
-    ns.client = object()  # type: ignore[assignment]  # shared mode: others set xattrs
+    ns.shared = True  # shared mode: other mounts set xattrs
     ns.remember(ino)
     sql = Statements(env)
     for _ in range(2):
