@@ -533,6 +533,14 @@ class Namespace:
             else:
                 await self.maybe_free(ino, kernel_refs_count=False)
 
+    async def free_at_unmount(self, released: list[int]) -> None:
+        """Shared mode, unmounted: the kernel's references are gone, so the inodes
+        without a name that this mount used (`released` by its last heartbeat, or
+        unlinked here while the kernel knew them) are freed now, unless another mount
+        holds them. Else they would wait for some mount's `free_orphans`."""
+        for ino in sorted(set(released) | self._nameless | self.marked_open):
+            await self.maybe_free(ino, kernel_refs_count=False)
+
     @_retried
     async def maybe_free(self, ino: int, *, kernel_refs_count: bool = True) -> None:
         """Free `ino` if no name, no open handle and no kernel reference is left

@@ -631,6 +631,10 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
         files.nursery = None
         await files.seal_all()
         if meta.fenced is None:  # a fenced mount changes nothing; the next one drops it
+            if shared:
+                # the holds that closed files keep until a heartbeat go now, and the
+                # inodes that lost their last names meanwhile go with them
+                await ns.free_at_unmount(await client.heartbeat())
             await client.unregister()  # everything is sealed: nothing is held
     finally:
         if notifier is not None:
