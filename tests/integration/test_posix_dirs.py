@@ -272,7 +272,9 @@ def test_hundred_thousand_entries(fs: CloudFS) -> None:
     assert first - before < 8 * 1024, f"the first listing grew the mount by {first - before} KiB"
     assert second - first < 1024, f"a second listing grew the mount by {second - first} KiB"
     assert settled - second < 8 * 1024, f"forget + list grew the mount by {settled - second} KiB"
-    assert max(rounds) - settled < 4 * 1024, (
+    # three rounds of 100,001 lookups: a leak of 28 bytes per lookup passes 8 MiB;
+    # what the allocator keeps or gives back between rounds has been up to 4.8 MB
+    assert max(rounds) - settled < 8 * 1024, (
         f"forgetting and listing again grew the mount: {settled} KiB, then {rounds}"
     )
     # every entry still works after all that forgetting
