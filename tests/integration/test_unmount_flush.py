@@ -72,11 +72,30 @@ def test_status_is_stat(fs: CloudFS) -> None:
     assert re.search(r"^pending uploads +0 blocks", text, re.MULTILINE), text
 
 
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _wait_until_idle(pid: int, timeout: float) -> None:
+    """Until process `pid` has started (used some CPU) and then used none for half a
+    second: it waits for something (here: the stopped daemon's answer)."""
+    deadline = time.monotonic() + timeout
+    last, quiet = _cpu_ticks(pid), 0
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = _cpu_ticks(pid)
+        quiet = quiet + 1 if now == last and now >= 10 else 0
+        if quiet >= 2:
+            return
+        last = now
+    raise AssertionError(f"process {pid} did not settle within {timeout:.0f} s")
+
+
 def test_flush_progress_on_a_terminal(fs: CloudFS) -> None:
     daemon = fs.daemon_pid()
     assert daemon is not None
     os.kill(daemon, signal.SIGSTOP)  # until the flush has begun: it sees it all go up
-    stopped = True
     try:
         for i in range(6):
             (fs.mnt / f"f{i}").write_bytes(os.urandom(25 * MiB))
@@ -90,21 +109,28 @@ def test_flush_progress_on_a_terminal(fs: CloudFS) -> None:
     os.close(slave)
     shown = b""
     try:
-        started = time.monotonic()
-        deadline = started + 120
+        # the daemon goes on once the flush waits for it (started, then idle), and
+        # is paused again whenever the bar shows a new count, until it showed a few:
+        # a loaded machine must not let it upload everything between two frames
+        _wait_until_idle(proc.pid, timeout=120)
+        os.kill(daemon, signal.SIGCONT)
+        paused_at: list[bytes] = []
+        deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
-            if stopped and time.monotonic() - started > 0.5:
-                os.kill(daemon, signal.SIGCONT)
-                stopped = False
-            if select.select([master], [], [], 0.1)[0]:
+            if select.select([master], [], [], 0.05)[0]:
                 try:
                     shown += os.read(master, 65536)
                 except OSError:
                     break
+                counts = re.findall(rb"\] (\d+) blocks", shown)
+                if counts and len(paused_at) < 3 and counts[-1] not in paused_at:
+                    paused_at.append(counts[-1])
+                    os.kill(daemon, signal.SIGSTOP)
+                    time.sleep(0.3)
+                    os.kill(daemon, signal.SIGCONT)
         out, _ = proc.communicate(timeout=60)
     finally:
-        if stopped:
-            os.kill(daemon, signal.SIGCONT)
+        os.kill(daemon, signal.SIGCONT)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
