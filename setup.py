@@ -97,7 +97,7 @@ setup(
         "pymysql",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "moto[server]", "pytest-timeout"],
+        "test": ["pytest", "hypothesis", "moto[server]", "pytest-timeout", "pytest-xdist"],
     },
     entry_points={
         "console_scripts": [

@@ -6,7 +6,9 @@
 # Installs the missing apt packages (apt-get update first, non-interactive), makes
 # .venv with `python3 -m venv` if there is none (Debian's python3 or pyenv's), runs
 # `pip install -e '.[test]'`, then the whole suite with a per-test timeout
-# (CLOUDFS_TEST_TIMEOUT seconds, default 900). Exits with pytest's status.
+# (CLOUDFS_TEST_TIMEOUT seconds, default 900) in CLOUDFS_TEST_WORKERS processes
+# (pytest-xdist, default 2; each starts its own moto, MariaDB and Redis on free
+# loopback ports; 1 runs everything in this process). Exits with pytest's status.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -58,9 +60,14 @@ if [ ! -c /dev/fuse ]; then
 fi
 report=$(mktemp "${TMPDIR:-/tmp}/cloudfs-test.XXXXXX")
 trap 'rm -f "$report"' EXIT
-log "python -m pytest --import-mode=importlib -q tests $*"
+workers=${CLOUDFS_TEST_WORKERS:-2}
+parallel=()
+if [ "$workers" != 1 ]; then
+    parallel=(-n "$workers" --dist worksteal)
+fi
+log "python -m pytest --import-mode=importlib -q ${parallel[*]} tests $*"
 set +e
-.venv/bin/python -m pytest --import-mode=importlib -q \
+.venv/bin/python -m pytest --import-mode=importlib -q "${parallel[@]}" \
     --timeout="${CLOUDFS_TEST_TIMEOUT:-900}" --durations=25 tests "$@" 2>&1 | tee "$report"
 status=${PIPESTATUS[0]}
 set -e
