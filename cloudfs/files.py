@@ -592,6 +592,17 @@ class FileStore:
             finally:
                 st.sealing = False
 
+    async def _sync_blocks(self, st: FileState, written: list[bytes]) -> None:
+        """Sync the file's block files not synced yet and `written`, all at once on
+        worker threads (before the durable commit that names them); on failure they
+        stay in `st.unsynced` for the next try."""
+        earlier, st.unsynced = [*st.unsynced, *written], []
+        try:
+            await trio.to_thread.run_sync(self.cache.sync_blocks, earlier, [])
+        except BaseException:
+            st.unsynced.extend(earlier)
+            raise
+
     async def _seal_locked(self, st: FileState, *, publish: bool, durable: bool) -> None:
         if st.stream is not None:
             await self._seal_stream(st, publish=publish, final=publish, durable=durable)
@@ -600,12 +611,7 @@ class FileStore:
             if durable and st.unsynced:
                 # block files before the WAL sync that makes the commits naming them
                 # durable
-                earlier, st.unsynced = st.unsynced, []
-                try:
-                    await trio.to_thread.run_sync(self.cache.sync_blocks, earlier, [])
-                except BaseException:
-                    st.unsynced.extend(earlier)
-                    raise
+                await self._sync_blocks(st, [])
             if publish and st.working_version is not None:
                 await self.meta.run(
                     self._commit, st, [], [], publish=True, durable=durable, size=st.size
@@ -618,13 +624,7 @@ class FileStore:
         plan = self._plan(st, extents, hold_tail=not publish)
         result = await trio.to_thread.run_sync(self._rechunk, st, plan, abandon_on_cancel=False)
         if durable:
-            # all at once, in parallel, before the commit that names them
-            earlier, st.unsynced = [*st.unsynced, *result.written], []
-            try:
-                await trio.to_thread.run_sync(self.cache.sync_blocks, earlier, [])
-            except BaseException:
-                st.unsynced.extend(earlier)
-                raise
+            await self._sync_blocks(st, result.written)  # before the commit naming them
         else:
             st.unsynced.extend(result.written)
         replaced = [e for e in plan.old if e.offset < result.stop or e.offset >= plan.size]
@@ -667,12 +667,7 @@ class FileStore:
                 # crash between the two never leaves metadata naming lost plaintext.
                 # Their writeback started as each was written, so this mostly waits
                 # for the last few and one journal commit
-                earlier, st.unsynced = [*st.unsynced, *written], []
-                try:
-                    await trio.to_thread.run_sync(self.cache.sync_blocks, earlier, [])
-                except BaseException:
-                    st.unsynced.extend(earlier)
-                    raise
+                await self._sync_blocks(st, written)
             else:
                 st.unsynced.extend(written)
             await self.meta.run(
