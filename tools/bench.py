@@ -67,12 +67,12 @@ from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
 import trio
+from cloudfs.tools._cli import open_config_meta
 from cloudfs.tools.cloudfs import XATTR_COMMAND, _human, cache_of
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from cloudfs.cache import CacheDir
 from cloudfs.errors import DaemonError, NotMounted, UsageError
-from cloudfs.meta import open_meta
 from cloudfs.meta.base import MetaStore
 
 MB = 1_000_000
@@ -383,7 +383,9 @@ class _CloudfsLink:
 
     async def stored_bytes(self) -> int:
         if self.meta is None:
-            self.meta = open_meta(self.cache.read_config().metadata)
+            # with the password the mount was given (file named in config.json, or
+            # $CLOUDFS_MYSQL_PASSWORD)
+            self.meta = open_config_meta(self.cache.read_config())
         async with self.meta.reading() as tx:
             return (await tx.stats()).stored_bytes
 

@@ -290,6 +290,8 @@ class CloudFS:
         }
         if metadata is not None:
             self.env["CLOUDFS_MYSQL_PASSWORD"] = metadata_password or ""
+        #: mkfs was given --metadata by the test (which then chooses the upload mode)
+        self.metadata_named_by_test = False
         #: the mount.cloudfs process serving mnt while mounted
         self.mount_pid: int | None = None
         #: exit codes of the mount processes that ended (None: not ours to reap)
@@ -346,7 +348,9 @@ class CloudFS:
             self._copy_made_fs()
             return
         args = [self.storage_url, "--cachedir", str(self.cache), *self.storage_args, *extra]
-        if self.metadata is not None and not any(a.startswith("--metadata") for a in extra):
+        if any(a.startswith("--metadata") for a in extra):
+            self.metadata_named_by_test = True
+        elif self.metadata is not None:
             args += ["--metadata", self.metadata]  # the cache dir remembers it for mount
         if not self.encryption:
             args.append("--no-encryption")
@@ -388,10 +392,14 @@ class CloudFS:
         """mount.cloudfs STORE MNT --cachedir CACHE; returns once mounted (the command
         goes to the background only after the mount is up)."""
         assert not os.path.ismount(self.mnt), f"{self.mnt} is already mounted"
-        if self.metadata is not None and not any("upload" in str(a) for a in extra):
+        if (
+            self.metadata is not None
+            and not self.metadata_named_by_test
+            and not any("upload" in str(a) or "metadata" in str(a) for a in extra)
+        ):
             # the same write-back as on SQLite, so each test checks the same thing on
             # both engines (MySQL's default is --upload=sync: test_shared, test_mysql
-            # and test_durability cover it)
+            # and test_durability cover it, and name their MySQL databases themselves)
             extra = ("--upload=async", *extra)
         r = self.check(
             "mount.cloudfs",

@@ -37,9 +37,11 @@ def _cloudfs() -> str:
     return str(Path(sys.executable).parent / "cloudfs")
 
 
-def bench(*args: str | Path) -> subprocess.CompletedProcess[str]:
+def bench(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`cloudfs bench ARGS`; `env`: a filesystem's (the MySQL password the user has)."""
     return subprocess.run(
         [_cloudfs(), "bench", *map(str, args)],
+        env=env,
         capture_output=True,
         text=True,
         timeout=240,
@@ -48,8 +50,8 @@ def bench(*args: str | Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def bench_json(*args: str | Path) -> dict[str, Any]:
-    r = bench(*args, *TINY, "--json")
+def bench_json(*args: str | Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    r = bench(*args, *TINY, "--json", env=env)
     assert r.returncode == 0, r.stderr + r.stdout
     assert r.stderr == ""  # no progress display when stderr is not a terminal
     return json.loads(r.stdout)
@@ -147,7 +149,7 @@ def test_cloudfs_mount_beside_a_plain_directory(fs: CloudFS, tmp_path: Path) -> 
     plain.mkdir()
     (fs.mnt / "sub").mkdir()
     fetched = fs.stat_json()["daemon"]["fetched"]
-    report = bench_json(fs.mnt / "sub", "--baseline", plain)
+    report = bench_json(fs.mnt / "sub", "--baseline", plain, env=fs.env)
     assert report["kind"] == "cloudfs" and report["fstype"] == "fuse.cloudfs"
     assert report["cold_read"].startswith("cloudfs drop-cache + ")
     f = report["figures"]

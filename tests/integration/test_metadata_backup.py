@@ -160,7 +160,9 @@ def test_mount_restore_metadata(
 @pytest.mark.log_errors_expected(r"(?i)object not found|read failed")
 def test_blocks_pending_at_backup_time(make_fs: Callable[..., CloudFS]) -> None:
     """A backup taken with uploads pending: after the restore, those that reached the
-    store are stored; a file whose blocks never did reads as an I/O error."""
+    store are stored; a file whose blocks never did reads as an I/O error. (SQLite: the
+    mount's backup at unmount; MySQL: the daemon's row dump, taken here by the same call
+    since the daemon is frozen, restored over the lost database with --force.)"""
     fs = make_fs()
     (fs.mnt / "uploaded").write_bytes(os.urandom(3 * MiB))
     fs.flush()
@@ -169,12 +171,16 @@ def test_blocks_pending_at_backup_time(make_fs: Callable[..., CloudFS]) -> None:
     os.kill(daemon, signal.SIGSTOP)
     try:
         (fs.mnt / "lost").write_bytes(os.urandom(3 * MiB))
-        fs.unmount()  # backed up with the blocks of "lost" pending
+        fs.unmount()  # SQLite: backed up with the blocks of "lost" pending
+        if fs.metadata is not None:
+            trio.run(put_rows_backup_now, fs)
     finally:
         os.kill(daemon, signal.SIGKILL)  # the machine dies: never uploaded
         fs.wait_exit(daemon, 10)
     shutil.rmtree(fs.cache)
-    r = fs.check("fsck.cloudfs", "--restore-metadata", fs.storage_url, "--cachedir", fs.cache)
+    into = () if fs.metadata is None else ("--metadata", fs.metadata, "--force")
+    r = fs.check("fsck.cloudfs", "--restore-metadata", fs.storage_url, "--cachedir", fs.cache,
+                 *into)  # fmt: skip
     assert re.search(r"blocks pending at backup time: \d+ found in the store, [1-9]\d* missing",
                      r.stdout), r.stdout  # fmt: skip
     fs.mount()
@@ -184,6 +190,8 @@ def test_blocks_pending_at_backup_time(make_fs: Callable[..., CloudFS]) -> None:
     assert raised.value.errno == 5
 
 
+@pytest.mark.sqlite_only("reads the backups as SQLite files; on MySQL the daemon's row "
+                         "dumps are one per period: test_mysql_backups_once_per_period_...")
 def test_backups_are_periodic_sealed_and_pruned(make_fs: Callable[..., CloudFS]) -> None:
     fs = make_fs(mount=False)
     fs.mount("--backup-interval", "0.5", "--backup-keep", "3")
@@ -212,6 +220,17 @@ def test_backups_are_periodic_sealed_and_pruned(make_fs: Callable[..., CloudFS])
     part.write_bytes(bytes(flipped))
     with pytest.raises(CorruptBlock):
         trio.run(open_newest, fs, fs.root / "x.db", trio.run(fs_keys, fs))
+
+
+async def put_rows_backup_now(fs: CloudFS) -> None:
+    """What the daemon does on MySQL at a backup request."""
+    meta = open_meta(fs.metadata, password=fs.env["CLOUDFS_MYSQL_PASSWORD"])
+    try:
+        key = await put_rows_backup(LocalStore(fs.store), await fs_keys(fs), CacheDir(fs.cache),
+                                    meta, encrypt=True, level=3)  # fmt: skip
+    finally:
+        await meta.close()
+    assert key is not None
 
 
 async def fs_keys(fs: CloudFS) -> Keys:
