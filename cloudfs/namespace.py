@@ -353,10 +353,14 @@ class Namespace:
 
     # --- removing -----------------------------------------------------------------------
 
-    async def _drop_name(self, tx: Txn, parent: int, name: bytes, ino: int, now: int) -> bool:
-        """Remove one name of `ino` (already checked); the inode loses a link. True when
-        that was its last name."""
-        attrs = await self._get(tx, ino)
+    async def _drop_name(
+        self, tx: Txn, parent: int, name: bytes, attrs: InodeAttrs, now: int
+    ) -> bool:
+        """Remove one name of inode `attrs` (read in `tx`, already checked); the inode
+        loses a link. True when that was its last name and the inode may have to be
+        freed (`lost_name`): not when the trash keeps it, unless this mount marked it
+        (an open file), since freeing it then also takes the mark off."""
+        ino = attrs.id
         await tx.remove_dentry(parent, name)
         if stat.S_ISDIR(attrs.mode):
             await tx.update_inode(ino, nlink=0, ctime_ns=now)
@@ -374,7 +378,10 @@ class Namespace:
             # heartbeat may be releasing right now)
             await self.client.mark(tx, ino)
             self.marked_open.add(ino)
-        return last
+            return True
+        # kept: a purge of the trash calls lost_name (so no transaction now, nor when the
+        # kernel forgets the inode, only to find it in the trash)
+        return last and not kept
 
     @_retried
     async def unlink(self, parent: int, name: bytes) -> None:
@@ -386,7 +393,7 @@ class Namespace:
             attrs = await self._get(tx, ino)
             if stat.S_ISDIR(attrs.mode):
                 raise _err(errno.EISDIR)
-            last = await self._drop_name(tx, parent, name, ino, now)
+            last = await self._drop_name(tx, parent, name, attrs, now)
             await tx.update_inode(parent, mtime_ns=now, ctime_ns=now)
         if last:
             await self.lost_name(ino)
@@ -407,7 +414,7 @@ class Namespace:
                 raise _err(errno.ENOTDIR)
             if await tx.has_entries(ino):
                 raise _err(errno.ENOTEMPTY)
-            last = await self._drop_name(tx, parent, name, ino, now)
+            last = await self._drop_name(tx, parent, name, attrs, now)
             await tx.update_inode(parent, mtime_ns=now, ctime_ns=now)
         if last:
             await self.lost_name(ino)
@@ -465,7 +472,7 @@ class Namespace:
                         raise _err(errno.ENOTEMPTY)
                 elif stat.S_ISDIR(dattrs.mode):
                     raise _err(errno.EISDIR)
-                if await self._drop_name(tx, new_parent, new_name, dst, now):
+                if await self._drop_name(tx, new_parent, new_name, dattrs, now):
                     replaced = dst
             await tx.remove_dentry(old_parent, old_name)
             await tx.add_dentry(new_parent, new_name, src)

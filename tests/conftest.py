@@ -106,12 +106,19 @@ class MariaDB:
 
     def start(self) -> None:
         started = time.monotonic()
-        small = ["--innodb-buffer-pool-size=32M", "--innodb-log-file-size=8M"]
+        # a test server, so speed over durability, and said here: no fsync at all (a
+        # crash of the server loses nothing, one of the machine does: as SQLite's
+        # synchronous=NORMAL for the SQLite tests, even less), no doublewrite buffer,
+        # a buffer pool and redo log big enough that 100,000 rows need no early flush.
+        # The users' figures (tests/stress/bench_mount_mariadb.sh) use durable settings.
+        sizes = ["--innodb-buffer-pool-size=256M", "--innodb-log-file-size=128M"]
+        relaxed = ["--innodb-flush-log-at-trx-commit=2", "--innodb-flush-method=nosync",
+                   "--innodb-doublewrite=0"]
         as_root = ["--user=root"] if os.geteuid() == 0 else []
         subprocess.run(
             [_mariadb_binary("mariadb-install-db", "mysql_install_db"), "--no-defaults",
              f"--datadir={self.datadir}", "--auth-root-authentication-method=normal",
-             "--skip-test-db", *as_root, *small],
+             "--skip-test-db", *as_root, *relaxed, *sizes],
             check=True, capture_output=True,
         )  # fmt: skip
         for _attempt in range(3):  # a free port may be taken before the server binds it
@@ -121,10 +128,7 @@ class MariaDB:
                  *as_root,
                  f"--datadir={self.datadir}", f"--socket={self.socket}", f"--port={self.port}",
                  "--bind-address=127.0.0.1", f"--pid-file={self.dir / 'mariadbd.pid'}",
-                 f"--log-error={self.log}", "--skip-name-resolve",
-                 # a commit survives a crash of the server, not of the machine: what
-                 # SQLite's synchronous=NORMAL gives the SQLite tests
-                 "--innodb-flush-log-at-trx-commit=2", *small],
+                 f"--log-error={self.log}", "--skip-name-resolve", *relaxed, *sizes],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
             if self._wait_ready(timeout=60.0):

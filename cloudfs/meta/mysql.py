@@ -85,6 +85,20 @@ def _insert(db: pymysql.Connection, sql: str, params: tuple) -> int:
         return cur.lastrowid
 
 
+def _insert_each(db: pymysql.Connection, sql: str, rows: list[tuple]) -> list[int]:
+    with db.cursor() as cur:
+        ids = []
+        for params in rows:
+            cur.execute(sql, params)
+            ids.append(cur.lastrowid)
+        return ids
+
+
+def _execute_each(db: pymysql.Connection, sql: str, rows: list[tuple]) -> list[int]:
+    with db.cursor() as cur:
+        return [cur.execute(sql, params) for params in rows]
+
+
 def _query(db: pymysql.Connection, sql: str, params: tuple) -> list[tuple]:
     with db.cursor() as cur:
         cur.execute(sql, params)
@@ -179,6 +193,14 @@ class _MysqlConn(Conn):
 
     async def insert(self, sql: str, params: Sequence[object] = ()) -> int:
         return await self._run(_insert, pyformat(sql), tuple(params))
+
+    async def insert_each(self, sql: str, rows: Sequence[Sequence[object]]) -> list[int]:
+        batch = [tuple(r) for r in rows]
+        return await self._run(_insert_each, pyformat(sql), batch) if batch else []
+
+    async def execute_each(self, sql: str, rows: Sequence[Sequence[object]]) -> list[int]:
+        batch = [tuple(r) for r in rows]
+        return await self._run(_execute_each, pyformat(sql), batch) if batch else []
 
     async def query(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
         return await self._run(_query, pyformat(sql), tuple(params))
