@@ -164,15 +164,20 @@ class Namespace:
         if len(name) > NAME_MAX:
             raise _err(errno.ENAMETOOLONG)
         async with self.meta.reading() as tx:
-            if name == b".":
+            if name in (b".", b".."):
                 ino: int | None = parent
-            elif name == b"..":
-                ino = ROOT_INODE if parent == ROOT_INODE else await tx.parent_of(parent)
+                if name == b".." and parent != ROOT_INODE:
+                    ino = await tx.parent_of(parent)
+                if ino is None:
+                    raise _err(errno.ENOENT)
+                found = await self._get(tx, ino)
             else:
-                ino = await tx.lookup(parent, name)
-            if ino is None:
-                raise _err(errno.ENOENT)
-            attrs = self._live(await self._get(tx, ino))
+                # one query: a lookup is what the kernel asks most (every path, every create)
+                named = await tx.lookup_attrs(parent, name)
+                if named is None:
+                    raise _err(errno.ENOENT)
+                found = named
+            attrs = self._live(found)
             sealed = self._sealed_bytes(attrs)
         await self._fill_allocated(sealed, attrs)
         return attrs

@@ -83,6 +83,18 @@ async def readonly_among(tx: Txn, inodes: list[int]) -> bool:
     return row is not None
 
 
+async def readonly_entry(tx: Txn, parent: int, name: bytes) -> bool:
+    """Is directory `parent`, or the inode its entry `name` names (if any), read-only?
+    (One query: every unlink and rename asks.)"""
+    row = await tx.conn.query_one(
+        f"SELECT 1 FROM inodes WHERE id = ? AND (flags & {READONLY}) <> 0"
+        " UNION ALL SELECT 1 FROM dentries d JOIN inodes i ON i.id = d.inode"
+        f" WHERE d.parent = ? AND d.name = ? AND (i.flags & {READONLY}) <> 0 LIMIT 1",
+        (parent, parent, name),
+    )
+    return row is not None
+
+
 @dataclass
 class Tree:
     """The inodes and entries of a tree, read in one transaction."""

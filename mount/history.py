@@ -44,7 +44,7 @@ from cloudfs import snapshots, trash
 from cloudfs.errors import CloudfsError, FSOpError
 from cloudfs.meta.base import InodeAttrs
 from cloudfs.meta.schema import ROOT_INODE
-from cloudfs.snapshots import readonly_among
+from cloudfs.snapshots import readonly_among, readonly_entry
 
 log = logging.getLogger(__name__)
 
@@ -376,9 +376,7 @@ class HistoryOperations(Operations):
         if is_virtual(parent):
             raise FSOpError(errno.EROFS)
         async with self.ns.meta.reading() as tx:
-            child = await tx.lookup(parent, name)
-            inodes = [parent] if child is None else [parent, child]
-            if await readonly_among(tx, inodes):
+            if await readonly_entry(tx, parent, name):
                 raise FSOpError(errno.EROFS)
 
     @contextlib.contextmanager

@@ -262,6 +262,15 @@ class Txn:
         )
         return row[0] if row else None
 
+    async def lookup_attrs(self, parent: int, name: bytes) -> InodeAttrs | None:
+        """The attributes of the inode entry `name` of `parent` names (one query)."""
+        row = await self.conn.query_one(
+            "SELECT " + ", ".join(f"i.{c}" for c in _INODE_COLUMNS) + " FROM dentries d"
+            " JOIN inodes i ON i.id = d.inode WHERE d.parent = ? AND d.name = ?",
+            (parent, name),
+        )
+        return _inode(row) if row else None
+
     async def add_dentry(self, parent: int, name: bytes, ino: int) -> None:
         await self.conn.execute(
             "INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino)

@@ -159,11 +159,17 @@ def _add_entries(fs: CloudFS, parent: int, names: list[bytes]) -> None:
         try:
             now = time.time_ns()
             async with meta.transaction() as tx:
-                for name in names:
-                    attrs = await tx.create_inode(
-                        mode=stat.S_IFREG | 0o644, uid=0, gid=0, nlink=1, now_ns=now
-                    )
-                    await tx.add_dentry(parent, name, attrs.id)
+                # the rows Txn.create_inode and add_dentry write, sent in two trips (on
+                # MySQL one trip per row took a minute of this test)
+                ids = await tx.conn.insert_each(
+                    "INSERT INTO inodes (mode, uid, gid, nlink, size, rdev, atime_ns,"
+                    " mtime_ns, ctime_ns, version, flags) VALUES (?, ?, 0, 1, 0, 0, ?, ?, ?, 0, 0)",
+                    [(stat.S_IFREG | 0o644, 0, now, now, now)] * len(names),
+                )
+                await tx.conn.executemany(
+                    "INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)",
+                    [(parent, name, ino) for name, ino in zip(names, ids, strict=True)],
+                )
                 await tx.update_inode(parent, mtime_ns=now, ctime_ns=now)
         finally:
             await meta.close()

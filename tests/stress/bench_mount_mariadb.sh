@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# `cloudfs bench` small-file figures of a real mount with MySQL metadata beside one with
+# SQLite metadata, on this machine. MariaDB is a private, throw-away server (own datadir,
+# loopback port, --no-defaults) with DURABLE settings (innodb_flush_log_at_trx_commit=1,
+# the server's default buffer pool): the figures users get, unlike the test fixture's
+# relaxed server. Everything is stopped, unmounted and removed at the end.
+#
+#   bash tests/stress/bench_mount_mariadb.sh [--small-count 10000] [cloudfs bench args...]
+#   ENGINES=mysql bash tests/stress/bench_mount_mariadb.sh   # one engine only
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+bin=${CLOUDFS_BIN:-$PWD/.venv/bin}  # another checkout's venv: CLOUDFS_BIN=/path/.venv/bin
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/cloudfs-bench-mount.XXXXXX")
+sbin=/usr/sbin:/usr/local/sbin:$PATH
+mariadbd=$(PATH=$sbin command -v mariadbd)
+as_root=()
+[ "$(id -u)" -eq 0 ] && as_root=(--user=root)
+server=
+mounts=()
+stop() {
+    for m in "${mounts[@]}"; do
+        mountpoint -q "$m" && { fusermount3 -u "$m" 2>/dev/null || umount -l "$m"; }
+    done
+    if [ -n "$server" ]; then
+        mariadb-admin --no-defaults --socket="$tmp/sock" -uroot shutdown 2>/dev/null || kill "$server"
+        wait "$server" 2>/dev/null || true
+    fi
+    # the daemons leave when their mount is gone; give them a moment before removing
+    sleep 1
+    rm -rf "$tmp"
+}
+trap stop EXIT
+
+export CLOUDFS_PASSPHRASE="bench passphrase" CLOUDFS_MYSQL_PASSWORD=bench
+bench_args=(--big-size 16M --edit-size 16M --small-count 10000 "$@")
+
+run_engine() {  # ENGINE [mkfs args...]
+    local engine=$1; shift
+    mkdir -p "$tmp/$engine/mnt"
+    "$bin/mkfs.cloudfs" "local://$tmp/$engine/store" --cachedir "$tmp/$engine/cache" "$@" >/dev/null
+    "$bin/mount.cloudfs" "local://$tmp/$engine/store" "$tmp/$engine/mnt" --cachedir "$tmp/$engine/cache" --upload=async
+    mounts+=("$tmp/$engine/mnt")
+    echo "== $engine"
+    "$bin/cloudfs" bench "$tmp/$engine/mnt" "${bench_args[@]}"
+    fusermount3 -u "$tmp/$engine/mnt"
+}
+
+for engine in ${ENGINES:-mysql sqlite}; do
+    if [ "$engine" = mysql ]; then
+        mariadb-install-db --no-defaults --datadir="$tmp/data" --auth-root-authentication-method=normal \
+            --skip-test-db "${as_root[@]}" >"$tmp/install.log" 2>&1
+        port=$("$bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+        setpriv --pdeathsig TERM "$mariadbd" --no-defaults "${as_root[@]}" --datadir="$tmp/data" \
+            --socket="$tmp/sock" --port="$port" --bind-address=127.0.0.1 --log-error="$tmp/error.log" \
+            --skip-name-resolve --innodb-flush-log-at-trx-commit=1 &
+        server=$!
+        for _ in $(seq 600); do
+            mariadb-admin --no-defaults --socket="$tmp/sock" -uroot ping >/dev/null 2>&1 && break
+            sleep 0.05
+        done
+        mariadb --no-defaults --socket="$tmp/sock" -uroot -e "CREATE USER 'bench'@'127.0.0.1'
+            IDENTIFIED BY 'bench'; CREATE DATABASE cloudfs_bench;
+            GRANT ALL ON cloudfs_bench.* TO 'bench'@'127.0.0.1'"
+        echo "MariaDB $("$mariadbd" --version | awk '{print $3}'), innodb_flush_log_at_trx_commit=1"
+        run_engine mysql --metadata "mysql://bench@127.0.0.1:$port/cloudfs_bench"
+    else
+        run_engine sqlite
+    fi
+done
