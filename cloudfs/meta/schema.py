@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 #: bump when the DDL changes, and add the migration to `cloudfs.meta.migrate`:
 #: `cloudfs upgrade` brings older databases up to it
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 #: `extents.v_to` of a live extent: the version range is open-ended
 LIVE = 1 << 62
@@ -158,6 +158,9 @@ CREATE TABLE trash (
     remover     VARCHAR(255) NOT NULL DEFAULT '', -- 'machine:pid' that removed it ('' unknown)
     parent_mtime_ns BIGINT                 -- its directory's mtime before the removal
 ){suffix};
+-- "is this inode in the trash?" (before an inode is freed): without it, a scan of the
+-- whole trash, which on MySQL also locks every trash row against other writers
+CREATE INDEX trash_inode ON trash (inode);
 
 -- Named snapshots of trees.
 CREATE TABLE snapshots (

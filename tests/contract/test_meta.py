@@ -619,7 +619,7 @@ async def test_a_schema_4_database_upgrades_to_the_same_answers(opener: Opener) 
     with pytest.raises(MetadataOutdated):
         await meta.check(FS_UUID)
 
-    assert await migrate.upgrade(meta, FS_UUID) == [5]
+    assert await migrate.upgrade(meta, FS_UUID) == [5, 6]
     assert await meta.check(FS_UUID) == schema.SCHEMA_VERSION
     async with meta.reading() as tx:
         allocated = {i: a.sealed_allocated for i in range(1, 7) if (a := await tx.get_inode(i))}
@@ -662,7 +662,7 @@ async def test_schema_2_gains_clients_and_holds(opener: Opener) -> None:
         )
         await tx.set_info("schema_version", "2")
     # 4: trash columns, open_inodes; 5: open_inodes into holds, inodes.allocated
-    assert await migrate.upgrade(meta, FS_UUID) == [3, 4, 5]
+    assert await migrate.upgrade(meta, FS_UUID) == [3, 4, 5, 6]
     for _again in range(2):
         async with meta.transaction() as tx:
             await tx.conn.execute(
@@ -678,7 +678,7 @@ async def test_schema_2_gains_clients_and_holds(opener: Opener) -> None:
             ]
         async with meta.transaction() as tx:  # as if the version had not been written
             await tx.set_info("schema_version", "2")
-        assert await migrate.upgrade(meta, FS_UUID) == [3, 4, 5]
+        assert await migrate.upgrade(meta, FS_UUID) == [3, 4, 5, 6]
     assert await meta.check(FS_UUID) == schema.SCHEMA_VERSION
 
 
