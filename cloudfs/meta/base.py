@@ -136,6 +136,13 @@ class Conn(abc.ABC):
     @abc.abstractmethod
     async def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> None: ...
 
+    async def defer(self, sql: str, params: Sequence[object] = ()) -> None:
+        """Run a statement whose outcome the caller does not need, now or (an engine
+        with round trips, MySQL) just before the transaction's next statement or its
+        COMMIT, in the same trip. Order is kept; an error surfaces there, and as any
+        error there, ends the transaction (a conflict is retried whole: MetaStore.run)."""
+        await self.execute(sql, params)
+
     async def execute_all(self, statements: Sequence[tuple[str, Sequence[object]]]) -> None:
         """Run independent statements in order (an engine may send them in one trip)."""
         for sql, params in statements:
@@ -225,10 +232,10 @@ class Txn:
         if bad:
             raise ValueError(f"not inode columns: {sorted(bad)}")
         cols = ", ".join(f"{name} = ?" for name in changes)
-        await self.conn.execute(f"UPDATE inodes SET {cols} WHERE id = ?", (*changes.values(), ino))
+        await self.conn.defer(f"UPDATE inodes SET {cols} WHERE id = ?", (*changes.values(), ino))
 
     async def add_nlink(self, ino: int, delta: int, ctime_ns: int) -> None:
-        await self.conn.execute(
+        await self.conn.defer(
             "UPDATE inodes SET nlink = nlink + ?, ctime_ns = ? WHERE id = ?", (delta, ctime_ns, ino)
         )
 
@@ -272,7 +279,7 @@ class Txn:
         return _inode(row) if row else None
 
     async def add_dentry(self, parent: int, name: bytes, ino: int) -> None:
-        await self.conn.execute(
+        await self.conn.defer(
             "INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino)
         )
 

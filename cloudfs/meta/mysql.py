@@ -99,6 +99,15 @@ def _execute_each(db: pymysql.Connection, sql: str, rows: list[tuple]) -> list[i
         return [cur.execute(sql, params) for params in rows]
 
 
+def _after_deferred(
+    deferred: list[tuple[str, tuple]], fn: Callable[..., T], db: pymysql.Connection, sql: str,
+    params: Any,
+) -> T:
+    """The deferred statements, then `fn`: one trip to a worker thread."""
+    _execute_all(db, "", deferred)
+    return fn(db, sql, params)
+
+
 def _query(db: pymysql.Connection, sql: str, params: tuple) -> list[tuple]:
     with db.cursor() as cur:
         cur.execute(sql, params)
@@ -155,8 +164,13 @@ class _MysqlConn(Conn):
         self.begin: str | None = _BEGIN_WRITE if write else _BEGIN_READ
         #: from the pool: the server may have closed it while it was idle
         self._pooled = pooled
+        #: statements whose outcome nobody waits for (`defer`): sent with the next one
+        self.deferred: list[tuple[str, tuple]] = []
 
     async def _run(self, fn: Callable[..., T], sql: str, params: Any) -> T:
+        if self.deferred:
+            deferred, self.deferred = self.deferred, []
+            fn = functools.partial(_after_deferred, deferred, fn)
         begin = self.begin
         if begin is None:
             return await self.store.call(fn, self.db, sql, params)
@@ -185,6 +199,15 @@ class _MysqlConn(Conn):
         batch = [tuple(r) for r in rows]
         if batch:
             await self._run(_executemany, pyformat(sql), batch)
+
+    async def defer(self, sql: str, params: Sequence[object] = ()) -> None:
+        self.deferred.append((pyformat(sql), tuple(params)))
+
+    async def commit(self) -> None:
+        """COMMIT, after the deferred statements in the same trip (and BEGIN, when
+        they are the transaction's only statements)."""
+        if self.deferred or self.begin is None:
+            await self._run(_execute_all, "", [("COMMIT", ())])
 
     async def execute_all(self, statements: Sequence[tuple[str, Sequence[object]]]) -> None:
         batch = [(pyformat(sql), tuple(params)) for sql, params in statements]
@@ -314,6 +337,7 @@ class MysqlMetaStore(MetaStore):
         try:
             yield
         except BaseException:
+            conn.deferred.clear()  # never sent
             if conn.begin is None:
                 with trio.CancelScope(shield=True):
                     try:
@@ -322,7 +346,7 @@ class MysqlMetaStore(MetaStore):
                         await trio.to_thread.run_sync(_close, conn.db)
                 self._open_snapshots.discard(conn.db)
             raise
-        if conn.begin is not None:
+        if conn.begin is not None and not conn.deferred:
             return  # no statement ran: nothing began
         if not conn.write:
             # A read-only transaction has nothing to commit: its COMMIT is left to the
@@ -335,7 +359,7 @@ class MysqlMetaStore(MetaStore):
                 trio.lowlevel.spawn_system_task(self._commit_idle_snapshots)
             return
         try:
-            await self.call(_execute, conn.db, "COMMIT", ())
+            await conn.commit()
         except BaseException:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(_close, conn.db)  # its state is unknown
