@@ -129,8 +129,8 @@ async def _one_holds_table_and_allocated(tx: Txn) -> None:
 
 
 async def _trash_inode_index(tx: Txn) -> None:
-    """An index on trash.inode: the check before an inode is freed scanned (and on
-    MySQL locked) the whole trash. Safe to run again (IF NOT EXISTS)."""
+    """An index on trash.inode: each unlink and rmdir asks whether an inode is in the
+    trash, which scanned the whole trash before."""
     for stmt in schema.table_ddl(tx.dialect, "trash"):
         if stmt.startswith("CREATE INDEX"):
             await tx.conn.execute(stmt)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import re
 from time import time_ns
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -622,6 +623,16 @@ async def test_a_schema_4_database_upgrades_to_the_same_answers(opener: Opener) 
     assert await migrate.upgrade(meta, FS_UUID) == [5, 6]
     assert await meta.check(FS_UUID) == schema.SCHEMA_VERSION
     async with meta.reading() as tx:
+        # every index of the current DDL (schema 6: trash_inode) is there
+        if meta.dialect is schema.SQLITE:
+            found = await tx.conn.query("SELECT name FROM sqlite_master WHERE type = 'index'")
+        else:
+            found = await tx.conn.query("SELECT index_name FROM information_schema.statistics"
+                                        " WHERE table_schema = DATABASE()")  # fmt: skip
+        wanted = {m[1] for s in schema.ddl(meta.dialect)
+                  if (m := re.match(r"CREATE INDEX (\w+) ON", s))}  # fmt: skip
+        assert "trash_inode" in wanted
+        assert wanted <= {str(row[0]) for row in found}
         allocated = {i: a.sealed_allocated for i in range(1, 7) if (a := await tx.get_inode(i))}
         assert allocated == {1: 0, 2: 150, 3: 0, 4: 0, 5: 70, 6: 30}
         assert await tx.count_allocated(list(range(1, 7))) == {2: 150, 5: 70, 6: 30}
