@@ -41,8 +41,18 @@ run_engine() {  # ENGINE [mkfs args...]
     "$bin/mount.cloudfs" "local://$tmp/$engine/store" "$tmp/$engine/mnt" --cachedir "$tmp/$engine/cache" --upload=async
     mounts+=("$tmp/$engine/mnt")
     echo "== $engine"
+    local pid questions=
+    pid=$(pgrep -f "mount.cloudfs .*$tmp/$engine/mnt" | head -1)
+    [ "$engine" = mysql ] && questions=$(server_questions)
     "$bin/cloudfs" bench "$tmp/$engine/mnt" "${bench_args[@]}"
+    # figures that move less with the machine's load than the rates above
+    awk -v hz="$(getconf CLK_TCK)" '{sub(/.*\) /, ""); printf "mount CPU: %.1f s\n", ($12 + $13) / hz}' "/proc/$pid/stat"
+    [ "$engine" = mysql ] && echo "statements the server ran: $(( $(server_questions) - questions ))"
     fusermount3 -u "$tmp/$engine/mnt"
+}
+
+server_questions() {
+    mariadb --no-defaults --socket="$tmp/sock" -uroot -N -e "SHOW GLOBAL STATUS LIKE 'Questions'" | awk '{print $2}'
 }
 
 for engine in ${ENGINES:-mysql sqlite}; do
