@@ -21,12 +21,12 @@ stop() {
     for m in "${mounts[@]}"; do
         mountpoint -q "$m" && { fusermount3 -u "$m" 2>/dev/null || umount -l "$m"; }
     done
+    for engine in mysql sqlite; do stop_daemon "$engine"; done
     if [ -n "$server" ]; then
         mariadb-admin --no-defaults --socket="$tmp/sock" -uroot shutdown 2>/dev/null || kill "$server"
         wait "$server" 2>/dev/null || true
     fi
-    # the daemons leave when their mount is gone; give them a moment before removing
-    sleep 1
+    sleep 1  # the daemons' exit
     rm -rf "$tmp"
 }
 trap stop EXIT
@@ -49,6 +49,14 @@ run_engine() {  # ENGINE [mkfs args...]
     awk -v hz="$(getconf CLK_TCK)" '{sub(/.*\) /, ""); printf "mount CPU: %.1f s\n", ($12 + $13) / hz}' "/proc/$pid/stat"
     [ "$engine" = mysql ] && echo "statements the server ran: $(( $(server_questions) - questions ))"
     fusermount3 -u "$tmp/$engine/mnt"
+    stop_daemon "$engine"
+}
+
+stop_daemon() {  # ENGINE: its cloudfsd (it would wait for a database that is about to go)
+    local pid
+    for pid in $(pgrep -f "cloudfs.daemon.main --cachedir $tmp/$1/cache" || true); do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
 }
 
 server_questions() {
