@@ -13,7 +13,13 @@ from collections.abc import Iterable
 import trio
 
 from cloudfs.codec.crypto import Keys
-from cloudfs.codec.framing import BLOCK_SIZE_LIMIT, block_key, open_block, seal_block
+from cloudfs.codec.framing import (
+    BLOCK_SIZE_LIMIT,
+    block_key,
+    open_block,
+    open_block_into,
+    seal_block,
+)
 from cloudfs.objectstore.base import ObjectStore
 
 
@@ -58,6 +64,18 @@ class SealedStore:
         """The verified plaintext of `body` (from `get_sealed`); CorruptBlock unless
         it is exactly the block `block_id`. CPU work: call from a worker thread."""
         return open_block(self.keys, block_id, body, max_size=self.max_size)
+
+    async def get_sealed_into(self, block_id: bytes, buffer: bytearray) -> memoryview:
+        """`get_sealed`, read into `buffer` where the store can (see
+        ObjectStore.get_into); for `open_sealed_into`."""
+        return await self.inner.get_into(block_key(block_id), buffer)
+
+    def open_sealed_into(
+        self, block_id: bytes, body: bytes | bytearray | memoryview, buffer: bytearray
+    ) -> memoryview:
+        """`open_sealed` with the plaintext in `buffer` where it fits (see
+        cloudfs.codec.framing.open_block_into). CPU work: call from a worker thread."""
+        return open_block_into(self.keys, block_id, body, buffer, max_size=self.max_size)
 
     async def has_block(self, block_id: bytes) -> bool:
         """True when an object exists under the block's key (not verified)."""
