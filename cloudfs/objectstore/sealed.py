@@ -8,10 +8,12 @@ OpenSSL release the GIL) so the trio thread stays free for I/O.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterable
 
 import trio
 
+from cloudfs import _native
 from cloudfs.codec.crypto import Keys
 from cloudfs.codec.framing import (
     BLOCK_SIZE_LIMIT,
@@ -20,6 +22,7 @@ from cloudfs.codec.framing import (
     open_block_into,
     seal_block,
 )
+from cloudfs.errors import CorruptBlock
 from cloudfs.objectstore.base import ObjectStore
 
 
@@ -43,9 +46,12 @@ class SealedStore:
         self.max_size = max_size
         self.url = inner.url
 
-    async def put_block(self, block_id: bytes, plaintext: bytes) -> int:
-        """Seal and store the block; the stored object's size in bytes."""
-        body = await trio.to_thread.run_sync(self._seal, block_id, plaintext)
+    async def put_block(self, block_id: bytes, plaintext: bytes, *, verified: bool = False) -> int:
+        """Seal and store the block; the stored object's size in bytes. The plaintext
+        is checked against its id first (CorruptBlock), unless the caller did that
+        (`verified`): a reader of an encrypted, uncompressed block relies on it (see
+        cloudfs.codec.framing.open_block_into)."""
+        body = await trio.to_thread.run_sync(self._seal, block_id, plaintext, verified)
         await self.inner.put(block_key(block_id), body)
         return len(body)
 
@@ -85,7 +91,11 @@ class SealedStore:
         """Delete the blocks' objects; missing ones are not an error."""
         await self.inner.delete_many([block_key(block_id) for block_id in block_ids])
 
-    def _seal(self, block_id: bytes, plaintext: bytes) -> bytes:
+    def _seal(self, block_id: bytes, plaintext: bytes, verified: bool) -> bytes:
+        if not verified and not hmac.compare_digest(
+            _native.block_id(self.keys.id_key, plaintext), block_id
+        ):
+            raise CorruptBlock(f"block {block_id.hex()}: plaintext does not match its id")
         return seal_block(self.keys, block_id, plaintext, encrypt=self.encrypt, level=self.level)
 
     async def aclose(self) -> None:
