@@ -50,11 +50,15 @@ IDLE_SEAL_S = 5.0
 PIECE = 4 << 20
 #: a stream cut of at most this many bytes runs on the event loop, not a thread
 INLINE_CUT = 128 << 10
-#: blocks fetched ahead of a reader: each block a reader starts asks for the one
-#: this far ahead, so a sequential cold read keeps a window of fetches in flight
+#: blocks fetched ahead of a reader: the blocks a reader starts ask for those up to
+#: this far ahead (READAHEAD_BATCH at a time), so a sequential cold read keeps a
+#: window of fetches in flight
 READAHEAD_BLOCKS = 16
 #: a block asked for ahead is not asked for again this soon (seconds)
 READAHEAD_ASKED_S = 10.0
+#: a reader that starts a cached block asks for the window ahead once this many blocks
+#: at its end were not asked for yet
+READAHEAD_BATCH = 4
 
 #: fetch(blocks, prefetch): returns once `blocks` are cached; `prefetch` is best effort
 FetchBlocks = Callable[[list[bytes], list[bytes]], Awaitable[None]]
@@ -311,7 +315,7 @@ class FileStore:
 
     # --- read -----------------------------------------------------------------------
 
-    async def read(self, ino: int, offset: int, size: int) -> bytes:
+    async def read(self, ino: int, offset: int, size: int) -> bytes | bytearray:
         st = await self.state(ino)
         end = min(offset + size, st.size)
         if offset >= end:
@@ -355,7 +359,9 @@ class FileStore:
             buf[a - offset : b - offset] = await self._block_bytes(ext, a - ext.offset, b - a)
         if st.overlay is not None:
             st.overlay.read_into(buf, offset, end)
-        return bytes(buf)
+        # pyfuse3 replies with any buffer: a copy into a bytes object would cost a
+        # second 1 MiB allocation (its page faults) and a memcpy per read
+        return buf
 
     async def _block_bytes(
         self,
@@ -378,8 +384,10 @@ class FileStore:
             data = self._pread_block(ext.block, start, length, into)
         else:
             if start == 0 and extents:
-                # a reader starts a cached block: keep the window ahead filled
-                ahead = self._ahead(extents, index)
+                # a reader starts a cached block: keep the window ahead filled, in
+                # batches (one request per block was a round trip to the daemon and
+                # back, with CPU on both sides, for every block read)
+                ahead = self._ahead(extents, index, READAHEAD_BATCH)
                 if ahead:
                     if self.nursery is not None:
                         self.nursery.start_soon(self._prefetch, ahead)
@@ -398,12 +406,23 @@ class FileStore:
             return data if len(data) == length else None
         return b"" if self.blockfiles.preadinto(block_id, into, start) == length else None
 
-    def _ahead(self, extents: list[Extent] | None, index: int) -> list[bytes]:
+    def _ahead(
+        self, extents: list[Extent] | None, index: int, at_least: int = 1
+    ) -> list[bytes]:
         """Blocks of the READAHEAD_BLOCKS extents after `index` that are not cached and
-        were not asked for in the last READAHEAD_ASKED_S."""
+        were not asked for in the last READAHEAD_ASKED_S; none while fewer than
+        `at_least` are (unless the window reaches the file's end)."""
         now = time.monotonic()
         ahead: list[bytes] = []
-        for nxt in (extents or [])[index + 1 : index + 1 + READAHEAD_BLOCKS]:
+        window = (extents or [])[index + 1 : index + 1 + READAHEAD_BLOCKS]
+        if at_least > 1 and len(window) == READAHEAD_BLOCKS:
+            fresh = sum(
+                now - self._asked_ahead.get(nxt.block, -1e9) >= READAHEAD_ASKED_S
+                for nxt in window[-at_least:]
+            )
+            if fresh < at_least:
+                return ahead
+        for nxt in window:
             block = nxt.block
             if block in ahead or now - self._asked_ahead.get(block, -1e9) < READAHEAD_ASKED_S:
                 continue
