@@ -212,14 +212,14 @@ class Fetcher:
     async def _fetch_one(self, block_id: bytes) -> int:
         """GET, open and write one block file; the plaintext's size."""
         buffers = self._free_buffers.pop() if self._free_buffers else _Buffers()
-        try:
-            body = await self.store.get_sealed_into(block_id, buffers.sealed)
-            # a worker thread is never abandoned (not cancellable), so the buffers are
-            # free again once it returns
-            return await trio.to_thread.run_sync(self._open_and_write, block_id, body, buffers)
-        finally:
-            if len(self._free_buffers) < self._max_buffers:
-                self._free_buffers.append(buffers)
+        body = await self.store.get_sealed_into(block_id, buffers.sealed)
+        size = await trio.to_thread.run_sync(self._open_and_write, block_id, body, buffers)
+        # only now are the buffers surely free: a GET that failed or was cancelled may
+        # have left a worker thread behind that still writes into them (a store's
+        # abandoned call), so they go with it
+        if len(self._free_buffers) < self._max_buffers:
+            self._free_buffers.append(buffers)
+        return size
 
     def _open_and_write(self, block_id: bytes, body: memoryview, buffers: _Buffers) -> int:
         """Verify and open the object, write the block file: one worker thread hop
