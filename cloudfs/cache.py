@@ -404,6 +404,11 @@ class BlockFiles:
             # pread under the lock: another thread must not close this fd meanwhile
             return os.pread(self._fd(block_id), length, offset)
 
+    def is_open(self, block_id: bytes) -> bool:
+        """A descriptor of the block is open, so it reads without a fetch (no syscall:
+        a reader asks this for every block of every read)."""
+        return block_id in self._fds
+
     def preadinto(self, block_id: bytes, into: memoryview, offset: int) -> int:
         """Read a cached block's bytes at `offset` into `into`; how many were read (less
         only at the block's end). FileNotFoundError when it is not in the cache."""

@@ -342,7 +342,9 @@ class FileStore:
                 # blocks of this range that are not cached are fetched side by side,
                 # not one after the other (the first read of a cold file often spans two)
                 missing = [
-                    e.block for e in extents[i : last + 1] if not self.cache.has_block(e.block)
+                    e.block
+                    for e in extents[i : last + 1]
+                    if not self.blockfiles.is_open(e.block) and not self.cache.has_block(e.block)
                 ]
                 if len(missing) > 1:
                     await self._fetch(missing, self._ahead(extents, last))
