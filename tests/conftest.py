@@ -46,11 +46,11 @@ METADATA_ENGINES = ("sqlite", "mysql")
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--metadata",
-        choices=METADATA_ENGINES,
         default=os.environ.get("CLOUDFS_TEST_METADATA", "sqlite"),
-        help="metadata engine of the filesystems the integration tests make: sqlite "
-        "(a meta.db in the cache dir) or mysql (a fresh database of the private MariaDB "
-        "server per filesystem); default $CLOUDFS_TEST_METADATA or sqlite",
+        help="metadata engine(s) of the filesystems the integration tests make: sqlite "
+        "(a meta.db in the cache dir), mysql (a fresh database of the private MariaDB "
+        "server per filesystem) or sqlite,mysql (each such test once per engine, ids "
+        "ending in [sqlite] and [mysql]); default $CLOUDFS_TEST_METADATA or sqlite",
     )
 
 

@@ -128,11 +128,20 @@ async def _one_holds_table_and_allocated(tx: Txn) -> None:
     await tx.conn.execute("DROP TABLE open_inodes")  # commits the moved marks (MySQL)
 
 
+async def _trash_inode_index(tx: Txn) -> None:
+    """An index on trash.inode: each unlink and rmdir asks whether an inode is in the
+    trash, which scanned the whole trash before."""
+    for stmt in schema.table_ddl(tx.dialect, "trash"):
+        if stmt.startswith("CREATE INDEX"):
+            await tx.conn.execute(stmt)
+
+
 MIGRATIONS: Mapping[int, Migration] = {
     2: _extents_file_offset,
     3: _clients_and_holds,
     4: _trash_removals_and_open_inodes,
     5: _one_holds_table_and_allocated,
+    6: _trash_inode_index,
 }
 
 

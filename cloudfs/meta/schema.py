@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 #: bump when the DDL changes, and add the migration to `cloudfs.meta.migrate`:
 #: `cloudfs upgrade` brings older databases up to it
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 #: `extents.v_to` of a live extent: the version range is open-ended
 LIVE = 1 << 62
@@ -158,6 +158,9 @@ CREATE TABLE trash (
     remover     VARCHAR(255) NOT NULL DEFAULT '', -- 'machine:pid' that removed it ('' unknown)
     parent_mtime_ns BIGINT                 -- its directory's mtime before the removal
 ){suffix};
+-- every unlink and rmdir asks whether the inode is in the trash (schema 6: a scan
+-- before, so an unlink cost grew with the trash)
+CREATE INDEX trash_inode ON trash (inode);
 
 -- Named snapshots of trees.
 CREATE TABLE snapshots (

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import re
 from time import time_ns
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -619,9 +620,19 @@ async def test_a_schema_4_database_upgrades_to_the_same_answers(opener: Opener) 
     with pytest.raises(MetadataOutdated):
         await meta.check(FS_UUID)
 
-    assert await migrate.upgrade(meta, FS_UUID) == [5]
+    assert await migrate.upgrade(meta, FS_UUID) == [5, 6]
     assert await meta.check(FS_UUID) == schema.SCHEMA_VERSION
     async with meta.reading() as tx:
+        # every index of the current DDL (schema 6: trash_inode) is there
+        if meta.dialect is schema.SQLITE:
+            found = await tx.conn.query("SELECT name FROM sqlite_master WHERE type = 'index'")
+        else:
+            found = await tx.conn.query("SELECT index_name FROM information_schema.statistics"
+                                        " WHERE table_schema = DATABASE()")  # fmt: skip
+        wanted = {m[1] for s in schema.ddl(meta.dialect)
+                  if (m := re.match(r"CREATE INDEX (\w+) ON", s))}  # fmt: skip
+        assert "trash_inode" in wanted
+        assert wanted <= {str(row[0]) for row in found}
         allocated = {i: a.sealed_allocated for i in range(1, 7) if (a := await tx.get_inode(i))}
         assert allocated == {1: 0, 2: 150, 3: 0, 4: 0, 5: 70, 6: 30}
         assert await tx.count_allocated(list(range(1, 7))) == {2: 150, 5: 70, 6: 30}
@@ -662,7 +673,7 @@ async def test_schema_2_gains_clients_and_holds(opener: Opener) -> None:
         )
         await tx.set_info("schema_version", "2")
     # 4: trash columns, open_inodes; 5: open_inodes into holds, inodes.allocated
-    assert await migrate.upgrade(meta, FS_UUID) == [3, 4, 5]
+    assert await migrate.upgrade(meta, FS_UUID) == [3, 4, 5, 6]
     for _again in range(2):
         async with meta.transaction() as tx:
             await tx.conn.execute(
@@ -678,7 +689,7 @@ async def test_schema_2_gains_clients_and_holds(opener: Opener) -> None:
             ]
         async with meta.transaction() as tx:  # as if the version had not been written
             await tx.set_info("schema_version", "2")
-        assert await migrate.upgrade(meta, FS_UUID) == [3, 4, 5]
+        assert await migrate.upgrade(meta, FS_UUID) == [3, 4, 5, 6]
     assert await meta.check(FS_UUID) == schema.SCHEMA_VERSION
 
 

@@ -174,7 +174,7 @@ async def test_upgrade_from_schema_3_adds_the_trash_columns(env: Env) -> None:
             "INSERT INTO trash (inode, path, deleted_ns) VALUES (?, ?, ?)", (ino, b"/old", 5)
         )
         await tx.set_info("schema_version", "3")
-    assert await migrate.upgrade(env.meta, uuid) == [4, 5]
+    assert await migrate.upgrade(env.meta, uuid) == [4, 5, 6]
     assert await migrate.upgrade(env.meta, uuid) == []
     async with env.meta.transaction() as tx:
         (old,) = await trash.entries(tx)

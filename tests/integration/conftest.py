@@ -14,9 +14,11 @@ no Python traceback; a test that provokes one on purpose says so with
 The metadata of every filesystem is SQLite (a meta.db in its cache dir) unless pytest
 runs with `--metadata=mysql` (or CLOUDFS_TEST_METADATA=mysql): then mkfs gets
 `--metadata mysql://...`, a fresh database of the session's private MariaDB server per
-filesystem (tests/conftest.py), dropped at the end of the test. A test whose subject
-only exists on SQLite (the mount lease, the meta.db file) is marked
-`@pytest.mark.sqlite_only(reason)` and skipped on MySQL.
+filesystem (tests/conftest.py), dropped at the end of the test. With
+`--metadata=sqlite,mysql` every test that makes filesystems runs on both engines (ids
+end in [sqlite] and [mysql]). A test whose subject only exists on SQLite (the mount
+lease, the meta.db file) is marked `@pytest.mark.sqlite_only(reason)` and runs on
+SQLite only.
 """
 
 from __future__ import annotations
@@ -85,17 +87,57 @@ METADATA_ENGINES = ("sqlite", "mysql")
 STORE_KINDS = ("local", "s3")
 
 
+def metadata_engines(value: str) -> list[str]:
+    """The engines of a `--metadata` value: "sqlite", "mysql" or "sqlite,mysql"."""
+    engines = [e.strip() for e in value.split(",") if e.strip()]
+    unknown = [e for e in engines if e not in METADATA_ENGINES]
+    if not engines or unknown or len(set(engines)) != len(engines):
+        raise pytest.UsageError(
+            f"--metadata, CLOUDFS_TEST_METADATA: {value!r}: one or more of {METADATA_ENGINES},"
+            " comma-separated"
+        )
+    return engines
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """A test (or module, via pytestmark) marked `store_kinds("local", "s3")` that uses
-    a filesystem runs once per kind: its ids end in [local] and [s3]."""
+    a filesystem runs once per kind: its ids end in [local] and [s3].
+
+    With several metadata engines (`--metadata sqlite,mysql`), a test that makes
+    filesystems runs once per engine too (ids end in [sqlite] and [mysql]), except a
+    test that names its MySQL database itself (`mysql_url`: it is the same run on
+    either). The object store and the metadata engine are independent code paths, so a
+    test run per store kind pairs the S3 store with the first engine only."""
+    kinds: list[str] = []
     marker = metafunc.definition.get_closest_marker("store_kinds")
-    if marker is None or "store_kind" not in metafunc.fixturenames:
+    if marker is not None and "store_kind" in metafunc.fixturenames:
+        kinds = list(marker.args or STORE_KINDS)
+        unknown = [k for k in kinds if k not in STORE_KINDS]
+        if unknown:
+            raise pytest.UsageError(f"store_kinds: unknown kind(s) {unknown}")
+    engines = metadata_engines(str(metafunc.config.getoption("metadata")))
+    if metafunc.definition.get_closest_marker("sqlite_only") is not None and len(engines) > 1:
+        engines = ["sqlite"] if "sqlite" in engines else engines[:1]
+        metafunc.parametrize("metadata_engine", engines)
+        if kinds:
+            metafunc.parametrize("store_kind", kinds, indirect=True)
         return
-    kinds = list(marker.args or STORE_KINDS)
-    unknown = [k for k in kinds if k not in STORE_KINDS]
-    if unknown:
-        raise pytest.UsageError(f"store_kinds: unknown kind(s) {unknown}")
-    metafunc.parametrize("store_kind", kinds, indirect=True)
+    if (
+        len(engines) < 2
+        or "make_fs" not in metafunc.fixturenames
+        or "mysql_url" in metafunc.fixturenames
+    ):
+        if kinds:
+            metafunc.parametrize("store_kind", kinds, indirect=True)
+        return  # the `metadata_engine` fixture: the first engine
+    if not kinds:
+        metafunc.parametrize("metadata_engine", engines)
+        return
+    pairs = [(kinds[0], e) for e in engines] + [(k, engines[0]) for k in kinds[1:]]
+    metafunc.parametrize(
+        ("store_kind", "metadata_engine"), pairs, indirect=["store_kind"],
+        ids=[f"{k}-{e}" for k, e in pairs],
+    )  # fmt: skip
 
 
 def tool(name: str) -> str:
@@ -714,13 +756,14 @@ def store_kind(request: pytest.FixtureRequest) -> str:
     return str(kind)
 
 
+
+
 @pytest.fixture(scope="session")
 def metadata_engine(pytestconfig: pytest.Config) -> str:
-    """"sqlite" or "mysql": where `make_fs` puts the metadata (`--metadata`)."""
-    engine = str(pytestconfig.getoption("metadata"))
-    if engine not in METADATA_ENGINES:
-        raise pytest.UsageError(f"--metadata, CLOUDFS_TEST_METADATA: one of {METADATA_ENGINES}")
-    return engine
+    """"sqlite" or "mysql": where `make_fs` puts the metadata (`--metadata`; with
+    several engines, tests that make filesystems are parametrized over them instead:
+    see `pytest_generate_tests`)."""
+    return metadata_engines(str(pytestconfig.getoption("metadata")))[0]
 
 
 @pytest.fixture(autouse=True)
