@@ -20,7 +20,8 @@ import functools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,9 @@ READAHEAD_ASKED_S = 10.0
 #: a reader that starts a cached block asks for the window ahead once this many blocks
 #: at its end were not asked for yet
 READAHEAD_BATCH = 4
+#: commits remembered for `committed_since`: far more than commit while one inode row
+#: is read, even at load 15 (more than that and a reader simply reads again)
+COMMIT_LOG = 1024
 
 #: fetch(blocks, prefetch): returns once `blocks` are cached; `prefetch` is best effort
 FetchBlocks = Callable[[list[bytes], list[bytes]], Awaitable[None]]
@@ -155,6 +159,10 @@ class FileStore:
         self.client: Client | None = None
         #: called with (inode, version) after each commit of a file's contents
         self.on_commit: Callable[[int, int], None] | None = None
+        #: (number, inode) of the latest commits of file contents here (see
+        #: `committed_since`), and the number of the last one
+        self._commit_log: deque[tuple[int, int]] = deque(maxlen=COMMIT_LOG)
+        self._commits = 0
 
     def _take_chunker(self) -> _native.Chunker:
         if self._chunkers:
@@ -176,11 +184,15 @@ class FileStore:
                 attrs = await tx.get_inode(ino)
             if attrs is None:
                 raise FSOpError(2, f"inode {ino}")
-            st = FileState(
-                ino=ino, size=attrs.size, sealed_size=attrs.size, base_version=attrs.version,
-                keep_below=attrs.size,
+            # another task may have made the state while this one read (MySQL reads on
+            # a worker thread): keep that one, it may hold opens and unsealed writes
+            st = self.states.setdefault(
+                ino,
+                FileState(
+                    ino=ino, size=attrs.size, sealed_size=attrs.size, base_version=attrs.version,
+                    keep_below=attrs.size,
+                ),
             )  # fmt: skip
-            self.states[ino] = st
         return st
 
     def in_use(self, ino: int) -> bool:
@@ -202,6 +214,38 @@ class FileStore:
     def current(self, ino: int) -> FileState | None:
         """The in-memory state of `ino`, if it has any (size and times not yet sealed)."""
         return self.states.get(ino)
+
+    def commit_mark(self) -> int:
+        """Take before reading inode rows that `current` will complete; see
+        `committed_since`."""
+        return self._commits
+
+    def committed_since(self, mark: int, inodes: Collection[int]) -> bool:
+        """Did this mount commit the contents of one of `inodes` since `mark` (True
+        also when more commits came than the log holds)?
+
+        A commit changes the inode row and the in-memory state together (the state's
+        unsealed mtime goes; after a last close the whole state goes), so a row read
+        before the commit and completed with the state after it is neither: the size
+        or mtime from before the seal. On MySQL a read runs on a worker thread while
+        the event loop goes on and may straddle a commit; such a read must be done
+        again. (On SQLite every read runs on the event loop: never.)"""
+        if self._commits == mark:
+            return False
+        if not self._commit_log or self._commit_log[0][0] > mark + 1:
+            return True  # some of the commits since `mark` left the log
+        for number, ino in reversed(self._commit_log):
+            if number <= mark:
+                return False
+            if ino in inodes:
+                return True
+        return False
+
+    def _committed(self, ino: int) -> None:
+        """Log a commit of `ino`'s contents, at once after the transaction (no await
+        between its COMMIT and this, nor between this and the state's update)."""
+        self._commits += 1
+        self._commit_log.append((self._commits, ino))
 
     async def allocated(self, ino: int, sealed: int) -> int:
         """Bytes of file `ino` that hold data (st_blocks): `sealed`, the total of its
@@ -550,6 +594,7 @@ class FileStore:
                 tx, src, version, st.ino, origin=self.origin, now_ns=time.time_ns()
             )
             st.extents = await tx.live_extents(st.ino)
+        self._committed(st.ino)
         st.size = st.sealed_size = st.keep_below = size
         st.mtime_ns = None
         st.working_version = None
@@ -904,6 +949,7 @@ class FileStore:
             if publish:
                 await tx.add_version(st.ino, version, size=size, mtime_ns=mtime, origin=self.origin)
             st.extents = await tx.live_extents(st.ino)
+        self._committed(st.ino)
         st.working_version = None if publish else version
         st.base_version = version
         st.mtime_ns = None
