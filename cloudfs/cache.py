@@ -182,6 +182,7 @@ class CacheDir:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).absolute()
         self.blocks = self.root / "blocks"
+        self._blocks_prefix = f"{self.blocks}/"
         self.tmp = self.root / "tmp"
         self.dirty = self.root / "dirty"
         self.holds = self.root / "holds"
@@ -222,8 +223,14 @@ class CacheDir:
         h = block_id.hex()
         return self.blocks / h[:2] / h
 
+    def block_file(self, block_id: bytes) -> str:
+        """`block_path` as a string: without pathlib's parsing, for the read path,
+        which asks for every block a reader starts and the window ahead of it."""
+        h = block_id.hex()
+        return f"{self._blocks_prefix}{h[:2]}/{h}"
+
     def has_block(self, block_id: bytes) -> bool:
-        return self.block_path(block_id).exists()
+        return os.path.exists(self.block_file(block_id))
 
     def write_block(
         self,
@@ -242,8 +249,8 @@ class CacheDir:
         finds it done: the disk writes overlap the writes still coming in, instead of a
         whole file's worth waiting for the fsync (the kernel alone would start only
         when 10% of memory is dirty)."""
-        path = self.block_path(block_id)
-        tmp = self.tmp / f"{path.name}.{os.getpid()}.{id(data):x}"
+        path = self.block_file(block_id)
+        tmp = f"{self.tmp}/{block_id.hex()}.{os.getpid()}.{id(data):x}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             view = memoryview(data)
@@ -397,6 +404,11 @@ class BlockFiles:
             # pread under the lock: another thread must not close this fd meanwhile
             return os.pread(self._fd(block_id), length, offset)
 
+    def is_open(self, block_id: bytes) -> bool:
+        """A descriptor of the block is open, so it reads without a fetch (no syscall:
+        a reader asks this for every block of every read)."""
+        return block_id in self._fds
+
     def preadinto(self, block_id: bytes, into: memoryview, offset: int) -> int:
         """Read a cached block's bytes at `offset` into `into`; how many were read (less
         only at the block's end). FileNotFoundError when it is not in the cache."""
@@ -414,7 +426,7 @@ class BlockFiles:
         """An open descriptor of the block file (call with the lock held)."""
         fd = self._fds.get(block_id)
         if fd is None:
-            fd = os.open(self.cache.block_path(block_id), os.O_RDONLY)
+            fd = os.open(self.cache.block_file(block_id), os.O_RDONLY)
             self._fds[block_id] = fd
             if len(self._fds) > self.max_open:
                 old_id, old = self._fds.popitem(last=False)

@@ -20,7 +20,8 @@ import functools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +51,18 @@ IDLE_SEAL_S = 5.0
 PIECE = 4 << 20
 #: a stream cut of at most this many bytes runs on the event loop, not a thread
 INLINE_CUT = 128 << 10
-#: blocks fetched ahead of a reader: each block a reader starts asks for the one
-#: this far ahead, so a sequential cold read keeps a window of fetches in flight
+#: blocks fetched ahead of a reader: the blocks a reader starts ask for those up to
+#: this far ahead (READAHEAD_BATCH at a time), so a sequential cold read keeps a
+#: window of fetches in flight
 READAHEAD_BLOCKS = 16
 #: a block asked for ahead is not asked for again this soon (seconds)
 READAHEAD_ASKED_S = 10.0
+#: a reader that starts a cached block asks for the window ahead once this many blocks
+#: at its end were not asked for yet
+READAHEAD_BATCH = 4
+#: commits remembered for `committed_since`: far more than commit while one inode row
+#: is read, even at load 15 (more than that and a reader simply reads again)
+COMMIT_LOG = 1024
 
 #: fetch(blocks, prefetch): returns once `blocks` are cached; `prefetch` is best effort
 FetchBlocks = Callable[[list[bytes], list[bytes]], Awaitable[None]]
@@ -151,6 +159,10 @@ class FileStore:
         self.client: Client | None = None
         #: called with (inode, version) after each commit of a file's contents
         self.on_commit: Callable[[int, int], None] | None = None
+        #: (number, inode) of the latest commits of file contents here (see
+        #: `committed_since`), and the number of the last one
+        self._commit_log: deque[tuple[int, int]] = deque(maxlen=COMMIT_LOG)
+        self._commits = 0
 
     def _take_chunker(self) -> _native.Chunker:
         if self._chunkers:
@@ -172,11 +184,15 @@ class FileStore:
                 attrs = await tx.get_inode(ino)
             if attrs is None:
                 raise FSOpError(2, f"inode {ino}")
-            st = FileState(
-                ino=ino, size=attrs.size, sealed_size=attrs.size, base_version=attrs.version,
-                keep_below=attrs.size,
+            # another task may have made the state while this one read (MySQL reads on
+            # a worker thread): keep that one, it may hold opens and unsealed writes
+            st = self.states.setdefault(
+                ino,
+                FileState(
+                    ino=ino, size=attrs.size, sealed_size=attrs.size, base_version=attrs.version,
+                    keep_below=attrs.size,
+                ),
             )  # fmt: skip
-            self.states[ino] = st
         return st
 
     def in_use(self, ino: int) -> bool:
@@ -198,6 +214,38 @@ class FileStore:
     def current(self, ino: int) -> FileState | None:
         """The in-memory state of `ino`, if it has any (size and times not yet sealed)."""
         return self.states.get(ino)
+
+    def commit_mark(self) -> int:
+        """Take before reading inode rows that `current` will complete; see
+        `committed_since`."""
+        return self._commits
+
+    def committed_since(self, mark: int, inodes: Collection[int]) -> bool:
+        """Did this mount commit the contents of one of `inodes` since `mark` (True
+        also when more commits came than the log holds)?
+
+        A commit changes the inode row and the in-memory state together (the state's
+        unsealed mtime goes; after a last close the whole state goes), so a row read
+        before the commit and completed with the state after it is neither: the size
+        or mtime from before the seal. On MySQL a read runs on a worker thread while
+        the event loop goes on and may straddle a commit; such a read must be done
+        again. (On SQLite every read runs on the event loop: never.)"""
+        if self._commits == mark:
+            return False
+        if not self._commit_log or self._commit_log[0][0] > mark + 1:
+            return True  # some of the commits since `mark` left the log
+        for number, ino in reversed(self._commit_log):
+            if number <= mark:
+                return False
+            if ino in inodes:
+                return True
+        return False
+
+    def _committed(self, ino: int) -> None:
+        """Log a commit of `ino`'s contents, at once after the transaction (no await
+        between its COMMIT and this, nor between this and the state's update)."""
+        self._commits += 1
+        self._commit_log.append((self._commits, ino))
 
     async def allocated(self, ino: int, sealed: int) -> int:
         """Bytes of file `ino` that hold data (st_blocks): `sealed`, the total of its
@@ -311,7 +359,7 @@ class FileStore:
 
     # --- read -----------------------------------------------------------------------
 
-    async def read(self, ino: int, offset: int, size: int) -> bytes:
+    async def read(self, ino: int, offset: int, size: int) -> bytes | bytearray:
         st = await self.state(ino)
         end = min(offset + size, st.size)
         if offset >= end:
@@ -338,7 +386,9 @@ class FileStore:
                 # blocks of this range that are not cached are fetched side by side,
                 # not one after the other (the first read of a cold file often spans two)
                 missing = [
-                    e.block for e in extents[i : last + 1] if not self.cache.has_block(e.block)
+                    e.block
+                    for e in extents[i : last + 1]
+                    if not self.blockfiles.is_open(e.block) and not self.cache.has_block(e.block)
                 ]
                 if len(missing) > 1:
                     await self._fetch(missing, self._ahead(extents, last))
@@ -355,7 +405,9 @@ class FileStore:
             buf[a - offset : b - offset] = await self._block_bytes(ext, a - ext.offset, b - a)
         if st.overlay is not None:
             st.overlay.read_into(buf, offset, end)
-        return bytes(buf)
+        # pyfuse3 replies with any buffer: a copy into a bytes object would cost a
+        # second 1 MiB allocation (its page faults) and a memcpy per read
+        return buf
 
     async def _block_bytes(
         self,
@@ -378,8 +430,10 @@ class FileStore:
             data = self._pread_block(ext.block, start, length, into)
         else:
             if start == 0 and extents:
-                # a reader starts a cached block: keep the window ahead filled
-                ahead = self._ahead(extents, index)
+                # a reader starts a cached block: keep the window ahead filled, in
+                # batches (one request per block was a round trip to the daemon and
+                # back, with CPU on both sides, for every block read)
+                ahead = self._ahead(extents, index, READAHEAD_BATCH)
                 if ahead:
                     if self.nursery is not None:
                         self.nursery.start_soon(self._prefetch, ahead)
@@ -398,12 +452,23 @@ class FileStore:
             return data if len(data) == length else None
         return b"" if self.blockfiles.preadinto(block_id, into, start) == length else None
 
-    def _ahead(self, extents: list[Extent] | None, index: int) -> list[bytes]:
+    def _ahead(
+        self, extents: list[Extent] | None, index: int, at_least: int = 1
+    ) -> list[bytes]:
         """Blocks of the READAHEAD_BLOCKS extents after `index` that are not cached and
-        were not asked for in the last READAHEAD_ASKED_S."""
+        were not asked for in the last READAHEAD_ASKED_S; none while fewer than
+        `at_least` are (unless the window reaches the file's end)."""
         now = time.monotonic()
         ahead: list[bytes] = []
-        for nxt in (extents or [])[index + 1 : index + 1 + READAHEAD_BLOCKS]:
+        window = (extents or [])[index + 1 : index + 1 + READAHEAD_BLOCKS]
+        if at_least > 1 and len(window) == READAHEAD_BLOCKS:
+            fresh = sum(
+                now - self._asked_ahead.get(nxt.block, -1e9) >= READAHEAD_ASKED_S
+                for nxt in window[-at_least:]
+            )
+            if fresh < at_least:
+                return ahead
+        for nxt in window:
             block = nxt.block
             if block in ahead or now - self._asked_ahead.get(block, -1e9) < READAHEAD_ASKED_S:
                 continue
@@ -529,6 +594,7 @@ class FileStore:
                 tx, src, version, st.ino, origin=self.origin, now_ns=time.time_ns()
             )
             st.extents = await tx.live_extents(st.ino)
+        self._committed(st.ino)
         st.size = st.sealed_size = st.keep_below = size
         st.mtime_ns = None
         st.working_version = None
@@ -883,6 +949,7 @@ class FileStore:
             if publish:
                 await tx.add_version(st.ino, version, size=size, mtime_ns=mtime, origin=self.origin)
             st.extents = await tx.live_extents(st.ino)
+        self._committed(st.ino)
         st.working_version = None if publish else version
         st.base_version = version
         st.mtime_ns = None

@@ -13,7 +13,7 @@ import errno
 import functools
 import stat
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Concatenate, ParamSpec, TypeVar
 
@@ -40,6 +40,9 @@ _DOT_COOKIES = 2
 RELATIME_NS = 86_400 * 10**9
 #: what a read does to atime (the mount options of the same names)
 ATIME_MODES = ("relatime", "strictatime", "noatime")
+#: reads of inode rows that a commit of the same file straddled are done again, this
+#: many in all at most (each retry needs another commit of that file meanwhile)
+STALE_READ_ATTEMPTS = 20
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ def _without_privileges(mode: int) -> int:
 
 P = ParamSpec("P")
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 def _retried(
@@ -153,33 +157,47 @@ class Namespace:
             raise _err(errno.ENOENT)
         return attrs
 
+    async def _rows(
+        self, read: Callable[[Txn], Awaitable[R]], inodes: Callable[[R], Collection[int]]
+    ) -> R:
+        """`read(tx)` in a read transaction: inode rows for `_live` to complete. Read
+        again while this mount committed the contents of one of `inodes(rows)` meanwhile
+        (FileStore.committed_since: the row may predate the commit that the in-memory
+        state already reflects). Call `_live` on the rows before the next await."""
+        for _ in range(STALE_READ_ATTEMPTS - 1):
+            mark = self.files.commit_mark()
+            async with self.meta.reading() as tx:
+                rows = await read(tx)
+            if not self.files.committed_since(mark, inodes(rows)):
+                return rows
+        async with self.meta.reading() as tx:  # commits of one file cannot go on forever
+            return await read(tx)
+
     async def getattr(self, ino: int) -> InodeAttrs:
-        async with self.meta.reading() as tx:
-            attrs = self._live(await self._get(tx, ino))
-            sealed = self._sealed_bytes(attrs)
-        await self._fill_allocated(sealed, attrs)
+        attrs = self._live(await self._rows(lambda tx: self._get(tx, ino), lambda a: (a.id,)))
+        await self._fill_allocated(self._sealed_bytes(attrs), attrs)
         return attrs
 
     async def lookup(self, parent: int, name: bytes) -> InodeAttrs:
         if len(name) > NAME_MAX:
             raise _err(errno.ENAMETOOLONG)
-        async with self.meta.reading() as tx:
+
+        async def read(tx: Txn) -> InodeAttrs:
             if name in (b".", b".."):
                 ino: int | None = parent
                 if name == b".." and parent != ROOT_INODE:
                     ino = await tx.parent_of(parent)
                 if ino is None:
                     raise _err(errno.ENOENT)
-                found = await self._get(tx, ino)
-            else:
-                # one query: a lookup is what the kernel asks most (every path, every create)
-                named = await tx.lookup_attrs(parent, name)
-                if named is None:
-                    raise _err(errno.ENOENT)
-                found = named
-            attrs = self._live(found)
-            sealed = self._sealed_bytes(attrs)
-        await self._fill_allocated(sealed, attrs)
+                return await self._get(tx, ino)
+            # one query: a lookup is what the kernel asks most (every path, every create)
+            named = await tx.lookup_attrs(parent, name)
+            if named is None:
+                raise _err(errno.ENOENT)
+            return named
+
+        attrs = self._live(await self._rows(read, lambda a: (a.id,)))
+        await self._fill_allocated(self._sealed_bytes(attrs), attrs)
         return attrs
 
     @_retried
@@ -619,8 +637,9 @@ class Namespace:
         self, ino: int, cookie: int, limit: int = 256
     ) -> list[tuple[bytes, InodeAttrs, int]]:
         """Entries after `cookie`: (name, attrs, next cookie); "." and ".." first."""
-        out: list[tuple[bytes, InodeAttrs, int]] = []
-        async with self.meta.reading() as tx:
+
+        async def read(tx: Txn) -> list[tuple[bytes, InodeAttrs, int]]:
+            out: list[tuple[bytes, InodeAttrs, int]] = []
             if cookie < 1:
                 out.append((b".", await self._get(tx, ino), 1))
             if cookie < 2:
@@ -630,9 +649,13 @@ class Namespace:
                 out.append((b"..", await self._get(tx, parent), 2))
             after = max(cookie - _DOT_COOKIES, 0)
             for dentry_id, name, attrs in await tx.readdir_attrs(ino, after, limit):
-                out.append((name, self._live(attrs), dentry_id + _DOT_COOKIES))
-            sealed = self._sealed_bytes(*(attrs for _n, attrs, _c in out))
-        await self._fill_allocated(sealed, *(attrs for _n, attrs, _c in out))
+                out.append((name, attrs, dentry_id + _DOT_COOKIES))
+            return out
+
+        rows = await self._rows(read, lambda out: {attrs.id for _n, attrs, _c in out})
+        out = [(name, self._live(attrs), c) for name, attrs, c in rows]
+        listed = [attrs for _n, attrs, _c in out]
+        await self._fill_allocated(self._sealed_bytes(*listed), *listed)
         return out
 
     # --- extended attributes ------------------------------------------------------------

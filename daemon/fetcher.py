@@ -1,7 +1,8 @@
 """The fetcher: brings blocks from the object store into the cache dir on request.
 
 GET → verify, decrypt, decompress → cache/blocks (not fsynced: a block lost in a crash
-is fetched again); the opening and the write run in one worker thread. Requests for a
+is fetched again); the opening and the write run in one worker thread. Each GET reads
+the stored object and decrypts it into buffers that the next GETs reuse. Requests for a
 block that is already being fetched wait for that one GET instead of starting another,
 and the GETs run in the fetcher's own nursery, so a requester that goes away does not
 cancel a GET that others wait for. At most `fetches` GETs run at once, read-ahead
@@ -40,6 +41,28 @@ class _Get:
     queued: trio.CancelScope | None = None
     #: a read waits for this block, and no GET had started for it when it asked
     missed: bool = False
+
+
+#: reused buffers grow in steps of this much (to the largest object or block seen)
+_BUFFER_STEP = 256 << 10
+
+
+@dataclass
+class _Buffers:
+    """Memory that one GET at a time reuses: its stored object, and the plaintext
+    decrypted from it. A fresh 1 MiB bytes object per block and step cost more CPU in
+    page faults than the decryption itself (0.5 s per GiB each). Each grows to the
+    largest size it had to hold, so an idle daemon holds only what blocks needed."""
+
+    sealed: bytearray = field(default_factory=bytearray)
+    plain: bytearray = field(default_factory=bytearray)
+
+    def fit(self, sealed_size: int, plain_size: int) -> None:
+        """Grow for the next block after one of these sizes did not fit."""
+        if sealed_size > len(self.sealed):
+            self.sealed = bytearray(-(-sealed_size // _BUFFER_STEP) * _BUFFER_STEP)
+        if plain_size > len(self.plain):
+            self.plain = bytearray(-(-plain_size // _BUFFER_STEP) * _BUFFER_STEP)
 
 
 class FetchFailed(Exception):
@@ -81,6 +104,9 @@ class Fetcher:
         # sequential reader's GETs, and each one in flight hides a GET's latency.
         self._prefetch_limit = trio.Semaphore(max(1, fetches * 3 // 4))
         self._gets: dict[bytes, _Get] = {}
+        #: buffers of GETs that ended, for the next ones (at most one per GET slot)
+        self._free_buffers: list[_Buffers] = []
+        self._max_buffers = fetches
         #: GETs of missed blocks not done yet; prefetch GETs start only at 0
         self._misses = 0
         self._no_misses = trio.Event()
@@ -160,9 +186,7 @@ class Fetcher:
             async with self._limit:
                 # it may have arrived while we waited for a slot (another process)
                 if not self.cache.has_block(block_id):
-                    size = await trio.to_thread.run_sync(
-                        self._open_and_write, block_id, await self.store.get_sealed(block_id)
-                    )
+                    size = await self._fetch_one(block_id)
                     self.fetched += 1
                     self.fetched_bytes += size
                     if self._on_fetched is not None:
@@ -185,11 +209,24 @@ class Fetcher:
             self.last_progress = trio.current_time()
             get.done.set()
 
-    def _open_and_write(self, block_id: bytes, body: bytes) -> int:
+    async def _fetch_one(self, block_id: bytes) -> int:
+        """GET, open and write one block file; the plaintext's size."""
+        buffers = self._free_buffers.pop() if self._free_buffers else _Buffers()
+        body = await self.store.get_sealed_into(block_id, buffers.sealed)
+        size = await trio.to_thread.run_sync(self._open_and_write, block_id, body, buffers)
+        # only now are the buffers surely free: a GET that failed or was cancelled may
+        # have left a worker thread behind that still writes into them (a store's
+        # abandoned call), so they go with it
+        if len(self._free_buffers) < self._max_buffers:
+            self._free_buffers.append(buffers)
+        return size
+
+    def _open_and_write(self, block_id: bytes, body: memoryview, buffers: _Buffers) -> int:
         """Verify and open the object, write the block file: one worker thread hop
         per block instead of two. The plaintext's size."""
-        plaintext = self.store.open_sealed(block_id, body)
+        plaintext = self.store.open_sealed_into(block_id, body, buffers.plain)
         self.cache.write_block(block_id, plaintext, durable=False)
+        buffers.fit(len(body), len(plaintext))  # new buffers: the views stay valid
         return len(plaintext)
 
 

@@ -26,6 +26,7 @@ from cloudfs.daemon.uploader import Uploader
 
 from cloudfs.cache import CacheDir, default_cache_size
 from cloudfs.codec.crypto import Keys
+from cloudfs.config import SUPERBLOCK_KEY
 from cloudfs.gc import remove_stored_block_files
 from cloudfs.meta.base import MetaStore
 from cloudfs.meta.sqlite import SqliteMetaStore
@@ -120,6 +121,16 @@ class DaemonService:
 
     # --- lifetime ----------------------------------------------------------------------
 
+    async def _warm_up_store(self) -> None:
+        """One cheap request at start: the first request of a new S3 client pays its
+        setup (endpoint rules, signer, connection: 20-50 ms against moto here), which
+        otherwise lands on the first cold read after a mount, its time to first byte.
+        Best effort: a store that cannot answer shows that in the first real call."""
+        try:
+            await self.store.inner.head(SUPERBLOCK_KEY)
+        except Exception as exc:  # noqa: BLE001 (nothing depends on it)
+            log.debug("store warm-up: %s", exc)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until stopped; `task_status.started()` once the socket accepts."""
         self._last_request = trio.current_time()
@@ -149,6 +160,7 @@ class DaemonService:
                 nursery.start_soon(serve_control)
                 nursery.start_soon(self._watch_signals)
                 nursery.start_soon(self._watch_idle)
+                nursery.start_soon(self._warm_up_store)
                 log.info("cloudfsd %d serving %s", os.getpid(), self.cache.root)
                 task_status.started()
 

@@ -249,7 +249,7 @@ class Uploader:
         plaintext = await trio.to_thread.run_sync(
             _read_verified, self.cache.block_path(block_id), self.keys, block_id, size
         )
-        return await self.store.put_block(block_id, plaintext)
+        return await self.store.put_block(block_id, plaintext, verified=True)
 
     async def _failed(self, block_id: bytes, exc: Exception) -> None:
         # A row that is no longer pending (collected by gc, stored meanwhile by a

@@ -63,6 +63,14 @@ class ObjectStore(ABC):
     async def get(self, key: str) -> bytes:
         """The whole object; ObjectNotFound if there is none."""
 
+    async def get_into(self, key: str, buffer: bytearray) -> memoryview:
+        """The whole object, as `get`, read into `buffer` where the store can do so
+        (the returned view then points into `buffer`; else it is a view of a new bytes
+        object, also when the object does not fit). A reader that fetches many objects
+        reuses one buffer: a fresh 1 MiB bytes object costs its page faults (~0.5 CPU s
+        per GiB) on top of the copy."""
+        return memoryview(await self.get(key))
+
     @abstractmethod
     async def get_range(self, key: str, start: int, length: int) -> bytes:
         """Bytes [start, start + length) of the object, clipped to its end;

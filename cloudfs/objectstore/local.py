@@ -54,6 +54,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _read_all(fd: int, size: int) -> bytes:
+    chunks = []
+    while True:
+        chunk = os.read(fd, max(size, 1 << 16))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
 class LocalStore(ObjectStore):
     """Objects as files under `root` (created on the first put)."""
 
@@ -79,6 +88,9 @@ class LocalStore(ObjectStore):
 
     async def get(self, key: str) -> bytes:
         return await self._run(self._get_sync, key, self._path(key))
+
+    async def get_into(self, key: str, buffer: bytearray) -> memoryview:
+        return await self._run(self._get_into_sync, key, self._path(key), buffer)
 
     async def get_range(self, key: str, start: int, length: int) -> bytes:
         if start < 0 or length < 0:
@@ -134,6 +146,32 @@ class LocalStore(ObjectStore):
             raise ObjectNotFound(key) from None
         except OSError as exc:
             raise self._error(key, exc) from exc
+
+    def _get_into_sync(self, key: str, path: Path, buffer: bytearray) -> memoryview:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ObjectNotFound(key) from None
+        except OSError as exc:
+            raise self._error(key, exc) from exc
+        try:
+            size = os.fstat(fd).st_size
+            # an object never changes in place (a put renames a new file over it), so
+            # this descriptor's file keeps the size fstat saw
+            if size > len(buffer):
+                return memoryview(_read_all(fd, size))
+            view = memoryview(buffer)
+            done = 0
+            while done < size:
+                n = os.readv(fd, [view[done:size]])
+                if n == 0:
+                    break
+                done += n
+            return view[:done]
+        except OSError as exc:
+            raise self._error(key, exc) from exc
+        finally:
+            os.close(fd)
 
     def _get_range_sync(self, key: str, path: Path, start: int, length: int) -> bytes:
         try:

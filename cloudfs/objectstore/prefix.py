@@ -26,6 +26,9 @@ class PrefixStore(ObjectStore):
     async def get(self, key: str) -> bytes:
         return await self.inner.get(self._key(key))
 
+    async def get_into(self, key: str, buffer: bytearray) -> memoryview:
+        return await self.inner.get_into(self._key(key), buffer)
+
     async def get_range(self, key: str, start: int, length: int) -> bytes:
         return await self.inner.get_range(self._key(key), start, length)
 

@@ -79,6 +79,9 @@ class RetryStore(ObjectStore):
     async def get(self, key: str) -> bytes:
         return await self._call(f"get {key}", lambda: self.inner.get(key))
 
+    async def get_into(self, key: str, buffer: bytearray) -> memoryview:
+        return await self._call(f"get {key}", lambda: self.inner.get_into(key, buffer))
+
     async def get_range(self, key: str, start: int, length: int) -> bytes:
         return await self._call(f"get {key}", lambda: self.inner.get_range(key, start, length))
 

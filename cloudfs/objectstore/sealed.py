@@ -8,12 +8,21 @@ OpenSSL release the GIL) so the trio thread stays free for I/O.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterable
 
 import trio
 
+from cloudfs import _native
 from cloudfs.codec.crypto import Keys
-from cloudfs.codec.framing import BLOCK_SIZE_LIMIT, block_key, open_block, seal_block
+from cloudfs.codec.framing import (
+    BLOCK_SIZE_LIMIT,
+    block_key,
+    open_block,
+    open_block_into,
+    seal_block,
+)
+from cloudfs.errors import CorruptBlock
 from cloudfs.objectstore.base import ObjectStore
 
 
@@ -37,9 +46,12 @@ class SealedStore:
         self.max_size = max_size
         self.url = inner.url
 
-    async def put_block(self, block_id: bytes, plaintext: bytes) -> int:
-        """Seal and store the block; the stored object's size in bytes."""
-        body = await trio.to_thread.run_sync(self._seal, block_id, plaintext)
+    async def put_block(self, block_id: bytes, plaintext: bytes, *, verified: bool = False) -> int:
+        """Seal and store the block; the stored object's size in bytes. The plaintext
+        is checked against its id first (CorruptBlock), unless the caller did that
+        (`verified`): a reader of an encrypted, uncompressed block relies on it (see
+        cloudfs.codec.framing.open_block_into)."""
+        body = await trio.to_thread.run_sync(self._seal, block_id, plaintext, verified)
         await self.inner.put(block_key(block_id), body)
         return len(body)
 
@@ -59,6 +71,18 @@ class SealedStore:
         it is exactly the block `block_id`. CPU work: call from a worker thread."""
         return open_block(self.keys, block_id, body, max_size=self.max_size)
 
+    async def get_sealed_into(self, block_id: bytes, buffer: bytearray) -> memoryview:
+        """`get_sealed`, read into `buffer` where the store can (see
+        ObjectStore.get_into); for `open_sealed_into`."""
+        return await self.inner.get_into(block_key(block_id), buffer)
+
+    def open_sealed_into(
+        self, block_id: bytes, body: bytes | bytearray | memoryview, buffer: bytearray
+    ) -> memoryview:
+        """`open_sealed` with the plaintext in `buffer` where it fits (see
+        cloudfs.codec.framing.open_block_into). CPU work: call from a worker thread."""
+        return open_block_into(self.keys, block_id, body, buffer, max_size=self.max_size)
+
     async def has_block(self, block_id: bytes) -> bool:
         """True when an object exists under the block's key (not verified)."""
         return await self.inner.head(block_key(block_id)) is not None
@@ -67,7 +91,11 @@ class SealedStore:
         """Delete the blocks' objects; missing ones are not an error."""
         await self.inner.delete_many([block_key(block_id) for block_id in block_ids])
 
-    def _seal(self, block_id: bytes, plaintext: bytes) -> bytes:
+    def _seal(self, block_id: bytes, plaintext: bytes, verified: bool) -> bytes:
+        if not verified and not hmac.compare_digest(
+            _native.block_id(self.keys.id_key, plaintext), block_id
+        ):
+            raise CorruptBlock(f"block {block_id.hex()}: plaintext does not match its id")
         return seal_block(self.keys, block_id, plaintext, encrypt=self.encrypt, level=self.level)
 
     async def aclose(self) -> None:

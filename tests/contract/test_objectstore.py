@@ -42,6 +42,19 @@ async def test_large_object(store: ObjectStore) -> None:
     assert await store.head("big") == ObjectInfo("big", len(data))
 
 
+async def test_get_into(store: ObjectStore) -> None:
+    """The whole object, wherever the store put it; a buffer too small is no error."""
+    data = os.urandom(300_000)
+    await store.put("blob", data)
+    buffer = bytearray(b"x" * 400_000)
+    assert bytes(await store.get_into("blob", buffer)) == data
+    assert bytes(await store.get_into("blob", bytearray(1000))) == data
+    await store.put("empty", b"")
+    assert bytes(await store.get_into("empty", buffer)) == b""
+    with pytest.raises(ObjectNotFound):
+        await store.get_into("nope", buffer)
+
+
 async def test_missing_key(store: ObjectStore) -> None:
     with pytest.raises(ObjectNotFound):
         await store.get("nope")

@@ -7,8 +7,9 @@ from __future__ import annotations
 import itertools
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -19,7 +20,7 @@ from cloudfs.cache import CacheDir
 from cloudfs.chunking import ChunkerParams
 from cloudfs.files import FileStore
 from cloudfs.meta import open_meta
-from cloudfs.meta.base import LIVE
+from cloudfs.meta.base import LIVE, InodeAttrs, Txn
 from cloudfs.namespace import Caller, Namespace
 
 PARAMS = ChunkerParams(64, 256, 1024)
@@ -155,6 +156,83 @@ async def test_large_append_amends_one_version(env: Env, monkeypatch: pytest.Mon
     assert len(versions) == 1
     assert dead[0][0] == 0, "no history rows for an unpublished working version"
     await env.check_invariants(ino)
+
+
+@pytest.mark.parametrize("how", ["getattr", "lookup", "readdir"])
+async def test_attributes_read_across_a_seal_are_the_sealed_ones(
+    tmp_path: Path, mysql_url: str, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """A stat, lookup or listing whose read of the inode row began before the seal after
+    a last close committed, and ended once the file's in-memory state was forgotten,
+    answers the sealed size and mtime, not the row from before the seal (the kernel
+    would keep that stale size: the model test on MySQL saw 300000 for a file truncated
+    to 817). MySQL only: its reads run on worker threads while the event loop goes on;
+    SQLite's run on the event loop, so no commit can come between."""
+    env = Env(tmp_path, mysql_url)
+    try:
+        await env.setup()
+        name = b"stale%d" % next(_unique)
+        ino = (await env.ns.mknod(1, name, 0o100644, 0, CALLER)).id
+        await env.files.open(ino)
+        await env.files.write(ino, 0, random.Random(1).randbytes(30_000))
+        await env.files.seal(ino, publish=True)  # the row: 30000 bytes, this mtime
+        await env.files.write(ino, 207, random.Random(5).randbytes(1385))
+        await env.files.truncate(ino, 817)  # unsealed: only the file's state knows
+        want = await env.ns.getattr(ino)
+        assert want.size == 817
+
+        # the first inode row read from now on is held until the seal is done
+        read_done, go_on = trio.Event(), trio.Event()
+
+        def held(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            async def read(*args: Any) -> Any:
+                rows = await method(*args)
+                if not read_done.is_set():
+                    read_done.set()
+                    await go_on.wait()
+                return rows
+
+            return read
+
+        monkeypatch.setattr(Txn, "get_inode", held(Txn.get_inode))
+        monkeypatch.setattr(Txn, "readdir_attrs", held(Txn.readdir_attrs))
+        got: list[InodeAttrs] = []
+
+        async def ask() -> None:
+            if how == "getattr":
+                got.append(await env.ns.getattr(ino))
+            elif how == "lookup":
+                got.append(await env.ns.lookup(1, name))
+            else:
+                got.extend(a for n, a, _c in await env.ns.readdir(1, 2) if n == name)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+            with trio.fail_after(60):
+                await read_done.wait()
+            assert env.files.close_handle(ino)
+            await env.files.last_close(ino)  # seals, commits, forgets the state
+            assert env.files.current(ino) is None
+            go_on.set()
+        assert [(a.size, a.mtime_ns) for a in got] == [(817, want.mtime_ns)]
+    finally:
+        await env.meta.close()
+
+
+async def test_concurrent_opens_share_one_state(env: Env) -> None:
+    """Two opens of a file with no state yet, at once: on MySQL both read its row on
+    worker threads; the second must not replace the state the first made (its open and
+    its writes would be lost to the file)."""
+    ino = await env.setup()
+    async with trio.open_nursery() as nursery:
+        for _ in range(2):
+            nursery.start_soon(env.files.open, ino)
+    st_ = env.files.current(ino)
+    assert st_ is not None and st_.opens == 2
+    await env.files.release(ino)
+    assert env.files.current(ino) is st_, "one handle is still open"
+    await env.files.release(ino)
+    assert env.files.current(ino) is None
 
 
 ops = st.lists(

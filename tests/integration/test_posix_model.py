@@ -462,6 +462,18 @@ def _settings() -> Callable[[Any], Any]:
 @example(program=[("close", 0), ("truncate", "a", 300_000)])
 # an xattr outside the user/trusted/security namespaces was stored (EOPNOTSUPP)
 @example(program=[("setxattr", "a", "bogus.b", b"x", 0), ("removexattr", "a", "bogus.b")])
+# MySQL: a stat right after the last close of a truncated file read the inode row on a
+# worker thread before the seal committed and ended after the seal forgot the file's
+# state; the kernel cached the size from before the seal (300000, not 817). Timing
+# dependent here: tests/fs_api/test_files.py holds the read across the seal
+@example(
+    program=[
+        ("seal",),
+        ("write", 0, 207, 13855, 5),
+        ("ftruncate", 0, 817),
+        ("remount",),
+    ]
+)
 def test_mount_behaves_like_the_local_disk(fs: CloudFS, tmp_path: Path, program: list[Op]) -> None:
     """(`fs` and `tmp_path` are made once for all the programs hypothesis runs; each
     program works in directories of its own.)"""

@@ -25,6 +25,7 @@ from cloudfs.codec.framing import (
     PROBE_SIZE,
     block_key,
     open_block,
+    open_block_into,
     parse_block_key,
     seal_block,
 )
@@ -233,6 +234,32 @@ def test_body_of_another_block_is_detected(keys: Keys, encrypt: bool) -> None:
         open_block(keys, id_b, body_a)
     with pytest.raises(CorruptBlock):
         open_block(keys, id_a, body_b)
+
+
+@pytest.mark.parametrize("encrypt", [True, False])
+@pytest.mark.parametrize("plaintext", [COMPRESSIBLE, INCOMPRESSIBLE])
+def test_open_into_a_buffer(keys: Keys, encrypt: bool, plaintext: bytes) -> None:
+    """The fetcher's way: the same plaintext as open_block, decrypted into the caller's
+    buffer when it fits, and every damage still refused, also for an encrypted block
+    stored raw, which is trusted on its GCM tag without the id check."""
+    block_id, body = seal(keys, plaintext, encrypt=encrypt)
+    buffer = bytearray(len(plaintext) + 100)
+    view = open_block_into(keys, block_id, body, buffer)
+    assert bytes(view) == plaintext
+    if encrypt and body[5] == FLAG_ENCRYPTED:  # stored raw: decrypted in place
+        assert view.obj is buffer
+    assert bytes(open_block_into(keys, block_id, body, bytearray(10))) == plaintext
+    other_id, other_body = seal(keys, plaintext[::-1], encrypt=encrypt)
+    damaged = [body[:-1], body + b"\0", other_body]
+    for pos in (0, 5, HEADER_SIZE, HEADER_SIZE + 12, len(body) // 2, len(body) - 1):
+        flipped = bytearray(body)
+        flipped[pos] ^= 0x10
+        damaged.append(bytes(flipped))
+    for bad in damaged:
+        with pytest.raises(CorruptBlock):
+            open_block_into(keys, block_id, bad, buffer)
+    with pytest.raises(CorruptBlock):
+        open_block_into(Keys.from_master(os.urandom(32)), block_id, body, buffer)
 
 
 @pytest.mark.parametrize("encrypt", [True, False])

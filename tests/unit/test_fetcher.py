@@ -16,7 +16,7 @@ from cloudfs.cache import CacheDir
 
 
 class GatedStore:
-    """get_sealed waits until the test releases the block; `started` lists the GETs in
+    """get_sealed_into waits until the test releases the block; `started` lists the GETs in
     the order they began. The "object" is the plaintext itself."""
 
     def __init__(self) -> None:
@@ -26,12 +26,12 @@ class GatedStore:
     def release(self, block_id: bytes) -> None:
         self._release.setdefault(block_id, trio.Event()).set()
 
-    async def get_sealed(self, block_id: bytes) -> bytes:
+    async def get_sealed_into(self, block_id: bytes, buffer: bytearray) -> memoryview:
         self.started.append(block_id)
         await self._release.setdefault(block_id, trio.Event()).wait()
-        return block_id * 100
+        return memoryview(block_id * 100)
 
-    def open_sealed(self, block_id: bytes, body: bytes) -> bytes:
+    def open_sealed_into(self, block_id: bytes, body: memoryview, buffer: bytearray) -> memoryview:
         return body
 
 

@@ -138,3 +138,19 @@ async def test_conditional_writes_are_atomic(tmp_path: Path) -> None:
     os.utime(tmp_path / "s" / ".tmp" / "lock", (0, 0))
     await LocalStore(tmp_path / "s").put("x", b"")
     assert (tmp_path / "s" / ".tmp" / "lock").exists()
+
+
+async def test_get_into_reads_into_the_buffer(tmp_path: Path) -> None:
+    """The fetcher's reads land in its reused buffer (no new object per block), also
+    through the retry and prefix wrappers."""
+    from cloudfs.objectstore.retry import RetryStore
+
+    data = os.urandom(200_000)
+    store = RetryStore(PrefixStore(LocalStore(tmp_path), "p/"))
+    await store.put("k", data)
+    buffer = bytearray(300_000)
+    view = await store.get_into("k", buffer)
+    assert view.obj is buffer and bytes(view) == data
+    small = bytearray(100)
+    view = await store.get_into("k", small)
+    assert view.obj is not small and bytes(view) == data

@@ -51,3 +51,19 @@ async def test_block_larger_than_max_size_is_refused(tmp_path: Path) -> None:
     reader = SealedStore(LocalStore(tmp_path), keys, encrypt=True, level=3, max_size=1 << 20)
     with pytest.raises(CorruptBlock):
         await reader.get_block(block_id)
+
+
+async def test_put_block_refuses_a_plaintext_that_is_not_its_block(tmp_path: Path) -> None:
+    """A reader trusts an encrypted raw block on its GCM tag alone: nothing may be sealed
+    under an id that its plaintext does not have."""
+    keys = Keys.from_master(os.urandom(32))
+    store = SealedStore(LocalStore(tmp_path), keys, encrypt=True, level=3)
+    plaintext = os.urandom(70_000)
+    wrong = bytearray(plaintext)
+    wrong[1000] ^= 1
+    block_id = _native.block_id(keys.id_key, plaintext)
+    with pytest.raises(CorruptBlock):
+        await store.put_block(block_id, bytes(wrong))
+    assert not await store.has_block(block_id)
+    await store.put_block(block_id, plaintext)
+    assert await store.get_block(block_id) == plaintext
