@@ -195,6 +195,7 @@ async def test_attributes_read_across_a_seal_are_the_sealed_ones(
             return read
 
         monkeypatch.setattr(Txn, "get_inode", held(Txn.get_inode))
+        monkeypatch.setattr(Txn, "lookup_attrs", held(Txn.lookup_attrs))  # a lookup's read
         monkeypatch.setattr(Txn, "readdir_attrs", held(Txn.readdir_attrs))
         got: list[InodeAttrs] = []
 
