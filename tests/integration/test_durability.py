@@ -129,6 +129,18 @@ def test_sync_fsync_and_close_wait_until_stored(
         os.kill(daemon, signal.SIGCONT)
     assert time.monotonic() - started < 3
 
+    # a truncate by path (the file open nowhere) seals a new version at once, whose cut
+    # chunk's head is a new block: it returns once that block is stored, like a close
+    os.kill(daemon, signal.SIGSTOP)
+    try:
+        job = Background(lambda: os.truncate(fs.mnt / "g", 5 * MiB + 12345))
+        assert not job.done.wait(3), "truncate returned before its new block was uploaded"
+    finally:
+        os.kill(daemon, signal.SIGCONT)
+    assert job.done.wait(60) and job.error is None, job.error
+    stored_everything(fs)
+    assert (fs.mnt / "g").read_bytes() == data[: 5 * MiB + 12345]
+
 
 @pytest.mark.store_kinds("local")  # store-independent: the mount's own logic
 def test_bad_upload_mode(make_fs: Callable[..., CloudFS]) -> None:
