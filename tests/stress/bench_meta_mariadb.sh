@@ -8,32 +8,15 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/cloudfs-bench-meta.XXXXXX")
-sbin=/usr/sbin:/usr/local/sbin:$PATH
-mariadbd=$(PATH=$sbin command -v mariadbd)
-as_root=()
-[ "$(id -u)" -eq 0 ] && as_root=(--user=root)
-small=(--innodb-buffer-pool-size=32M --innodb-log-file-size=8M)
-mariadb-install-db --no-defaults --datadir="$tmp/data" --auth-root-authentication-method=normal \
-    --skip-test-db "${as_root[@]}" "${small[@]}" >"$tmp/install.log" 2>&1
-port=$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-setpriv --pdeathsig TERM "$mariadbd" --no-defaults "${as_root[@]}" --datadir="$tmp/data" \
-    --socket="$tmp/sock" --port="$port" --bind-address=127.0.0.1 --log-error="$tmp/error.log" \
-    --skip-name-resolve --innodb-flush-log-at-trx-commit="${FLUSH:-2}" "${small[@]}" &
-server=$!
+source tests/stress/_mariadb.sh
 stop() {
-    mariadb-admin --no-defaults --socket="$tmp/sock" -uroot shutdown 2>/dev/null || kill "$server"
-    wait "$server" 2>/dev/null || true
+    mariadb_stop "$tmp"
     rm -rf "$tmp"
 }
 trap stop EXIT
-for _ in $(seq 600); do
-    mariadb-admin --no-defaults --socket="$tmp/sock" -uroot ping >/dev/null 2>&1 && break
-    sleep 0.05
-done
-mariadb --no-defaults --socket="$tmp/sock" -uroot -e "CREATE USER 'bench'@'127.0.0.1'
-    IDENTIFIED BY 'bench'; CREATE DATABASE cloudfs_bench;
-    GRANT ALL ON cloudfs_bench.* TO 'bench'@'127.0.0.1'"
-echo "== MariaDB $("$mariadbd" --version | awk '{print $3}') (innodb_flush_log_at_trx_commit=${FLUSH:-2})"
+mariadb_start "$tmp" .venv/bin/python --innodb-flush-log-at-trx-commit="${FLUSH:-2}" \
+    --innodb-buffer-pool-size=32M --innodb-log-file-size=8M
+port=$mariadb_port
 CLOUDFS_MYSQL_PASSWORD=bench .venv/bin/python tests/stress/bench_meta.py \
     --metadata "mysql://bench@127.0.0.1:$port/cloudfs_bench" "$@"
 echo "== SQLite (synchronous=NORMAL, WAL)"

@@ -11,21 +11,14 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 bin=${CLOUDFS_BIN:-$PWD/.venv/bin}  # another checkout's venv: CLOUDFS_BIN=/path/.venv/bin
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/cloudfs-bench-mount.XXXXXX")
-sbin=/usr/sbin:/usr/local/sbin:$PATH
-mariadbd=$(PATH=$sbin command -v mariadbd)
-as_root=()
-[ "$(id -u)" -eq 0 ] && as_root=(--user=root)
-server=
+source tests/stress/_mariadb.sh
 mounts=()
 stop() {
     for m in "${mounts[@]}"; do
         mountpoint -q "$m" && { fusermount3 -u "$m" 2>/dev/null || umount -l "$m"; }
     done
     for engine in mysql sqlite; do stop_daemon "$engine"; done
-    if [ -n "$server" ]; then
-        mariadb-admin --no-defaults --socket="$tmp/sock" -uroot shutdown 2>/dev/null || kill "$server"
-        wait "$server" 2>/dev/null || true
-    fi
+    mariadb_stop "$tmp"
     sleep 1  # the daemons' exit
     rm -rf "$tmp"
 }
@@ -60,27 +53,13 @@ stop_daemon() {  # ENGINE: its cloudfsd (it would wait for a database that is ab
 }
 
 server_questions() {
-    mariadb --no-defaults --socket="$tmp/sock" -uroot -N -e "SHOW GLOBAL STATUS LIKE 'Questions'" | awk '{print $2}'
+    mariadb_sql "$tmp" "SHOW GLOBAL STATUS LIKE 'Questions'" | awk '{print $2}'
 }
 
 for engine in ${ENGINES:-mysql sqlite}; do
     if [ "$engine" = mysql ]; then
-        mariadb-install-db --no-defaults --datadir="$tmp/data" --auth-root-authentication-method=normal \
-            --skip-test-db "${as_root[@]}" >"$tmp/install.log" 2>&1
-        port=$("$bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-        setpriv --pdeathsig TERM "$mariadbd" --no-defaults "${as_root[@]}" --datadir="$tmp/data" \
-            --socket="$tmp/sock" --port="$port" --bind-address=127.0.0.1 --log-error="$tmp/error.log" \
-            --skip-name-resolve --innodb-flush-log-at-trx-commit=1 &
-        server=$!
-        for _ in $(seq 600); do
-            mariadb-admin --no-defaults --socket="$tmp/sock" -uroot ping >/dev/null 2>&1 && break
-            sleep 0.05
-        done
-        mariadb --no-defaults --socket="$tmp/sock" -uroot -e "CREATE USER 'bench'@'127.0.0.1'
-            IDENTIFIED BY 'bench'; CREATE DATABASE cloudfs_bench;
-            GRANT ALL ON cloudfs_bench.* TO 'bench'@'127.0.0.1'"
-        echo "MariaDB $("$mariadbd" --version | awk '{print $3}'), innodb_flush_log_at_trx_commit=1"
-        run_engine mysql --metadata "mysql://bench@127.0.0.1:$port/cloudfs_bench"
+        mariadb_start "$tmp" "$bin/python" --innodb-flush-log-at-trx-commit=1
+        run_engine mysql --metadata "mysql://bench@127.0.0.1:$mariadb_port/cloudfs_bench"
     else
         run_engine sqlite
     fi
