@@ -116,28 +116,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         if unknown:
             raise pytest.UsageError(f"store_kinds: unknown kind(s) {unknown}")
     engines = metadata_engines(str(metafunc.config.getoption("metadata")))
-    if metafunc.definition.get_closest_marker("sqlite_only") is not None and len(engines) > 1:
+    if len(engines) < 2:
+        engines = []  # the `metadata_engine` fixture gives the one engine
+    elif metafunc.definition.get_closest_marker("sqlite_only") is not None:
         engines = ["sqlite"] if "sqlite" in engines else engines[:1]
+    elif "make_fs" not in metafunc.fixturenames or "mysql_url" in metafunc.fixturenames:
+        engines = []  # the first engine (the fixture)
+    if kinds and engines:
+        pairs = [(kinds[0], e) for e in engines] + [(k, engines[0]) for k in kinds[1:]]
+        metafunc.parametrize(
+            ("store_kind", "metadata_engine"), pairs, indirect=["store_kind"],
+            ids=[f"{k}-{e}" for k, e in pairs],
+        )  # fmt: skip
+    elif kinds:
+        metafunc.parametrize("store_kind", kinds, indirect=True)
+    elif engines:
         metafunc.parametrize("metadata_engine", engines)
-        if kinds:
-            metafunc.parametrize("store_kind", kinds, indirect=True)
-        return
-    if (
-        len(engines) < 2
-        or "make_fs" not in metafunc.fixturenames
-        or "mysql_url" in metafunc.fixturenames
-    ):
-        if kinds:
-            metafunc.parametrize("store_kind", kinds, indirect=True)
-        return  # the `metadata_engine` fixture: the first engine
-    if not kinds:
-        metafunc.parametrize("metadata_engine", engines)
-        return
-    pairs = [(kinds[0], e) for e in engines] + [(k, engines[0]) for k in kinds[1:]]
-    metafunc.parametrize(
-        ("store_kind", "metadata_engine"), pairs, indirect=["store_kind"],
-        ids=[f"{k}-{e}" for k, e in pairs],
-    )  # fmt: skip
 
 
 def tool(name: str) -> str:
