@@ -384,7 +384,7 @@ class Namespace:
         freed (`lost_name`): not when the trash keeps it, unless this mount marked it
         (an open file), since freeing it then also takes the mark off."""
         ino = attrs.id
-        await tx.remove_dentry(parent, name)
+        await tx.drop_dentry(parent, name)
         if stat.S_ISDIR(attrs.mode):
             await tx.update_inode(ino, nlink=0, ctime_ns=now)
             pattrs = await self._get(tx, parent)
@@ -410,10 +410,10 @@ class Namespace:
     async def unlink(self, parent: int, name: bytes) -> None:
         now = time.time_ns()
         async with self.meta.transaction() as tx:
-            ino = await tx.lookup(parent, name)
-            if ino is None:
+            found = await tx.lookup_attrs(parent, name)  # entry and inode: one query
+            if found is None:
                 raise _err(errno.ENAMETOOLONG if len(name) > NAME_MAX else errno.ENOENT)
-            attrs = await self._get(tx, ino)
+            attrs, ino = found, found.id
             if stat.S_ISDIR(attrs.mode):
                 raise _err(errno.EISDIR)
             last = await self._drop_name(tx, parent, name, attrs, now)
@@ -429,10 +429,10 @@ class Namespace:
         if name == b"..":
             raise _err(errno.ENOTEMPTY)
         async with self.meta.transaction() as tx:
-            ino = await tx.lookup(parent, name)
-            if ino is None:
+            found = await tx.lookup_attrs(parent, name)  # entry and inode: one query
+            if found is None:
                 raise _err(errno.ENAMETOOLONG if len(name) > NAME_MAX else errno.ENOENT)
-            attrs = await self._get(tx, ino)
+            attrs, ino = found, found.id
             if not stat.S_ISDIR(attrs.mode):
                 raise _err(errno.ENOTDIR)
             if await tx.has_entries(ino):

@@ -47,22 +47,45 @@ class TrashEntry:
     parent_mtime_ns: int | None = None
 
 
+#: directory levels one path query climbs (MySQL's cte_max_recursion_depth is 1,000)
+_LEVELS_PER_QUERY = 256
+
+#: the names of directory ? and of its ancestors up to the root (or up to ? levels), the
+#: nearest first: one query for a whole path instead of one per level, since an unlink
+#: on MySQL pays a round trip per query
+_ANCESTORS = """
+WITH RECURSIVE up(level, parent, name) AS (
+    SELECT 1, parent, name FROM dentries WHERE inode = ?
+    UNION ALL
+    SELECT up.level + 1, d.parent, d.name FROM up JOIN dentries d ON d.inode = up.parent
+    WHERE up.parent <> ? AND up.level < ?
+)
+SELECT level, parent, name FROM up ORDER BY level
+"""
+
+
 async def path_of(tx: Txn, parent: int, name: bytes) -> bytes:
     """The path of entry `name` of directory `parent` ('/a/b/name'); a directory not
     reachable from the root shows as '?'."""
     parts = [name]
     ino = parent
-    for _ in range(_MAX_DEPTH):
-        if ino == ROOT_INODE:
-            break
-        row = await tx.conn.query_one(
-            "SELECT parent, name FROM dentries WHERE inode = ? LIMIT 1", (ino,)
-        )
-        if row is None:
+    while ino != ROOT_INODE and len(parts) <= _MAX_DEPTH:
+        rows = await tx.conn.query(_ANCESTORS, (ino, ROOT_INODE, _LEVELS_PER_QUERY))
+        if not rows:
             parts.append(b"?")
             break
-        parts.append(bytes(row[1]))
-        ino = row[0]
+        if [row[0] for row in rows] != list(range(1, len(rows) + 1)):
+            # a directory with two names (a damaged database: fsck reports it): the
+            # chain forks, so follow one name per level as before
+            row = await tx.conn.query_one(
+                "SELECT parent, name FROM dentries WHERE inode = ? LIMIT 1", (ino,)
+            )
+            rows = [(1, row[0], row[1])] if row is not None else []
+            if not rows:
+                parts.append(b"?")
+                break
+        parts.extend(bytes(row[2]) for row in rows)
+        ino = rows[-1][1]
     return b"/" + b"/".join(reversed(parts))
 
 
@@ -74,7 +97,7 @@ async def keep(tx: Txn, ino: int, parent: int, name: bytes, now_ns: int) -> bool
     if policy.trash is not None and policy.trash <= 0:
         return False
     pattrs = await tx.get_inode(parent)
-    await tx.conn.execute(
+    await tx.conn.defer(
         "INSERT INTO trash (inode, path, deleted_ns, remover, parent_mtime_ns)"
         " VALUES (?, ?, ?, ?, ?)",
         (ino, await path_of(tx, parent, name), now_ns, REMOVER.get(),

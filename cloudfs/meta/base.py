@@ -289,6 +289,11 @@ class Txn:
         )
         return n > 0
 
+    async def drop_dentry(self, parent: int, name: bytes) -> None:
+        """`remove_dentry` of an entry the transaction has read (so it is there): its
+        outcome needs no answer, so the statement is deferred (`Conn.defer`)."""
+        await self.conn.defer("DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name))
+
     async def set_dentry_inode(self, parent: int, name: bytes, ino: int) -> None:
         await self.conn.execute(
             "UPDATE dentries SET inode = ? WHERE parent = ? AND name = ?", (ino, parent, name)

@@ -147,6 +147,29 @@ async def test_trash_keeps_and_restores_a_tree(env: Env) -> None:
     await _nlinks_match(env)
 
 
+async def test_trash_paths_of_deep_and_cut_off_directories(env: Env) -> None:
+    """A path deeper than one ancestor query climbs (trash._LEVELS_PER_QUERY levels) is
+    whole; a directory whose chain to the root is cut shows as '?' above the cut."""
+    await env.file()  # initializes the filesystem
+    depth = trash._LEVELS_PER_QUERY + 5
+    names = [b"d%d" % i for i in range(depth)]
+    ino = ROOT_INODE
+    for name in names:
+        ino = (await env.ns.mkdir(ino, name, 0o755, CALLER)).id
+    await env.ns.mknod(ino, b"f", stat.S_IFREG | 0o644, 0, CALLER)
+    await env.ns.unlink(ino, b"f")
+    async with env.meta.transaction() as tx:
+        [entry] = await trash.entries(tx)
+        assert entry.path == b"/" + b"/".join([*names, b"f"])
+        # cut the chain: the entry of d2 goes (as a damaged database might have it)
+        d0 = await tx.lookup(ROOT_INODE, b"d0")
+        d1 = await tx.lookup(d0 or 0, b"d1")
+        d2 = await tx.lookup(d1 or 0, b"d2")
+        assert await tx.remove_dentry(d0 or 0, b"d1")
+        assert await trash.path_of(tx, ino, b"g") == b"/?/" + b"/".join([*names[2:], b"g"])
+        assert d2 is not None and await trash.path_of(tx, d2, b"g") == b"/?/d2/g"
+
+
 async def test_restore_into_makes_a_new_version(env: Env) -> None:
     first, second = os.urandom(4000), os.urandom(7000)
     ino = await env.file(first, second)
