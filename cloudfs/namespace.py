@@ -291,12 +291,14 @@ class Namespace:
         self, tx: Txn, parent: int, name: bytes, mode: int, caller: Caller, *, rdev: int = 0
     ) -> InodeAttrs:
         _check_name(name)
-        pattrs = await self._get(tx, parent)
+        pattrs, existing = await tx.dir_and_entry(parent, name)  # one query
+        if pattrs is None:
+            raise _err(errno.ENOENT)
         if not stat.S_ISDIR(pattrs.mode):
             raise _err(errno.ENOTDIR)
         if pattrs.nlink == 0:
             raise _err(errno.ENOENT)  # the directory was removed
-        if await tx.lookup(parent, name) is not None:
+        if existing is not None:
             raise _err(errno.EEXIST)
         now = time.time_ns()
         gid = caller.gid

@@ -278,6 +278,16 @@ class Txn:
         )
         return _inode(row) if row else None
 
+    async def dir_and_entry(self, parent: int, name: bytes) -> tuple[InodeAttrs | None, int | None]:
+        """The attributes of inode `parent` and the inode its entry `name` names (None
+        for either that does not exist), in one query: what a create checks first."""
+        row = await self.conn.query_one(
+            "SELECT " + ", ".join(f"i.{c}" for c in _INODE_COLUMNS) + ", d.inode FROM inodes i"
+            " LEFT JOIN dentries d ON d.parent = i.id AND d.name = ? WHERE i.id = ?",
+            (name, parent),
+        )
+        return (_inode(row[:-1]), row[-1]) if row else (None, None)
+
     async def add_dentry(self, parent: int, name: bytes, ino: int) -> None:
         await self.conn.defer(
             "INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino)
