@@ -86,9 +86,7 @@ async def readonly_among(tx: Txn, inodes: list[int]) -> bool:
 async def any_readonly(tx: Txn) -> bool:
     """Does any inode belong to a read-only tree? (A scan of the inodes when none does;
     a single mount asks once, then only after the read-only trees changed.)"""
-    row = await tx.conn.query_one(
-        f"SELECT 1 FROM inodes WHERE (flags & {READONLY}) <> 0 LIMIT 1"
-    )
+    row = await tx.conn.query_one(f"SELECT 1 FROM inodes WHERE (flags & {READONLY}) <> 0 LIMIT 1")
     return row is not None
 
 
