@@ -83,6 +83,13 @@ async def readonly_among(tx: Txn, inodes: list[int]) -> bool:
     return row is not None
 
 
+async def any_readonly(tx: Txn) -> bool:
+    """Does any inode belong to a read-only tree? (A scan of the inodes when none does;
+    a single mount asks once, then only after the read-only trees changed.)"""
+    row = await tx.conn.query_one(f"SELECT 1 FROM inodes WHERE (flags & {READONLY}) <> 0 LIMIT 1")
+    return row is not None
+
+
 async def readonly_entry(tx: Txn, parent: int, name: bytes) -> bool:
     """Is directory `parent`, or the inode its entry `name` names (if any), read-only?
     (One query: every unlink and rename asks.)"""
