@@ -8,6 +8,13 @@ chunk of zeros becomes a hole; a chunk whose block file is not cached is written
 the cache dir. One metadata transaction then replaces the extents and counts the
 references. The daemon uploads blocks left `pending`.
 
+--upload=sync (shared mode): before that transaction, the seal has the daemon put
+the blocks it names that are not `stored` yet (`FileStore.uploads`), and the commit
+records them `stored`: no machine ever reads a commit naming an object that is not in
+the store, whichever seal made it (close, fsync, idle, the dirty limit, an append
+stream's commits, unmount). The one exception is a block a garbage collection pass
+had claimed: the commit revives it and it is stored anew after the pass (cloudfs.gc).
+
 Versions: a seal on fsync, last close or idle *publishes* a version (a `versions` row).
 A seal forced by the dirty-bytes limit while a file is still being written amends the
 unpublished working version instead, so a 10 GiB copy is one version, not 160.
@@ -25,7 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -34,6 +41,7 @@ from cloudfs.cache import BlockFiles, CacheDir
 from cloudfs.chunking import ChunkerParams
 from cloudfs.errors import CloudfsError, FSOpError
 from cloudfs.meta.base import Extent, FsStats, MetaStore
+from cloudfs.meta.schema import BLOCK_PENDING
 from cloudfs.overlay import DirtyOverlay, Intervals
 from cloudfs.stream import BACKLOG_LIMIT, CUT_BATCH, AppendStream, can_stream
 from cloudfs.versions import CONFLICT, restore_into
@@ -60,12 +68,27 @@ READAHEAD_ASKED_S = 10.0
 #: a reader that starts a cached block asks for the window ahead once this many blocks
 #: at its end were not asked for yet
 READAHEAD_BATCH = 4
+#: blocks per request to the daemon when a seal stores its blocks first (--upload=sync)
+STORE_BATCH = 256
 #: commits remembered for `committed_since`: far more than commit while one inode row
 #: is read, even at load 15 (more than that and a reader simply reads again)
 COMMIT_LOG = 1024
 
 #: fetch(blocks, prefetch): returns once `blocks` are cached; `prefetch` is best effort
 FetchBlocks = Callable[[list[bytes], list[bytes]], Awaitable[None]]
+
+
+class SyncUploads(Protocol):
+    """--upload=sync: the daemon stores blocks while a seal waits (mount.main.DaemonLink)."""
+
+    async def store(self, blocks: list[tuple[bytes, int]]) -> dict[bytes, int]:
+        """Put these cached blocks (id, plaintext size) in the object store now, rows
+        or not: {id: stored size}. Raises if one could not be stored."""
+        ...
+
+    async def flush(self, block_ids: list[bytes]) -> None:
+        """Return once none of `block_ids` is pending."""
+        ...
 
 
 @dataclass
@@ -159,6 +182,9 @@ class FileStore:
         self.client: Client | None = None
         #: called with (inode, version) after each commit of a file's contents
         self.on_commit: Callable[[int, int], None] | None = None
+        #: --upload=sync: every commit of file contents names only stored blocks (see
+        #: `_store_first`); None: the daemon uploads what commits leave pending
+        self.uploads: SyncUploads | None = None
         #: (number, inode) of the latest commits of file contents here (see
         #: `committed_since`), and the number of the last one
         self._commit_log: deque[tuple[int, int]] = deque(maxlen=COMMIT_LOG)
@@ -696,9 +722,10 @@ class FileStore:
         replaced = [e for e in plan.old if e.offset < result.stop or e.offset >= plan.size]
         size = st.size
         try:
-            await self.meta.run(
+            stored = await self._store_first(result.extents)
+            needs = await self.meta.run(
                 self._commit, st, replaced, result.extents, publish=publish, durable=durable,
-                size=size, holds=result.holds,
+                size=size, holds=result.holds, stored=stored,
             )  # fmt: skip
         finally:
             CacheDir.release_holds(list(result.holds.values()))
@@ -711,6 +738,7 @@ class FileStore:
         st.sealed_size = size
         st.keep_below = size
         self._on_sealed()
+        await self._wait_stored(needs)
 
     async def _seal_stream(
         self, st: FileState, *, publish: bool, final: bool, durable: bool
@@ -736,9 +764,10 @@ class FileStore:
                 await self._sync_blocks(st, written)
             else:
                 st.unsynced.extend(written)
-            await self.meta.run(
+            stored = await self._store_first(extents)
+            needs = await self.meta.run(
                 self._commit, st, [], extents, publish=publish, durable=durable, size=size,
-                holds=holds,
+                holds=holds, stored=stored,
             )  # fmt: skip
         finally:
             CacheDir.release_holds(list(holds.values()))
@@ -749,6 +778,37 @@ class FileStore:
             st.stream = None
             self._give_chunker(stream.chunker)
         self._on_sealed()
+        await self._wait_stored(needs)
+
+    async def _store_first(self, extents: list[Extent]) -> dict[bytes, int]:
+        """--upload=sync: put the blocks that `extents` (a seal's new ones, each a whole
+        chunk) name and that are not stored yet, before the commit that names them;
+        returns {id: stored size} for the commit to record them `stored`. Their
+        plaintext is in the cache dir: the seal wrote each block file or holds it.
+
+        A block without a row or with a `pending` one (this machine's, or another's
+        whose upload is not done) is put: the object is the same whoever puts it.
+        A `stored` one needs nothing; a `deleting` or `revived` one (claimed by a
+        garbage collection pass, which may still delete its object) is not put here:
+        the commit revives it, and it is uploaded once the pass is done with it."""
+        if self.uploads is None or not extents:
+            return {}
+        sizes = {e.block: e.length for e in extents}
+        async with self.meta.reading() as tx:
+            states = await tx.block_states(list(sizes))
+        todo = [(b, n) for b, n in sizes.items() if states.get(b, BLOCK_PENDING) == BLOCK_PENDING]
+        stored: dict[bytes, int] = {}
+        for i in range(0, len(todo), STORE_BATCH):
+            stored.update(await self.uploads.store(todo[i : i + STORE_BATCH]))
+        return stored
+
+    async def _wait_stored(self, needs: list[bytes]) -> None:
+        """--upload=sync: a commit left `needs` pending (a block whose row garbage
+        collection deleted between `_store_first` and the commit, which then made it
+        anew): return once they are stored. Revived blocks are not waited for (the
+        daemon stores them once the collection pass is done: see cloudfs.gc)."""
+        if self.uploads is not None and needs:
+            await self.uploads.flush(needs)
 
     def _plan(self, st: FileState, extents: list[Extent], *, hold_tail: bool) -> _SealPlan:
         changed: list[int] = []
@@ -877,9 +937,13 @@ class FileStore:
         durable: bool,
         size: int,
         holds: dict[bytes, Path] | None = None,
-    ) -> None:
+        stored: dict[bytes, int] | None = None,
+    ) -> list[bytes]:
         """Replace extents and count references in one transaction (run through
         MetaStore.run: everything it changes outside the database it sets afresh).
+        `stored`: blocks already put in the store ({id: stored size}, see
+        `_store_first`): their rows are made or marked `stored`. Returns the blocks
+        it made or revived `pending`.
 
         A block this commit makes pending — a new one, or one a deletion pass had
         claimed (cloudfs.gc) — must have its plaintext in the cache dir when the
@@ -894,7 +958,7 @@ class FileStore:
         async with self.meta.transaction(durable=durable) as tx:
             attrs = await tx.get_inode(st.ino)
             if attrs is None:
-                return  # freed meanwhile
+                return []  # freed meanwhile
             stale = attrs.version != st.base_version
             if not stale and self.client is not None and st.extents is not None:
                 # shared mode: another mount may have amended its unpublished working
@@ -935,7 +999,8 @@ class FileStore:
                     st.ino, version, [e.offset for e in replaced if e.v_from != version]
                 )
             # a block's size is its chunk's length (a block may back shorter extents later)
-            for block_id in await tx.add_block_refs(refs, now):
+            needs = await tx.add_block_refs(refs, now, stored=stored)
+            for block_id in needs:
                 self._ensure_plaintext(block_id, holds or {})
             await tx.add_extents(st.ino, version, new)
             mtime = st.mtime_ns or attrs.mtime_ns
@@ -955,6 +1020,7 @@ class FileStore:
         st.mtime_ns = None
         if self.on_commit is not None:
             self.on_commit(st.ino, version)
+        return needs
 
 
 @asynccontextmanager

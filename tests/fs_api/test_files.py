@@ -17,10 +17,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cloudfs.cache import CacheDir
+from cloudfs.codec.crypto import Keys
+from cloudfs.daemon.uploader import Uploader
 from cloudfs.chunking import ChunkerParams
 from cloudfs.files import FileStore
 from cloudfs.meta import open_meta
 from cloudfs.meta.base import LIVE, InodeAttrs, Txn
+from cloudfs.meta.schema import BLOCK_STORED
+from cloudfs.objectstore.local import LocalStore
+from cloudfs.objectstore.sealed import SealedStore
 from cloudfs.namespace import Caller, Namespace
 
 PARAMS = ChunkerParams(64, 256, 1024)
@@ -156,6 +161,61 @@ async def test_large_append_amends_one_version(env: Env, monkeypatch: pytest.Mon
     assert len(versions) == 1
     assert dead[0][0] == 0, "no history rows for an unpublished working version"
     await env.check_invariants(ino)
+
+
+async def test_sync_uploads_store_before_every_commit(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--upload=sync: seals no program waits for (the dirty limit, on an append stream
+    and on an overlay; an idle seal) have the daemon's uploader put their new blocks
+    before the commit names them, and the commit records them `stored`. Nothing uploads
+    in the background here, so a commit that left a row pending would show at the end.
+    A copy of the same bytes puts nothing more (its blocks are stored already)."""
+    monkeypatch.setattr("cloudfs.files.DIRTY_LIMIT", 4096)
+    keys = Keys(data_key=b"d" * 32, id_key=b"i" * 32, gear_key=b"g" * 32)
+    store = SealedStore(LocalStore(tmp_path / "store"), keys, encrypt=True, level=1)
+    uploader = Uploader(env.meta, env.cache, store, keys)
+    put: list[bytes] = []
+
+    class Uploads:  # what mount.main.DaemonLink does, minus the socket
+        async def store(self, blocks: list[tuple[bytes, int]]) -> dict[bytes, int]:
+            put.extend(b for b, _n in blocks)
+            sizes = await uploader.store_now(blocks)
+            return {b: n for (b, _n), n in zip(blocks, sizes, strict=True)}
+
+        async def flush(self, block_ids: list[bytes]) -> None:
+            raise AssertionError(f"left pending: {block_ids}")
+
+    env.files.uploads = Uploads()
+    data = random.Random(5).randbytes(12_000)
+    streamed, edited, copy = await env.setup(), await env.setup(), await env.setup()
+    for ino in (streamed, edited):
+        await env.files.open(ino)
+    for i in range(0, len(data), 1000):  # front to back: an append stream
+        await env.files.write(streamed, i, data[i : i + 1000])
+    for i in reversed(range(0, len(data), 1000)):  # back to front: the overlay
+        await env.files.write(edited, i, data[i : i + 1000])
+    await env.files.seal_idle(0.0)  # both still open: sealed as idle
+    async with env.meta.reading() as tx:
+        rows = await tx.conn.query("SELECT id, state, stored_size FROM blocks")
+        sizes = [(await tx.get_inode(ino)).size for ino in (streamed, edited)]  # type: ignore[union-attr]
+    assert sizes == [len(data)] * 2
+    assert rows and {state for _b, state, _s in rows} == {BLOCK_STORED}
+    for block_id, _state, stored_size in rows:
+        body = await store.get_sealed(bytes(block_id))
+        assert len(body) == stored_size
+        assert store.open_sealed(bytes(block_id), body) == env.cache.block_path(
+            bytes(block_id)
+        ).read_bytes()
+    assert len(put) == len(set(put)), "a block was put twice"
+    before = len(put)
+    await env.files.open(copy)
+    await env.files.write(copy, 0, data)
+    for ino in (streamed, edited, copy):
+        await env.files.release(ino)
+        assert await read_all(env, ino) == data
+        await env.check_invariants(ino)
+    assert len(put) == before, "the copy's blocks are stored already"
 
 
 @pytest.mark.parametrize("how", ["getattr", "lookup", "readdir"])
