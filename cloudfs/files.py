@@ -185,6 +185,10 @@ class FileStore:
         #: --upload=sync: every commit of file contents names only stored blocks (see
         #: `_store_first`); None: the daemon uploads what commits leave pending
         self.uploads: SyncUploads | None = None
+        #: the mount is going away: a seal whose blocks cannot be stored now commits
+        #: them pending (the daemon uploads them later) rather than lose the writes
+        #: (unsealed overlays do not survive the mount)
+        self.unmounting = False
         #: (number, inode) of the latest commits of file contents here (see
         #: `committed_since`), and the number of the last one
         self._commit_log: deque[tuple[int, int]] = deque(maxlen=COMMIT_LOG)
@@ -798,8 +802,15 @@ class FileStore:
             states = await tx.block_states(list(sizes))
         todo = [(b, n) for b, n in sizes.items() if states.get(b, BLOCK_PENDING) == BLOCK_PENDING]
         stored: dict[bytes, int] = {}
-        for i in range(0, len(todo), STORE_BATCH):
-            stored.update(await self.uploads.store(todo[i : i + STORE_BATCH]))
+        try:
+            for i in range(0, len(todo), STORE_BATCH):
+                stored.update(await self.uploads.store(todo[i : i + STORE_BATCH]))
+        except CloudfsError as exc:
+            if not self.unmounting:
+                raise  # nothing committed: the writes stay unsealed, sealed again later
+            log.warning("%d blocks cannot be stored now (%s): committed pending at unmount; "
+                        "the daemon uploads them, other machines read them as I/O errors "
+                        "until then", len(todo) - len(stored), exc.message)  # fmt: skip
         return stored
 
     async def _wait_stored(self, needs: list[bytes]) -> None:

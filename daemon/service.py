@@ -318,7 +318,7 @@ class DaemonService:
         await self.uploader.flush(block_ids)
         return {}
 
-    async def store(self, blocks: list[tuple[bytes, int]]) -> dict[str, Any]:
+    async def store_blocks(self, blocks: list[tuple[bytes, int]]) -> dict[str, Any]:
         return {"stored_sizes": await self.uploader.store_now(blocks)}
 
     async def status(self) -> dict[str, Any]:

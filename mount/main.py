@@ -638,6 +638,7 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
             # leaving `last_closes` waits for the seals of files closed at the end
         ops.background = None
         files.nursery = None
+        files.unmounting = True
         await files.seal_all()
         if meta.fenced is None:  # a fenced mount changes nothing; the next one drops it
             if shared:
