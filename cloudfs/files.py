@@ -40,6 +40,7 @@ from cloudfs import _native
 from cloudfs.cache import BlockFiles, CacheDir
 from cloudfs.chunking import ChunkerParams
 from cloudfs.errors import CloudfsError, FSOpError
+from cloudfs.gc import epoch as gc_epoch
 from cloudfs.meta.base import Extent, FsStats, MetaStore
 from cloudfs.meta.schema import BLOCK_PENDING
 from cloudfs.overlay import DirtyOverlay, Intervals
@@ -119,6 +120,12 @@ class FileState:
     #: sequential writes at the end of the file, chunked as they arrive
     stream: AppendStream | None = None
     cut_lock: trio.Lock = field(default_factory=trio.Lock)  # one stream cut at a time
+    #: --upload=sync: the stream's cut blocks put in the store ahead of its commit
+    #: (`_prestore`; None while the PUT is under way), and the puts under way
+    prestored: dict[bytes, int | None] = field(default_factory=dict)
+    prestore_epochs: dict[bytes, int] = field(default_factory=dict)
+    prestoring: int = 0
+    prestore_idle: trio.Event = field(default_factory=trio.Event)
 
     @property
     def dirty(self) -> bool:
@@ -128,6 +135,20 @@ class FileState:
             or (self.keep_below < self.sealed_size)
             or (self.stream is not None and self.stream.uncommitted > 0)
         )
+
+
+@dataclass
+class _StoredFirst:
+    """Blocks put in the store before the commit naming them (--upload=sync)."""
+
+    sizes: dict[bytes, int] = field(default_factory=dict)  # id → stored size
+    #: the garbage collection epoch read before the oldest of those PUTs (cloudfs.gc)
+    gc_epoch: int = 0
+
+    def add(self, other: _StoredFirst) -> None:
+        if other.sizes:
+            self.gc_epoch = min(self.gc_epoch, other.gc_epoch) if self.sizes else other.gc_epoch
+            self.sizes.update(other.sizes)
 
 
 @dataclass
@@ -572,6 +593,8 @@ class FileStore:
                     await trio.to_thread.run_sync(
                         functools.partial(stream.cut, final=final), abandon_on_cancel=False
                     )
+                if not final:
+                    self._prestore_cut(st)
 
     async def _cut_in_background(self, st: FileState) -> None:
         try:
@@ -726,7 +749,7 @@ class FileStore:
         replaced = [e for e in plan.old if e.offset < result.stop or e.offset >= plan.size]
         size = st.size
         try:
-            stored = await self._store_first(result.extents)
+            stored = await self._store_first(result.extents) if self.uploads else None
             needs = await self.meta.run(
                 self._commit, st, replaced, result.extents, publish=publish, durable=durable,
                 size=size, holds=result.holds, stored=stored,
@@ -768,7 +791,7 @@ class FileStore:
                 await self._sync_blocks(st, written)
             else:
                 st.unsynced.extend(written)
-            stored = await self._store_first(extents)
+            stored = await self._stream_stored_first(st, extents) if self.uploads else None
             needs = await self.meta.run(
                 self._commit, st, [], extents, publish=publish, durable=durable, size=size,
                 holds=holds, stored=stored,
@@ -776,6 +799,9 @@ class FileStore:
         finally:
             CacheDir.release_holds(list(holds.values()))
         stream.committed(len(extents), boundary)
+        for e in extents:
+            st.prestored.pop(e.block, None)
+            st.prestore_epochs.pop(e.block, None)
         st.sealed_size = size
         st.keep_below = size
         if final:
@@ -784,34 +810,84 @@ class FileStore:
         self._on_sealed()
         await self._wait_stored(needs)
 
-    async def _store_first(self, extents: list[Extent]) -> dict[bytes, int]:
+    async def _store_first(self, extents: list[Extent]) -> _StoredFirst:
         """--upload=sync: put the blocks that `extents` (a seal's new ones, each a whole
-        chunk) name and that are not stored yet, before the commit that names them;
-        returns {id: stored size} for the commit to record them `stored`. Their
-        plaintext is in the cache dir: the seal wrote each block file or holds it.
+        chunk) name and that are not stored yet, before the commit that names them,
+        for the commit to record them `stored`. Their plaintext is in the cache dir:
+        the seal wrote each block file or holds it.
 
         A block without a row or with a `pending` one (this machine's, or another's
         whose upload is not done) is put: the object is the same whoever puts it.
         A `stored` one needs nothing; a `deleting` or `revived` one (claimed by a
         garbage collection pass, which may still delete its object) is not put here:
         the commit revives it, and it is uploaded once the pass is done with it."""
-        if self.uploads is None or not extents:
-            return {}
+        assert self.uploads is not None
         sizes = {e.block: e.length for e in extents}
         async with self.meta.reading() as tx:
+            # before the PUTs: a collection batch finished after this makes the
+            # commit distrust them (cloudfs.gc)
+            done = _StoredFirst(gc_epoch=await gc_epoch(tx))
             states = await tx.block_states(list(sizes))
         todo = [(b, n) for b, n in sizes.items() if states.get(b, BLOCK_PENDING) == BLOCK_PENDING]
-        stored: dict[bytes, int] = {}
         try:
             for i in range(0, len(todo), STORE_BATCH):
-                stored.update(await self.uploads.store(todo[i : i + STORE_BATCH]))
+                done.sizes.update(await self.uploads.store(todo[i : i + STORE_BATCH]))
         except CloudfsError as exc:
             if not self.unmounting:
                 raise  # nothing committed: the writes stay unsealed, sealed again later
             log.warning("%d blocks cannot be stored now (%s): committed pending at unmount; "
                         "the daemon uploads them, other machines read them as I/O errors "
-                        "until then", len(todo) - len(stored), exc.message)  # fmt: skip
-        return stored
+                        "until then", len(todo) - len(done.sizes), exc.message)  # fmt: skip
+        return done
+
+    async def _stream_stored_first(self, st: FileState, extents: list[Extent]) -> _StoredFirst:
+        """`_store_first` for an append stream's commit: the blocks put ahead of it
+        (`_prestore`, once those under way are done) are not put again."""
+        while st.prestoring:
+            await st.prestore_idle.wait()
+        ahead = _StoredFirst()
+        for e in extents:
+            size = st.prestored.get(e.block)
+            if size is not None:
+                ahead.add(_StoredFirst({e.block: size}, st.prestore_epochs[e.block]))
+        rest = [e for e in extents if e.block not in ahead.sizes]
+        done = await self._store_first(rest) if rest else _StoredFirst()
+        done.add(ahead)
+        return done
+
+    def _prestore_cut(self, st: FileState) -> None:
+        """--upload=sync: have the blocks an append stream cut since the last call
+        put in the store now, in the background, while the writes go on; its commit
+        (at the dirty limit, idle or close) then waits only for what is left, instead
+        of writing and uploading by turns."""
+        stream = st.stream
+        if self.uploads is None or self.nursery is None or stream is None:
+            return
+        new = [e for e in stream.cut_extents() if e.block not in st.prestored]
+        if new:
+            for e in new:
+                st.prestored[e.block] = None
+            st.prestoring += 1
+            self.nursery.start_soon(self._prestore, st, new)
+
+    async def _prestore(self, st: FileState, extents: list[Extent]) -> None:
+        try:
+            done = await self._store_first(extents)
+        except Exception as exc:  # noqa: BLE001 - the commit puts them again, and reports
+            message = exc.message if isinstance(exc, CloudfsError) else repr(exc)
+            log.info("storing %d blocks ahead of their commit failed (the commit tries "
+                     "again): %s", len(extents), message)  # fmt: skip
+            done = _StoredFirst()
+        for e in extents:
+            if e.block in done.sizes:
+                st.prestored[e.block] = done.sizes[e.block]
+                st.prestore_epochs[e.block] = done.gc_epoch
+            elif st.prestored.get(e.block, 0) is None:
+                del st.prestored[e.block]  # stored already, or failed: the commit looks
+        st.prestoring -= 1
+        if st.prestoring == 0:
+            st.prestore_idle.set()
+            st.prestore_idle = trio.Event()
 
     async def _wait_stored(self, needs: list[bytes]) -> None:
         """--upload=sync: a commit left `needs` pending (a block whose row garbage
@@ -948,7 +1024,7 @@ class FileStore:
         durable: bool,
         size: int,
         holds: dict[bytes, Path] | None = None,
-        stored: dict[bytes, int] | None = None,
+        stored: _StoredFirst | None = None,
     ) -> list[bytes]:
         """Replace extents and count references in one transaction (run through
         MetaStore.run: everything it changes outside the database it sets afresh).
@@ -967,6 +1043,13 @@ class FileStore:
             _, n = refs.get(e.block, (0, 0))
             refs[e.block] = (e.length, n + 1)
         async with self.meta.transaction(durable=durable) as tx:
+            put = stored.sizes if stored is not None else {}
+            if put and await gc_epoch(tx) != stored.gc_epoch:  # type: ignore[union-attr]
+                # a collection batch finished since the first PUT: it may have deleted
+                # one of those objects after it was put (cloudfs.gc); trust none
+                log.info("inode %d: garbage collection ran during the seal: its %d blocks "
+                         "are uploaded again", st.ino, len(put))  # fmt: skip
+                put = {}
             attrs = await tx.get_inode(st.ino)
             if attrs is None:
                 return []  # freed meanwhile
@@ -1010,7 +1093,7 @@ class FileStore:
                     st.ino, version, [e.offset for e in replaced if e.v_from != version]
                 )
             # a block's size is its chunk's length (a block may back shorter extents later)
-            needs = await tx.add_block_refs(refs, now, stored=stored)
+            needs = await tx.add_block_refs(refs, now, stored=put)
             for block_id in needs:
                 self._ensure_plaintext(block_id, holds or {})
             await tx.add_extents(st.ino, version, new)

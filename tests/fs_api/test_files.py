@@ -164,14 +164,14 @@ async def test_large_append_amends_one_version(env: Env, monkeypatch: pytest.Mon
 
 
 async def test_sync_uploads_store_before_every_commit(
-    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    env: Env, tmp_path: Path, small_batches: None
 ) -> None:
     """--upload=sync: seals no program waits for (the dirty limit, on an append stream
     and on an overlay; an idle seal) have the daemon's uploader put their new blocks
-    before the commit names them, and the commit records them `stored`. Nothing uploads
-    in the background here, so a commit that left a row pending would show at the end.
-    A copy of the same bytes puts nothing more (its blocks are stored already)."""
-    monkeypatch.setattr("cloudfs.files.DIRTY_LIMIT", 4096)
+    before the commit names them, and the commit records them `stored`; an append
+    stream's cut blocks are put while the writes go on. Nothing uploads in the
+    background here, so a commit that left a row pending would show at the end. A
+    copy of the same bytes puts nothing more (its blocks are stored already)."""
     keys = Keys(data_key=b"d" * 32, id_key=b"i" * 32, gear_key=b"g" * 32)
     store = SealedStore(LocalStore(tmp_path / "store"), keys, encrypt=True, level=1)
     uploader = Uploader(env.meta, env.cache, store, keys)
@@ -187,6 +187,23 @@ async def test_sync_uploads_store_before_every_commit(
             raise AssertionError(f"left pending: {block_ids}")
 
     env.files.uploads = Uploads()
+    ahead = 0
+    prestore = env.files._prestore
+
+    async def counted(st_: Any, extents: Any) -> None:
+        nonlocal ahead
+        ahead += 1
+        await prestore(st_, extents)
+
+    env.files._prestore = counted  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        env.files.nursery = nursery  # where streams cut, and put their blocks ahead
+        await _sync_upload_writes(env, store, put)
+        env.files.nursery = None
+    assert ahead > 0, "the stream's blocks were put ahead of its commits"
+
+
+async def _sync_upload_writes(env: Env, store: SealedStore, put: list[bytes]) -> None:
     data = random.Random(5).randbytes(12_000)
     streamed, edited, copy = await env.setup(), await env.setup(), await env.setup()
     for ino in (streamed, edited):
@@ -207,7 +224,6 @@ async def test_sync_uploads_store_before_every_commit(
         assert store.open_sealed(bytes(block_id), body) == env.cache.block_path(
             bytes(block_id)
         ).read_bytes()
-    assert len(put) == len(set(put)), "a block was put twice"
     before = len(put)
     await env.files.open(copy)
     await env.files.write(copy, 0, data)
