@@ -871,23 +871,25 @@ class FileStore:
             self.nursery.start_soon(self._prestore, st, new)
 
     async def _prestore(self, st: FileState, extents: list[Extent]) -> None:
+        done = _StoredFirst()
         try:
             done = await self._store_first(extents)
         except Exception as exc:  # noqa: BLE001 - the commit puts them again, and reports
             message = exc.message if isinstance(exc, CloudfsError) else repr(exc)
             log.info("storing %d blocks ahead of their commit failed (the commit tries "
                      "again): %s", len(extents), message)  # fmt: skip
-            done = _StoredFirst()
-        for e in extents:
-            if e.block in done.sizes:
-                st.prestored[e.block] = done.sizes[e.block]
-                st.prestore_epochs[e.block] = done.gc_epoch
-            elif st.prestored.get(e.block, 0) is None:
-                del st.prestored[e.block]  # stored already, or failed: the commit looks
-        st.prestoring -= 1
-        if st.prestoring == 0:
-            st.prestore_idle.set()
-            st.prestore_idle = trio.Event()
+        finally:
+            # also when cancelled: a commit waits for `prestoring` to reach 0
+            for e in extents:
+                if e.block in done.sizes:
+                    st.prestored[e.block] = done.sizes[e.block]
+                    st.prestore_epochs[e.block] = done.gc_epoch
+                elif st.prestored.get(e.block, 0) is None:
+                    del st.prestored[e.block]  # stored already, or failed: the commit looks
+            st.prestoring -= 1
+            if st.prestoring == 0:
+                st.prestore_idle.set()
+                st.prestore_idle = trio.Event()
 
     async def _wait_stored(self, needs: list[bytes]) -> None:
         """--upload=sync: a commit left `needs` pending (a block whose row garbage

@@ -16,6 +16,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cloudfs import gc
 from cloudfs.cache import CacheDir
 from cloudfs.codec.crypto import Keys
 from cloudfs.daemon.uploader import Uploader
@@ -23,7 +24,7 @@ from cloudfs.chunking import ChunkerParams
 from cloudfs.files import FileStore
 from cloudfs.meta import open_meta
 from cloudfs.meta.base import LIVE, InodeAttrs, Txn
-from cloudfs.meta.schema import BLOCK_STORED
+from cloudfs.meta.schema import BLOCK_PENDING, BLOCK_STORED
 from cloudfs.objectstore.local import LocalStore
 from cloudfs.objectstore.sealed import SealedStore
 from cloudfs.namespace import Caller, Namespace
@@ -201,6 +202,39 @@ async def test_sync_uploads_store_before_every_commit(
         await _sync_upload_writes(env, store, put)
         env.files.nursery = None
     assert ahead > 0, "the stream's blocks were put ahead of its commits"
+
+
+async def test_sync_uploads_overtaken_by_garbage_collection(env: Env, tmp_path: Path) -> None:
+    """A garbage collection batch that finishes between a seal's PUTs and its commit
+    may have deleted one of those objects (made, unreferenced and claimed meanwhile):
+    the commit then trusts none of them, leaves the rows pending for the daemon and
+    waits for their upload."""
+    keys = Keys(data_key=b"d" * 32, id_key=b"i" * 32, gear_key=b"g" * 32)
+    uploader = Uploader(
+        env.meta, env.cache, SealedStore(LocalStore(tmp_path / "store"), keys, encrypt=True,
+                                         level=1), keys,
+    )  # fmt: skip
+    flushed: list[bytes] = []
+
+    class Uploads:
+        async def store(self, blocks: list[tuple[bytes, int]]) -> dict[bytes, int]:
+            sizes = await uploader.store_now(blocks)
+            async with env.meta.transaction() as tx:  # a batch finishes meanwhile
+                await tx.set_info(gc.EPOCH_KEY, str(await gc.epoch(tx) + 1))
+            return {b: n for (b, _n), n in zip(blocks, sizes, strict=True)}
+
+        async def flush(self, block_ids: list[bytes]) -> None:
+            flushed.extend(block_ids)
+
+    env.files.uploads = Uploads()
+    ino = await env.setup()
+    await env.files.open(ino)
+    await env.files.write(ino, 0, random.Random(6).randbytes(3000))
+    await env.files.release(ino)
+    async with env.meta.reading() as tx:
+        rows = await tx.conn.query("SELECT id, state FROM blocks")
+    assert rows and {state for _b, state in rows} == {BLOCK_PENDING}
+    assert sorted(flushed) == sorted(bytes(b) for b, _s in rows)
 
 
 async def _sync_upload_writes(env: Env, store: SealedStore, put: list[bytes]) -> None:
