@@ -115,12 +115,23 @@ class MariaDB:
         relaxed = ["--innodb-flush-log-at-trx-commit=2", "--innodb-flush-method=nosync",
                    "--innodb-doublewrite=0"]
         as_root = ["--user=root"] if os.geteuid() == 0 else []
-        subprocess.run(
-            [_mariadb_binary("mariadb-install-db", "mysql_install_db"), "--no-defaults",
-             f"--datadir={self.datadir}", "--auth-root-authentication-method=normal",
-             "--skip-test-db", *as_root, *relaxed, *sizes],
-            check=True, capture_output=True,
-        )  # fmt: skip
+        install = [
+            _mariadb_binary("mariadb-install-db", "mysql_install_db"), "--no-defaults",
+            f"--datadir={self.datadir}", "--auth-root-authentication-method=normal",
+            "--skip-test-db", *as_root, *relaxed, *sizes,
+        ]  # fmt: skip
+        for attempt in range(3):
+            # seen once on a loaded machine: the bootstrap server failed; a second try
+            # in a fresh datadir is cheap, and a persistent failure says why
+            done = subprocess.run(install, capture_output=True, text=True, errors="replace")
+            if done.returncode == 0:
+                break
+            (self.dir / f"install-failed-{attempt}.log").write_text(done.stdout + done.stderr)
+            shutil.rmtree(self.datadir, ignore_errors=True)
+            if attempt == 2:
+                tail = " | ".join((done.stdout + done.stderr).splitlines()[-8:])
+                pytest.fail(f"mariadb-install-db failed ({done.returncode}): {tail}")
+            time.sleep(1.0)
         for _attempt in range(3):  # a free port may be taken before the server binds it
             self.port = _free_port()
             self.proc = subprocess.Popen(

@@ -6,6 +6,11 @@ inside a write transaction lock what they read and a read-modify-write (nlink + 
 can never lose an update to another process or machine; such conflicts end as a
 deadlock on one side, which `MetaStore.run` retries. Read-only transactions use a
 small pool of REPEATABLE READ connections and a consistent snapshot, without locks.
+
+Round trips: a transaction's BEGIN, and the statements it deferred (`Conn.defer`), travel
+in one packet with the statement that follows them (the connection allows several
+statements per query); COMMIT takes the deferred statements along the same way. A
+read is then one round trip to the server, and an unlink or a create a few.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ READ_POOL_SIZE = 4
 #: how long an idle pooled reader may keep its finished snapshot open
 SNAPSHOT_IDLE_S = 0.5
 CONNECT_TIMEOUT_S = 10
+#: several statements go in one packet up to this many characters (the server's
+#: max_allowed_packet is 16 MiB by default)
+MULTI_PACKET_CHARS = 1 << 20
 
 # MySQL error codes
 _DEADLOCK = 1213
@@ -99,25 +107,64 @@ def _execute_each(db: pymysql.Connection, sql: str, rows: list[tuple]) -> list[i
         return [cur.execute(sql, params) for params in rows]
 
 
-def _after_deferred(
-    deferred: list[tuple[str, tuple]], fn: Callable[..., T], db: pymysql.Connection, sql: str,
-    params: Any,
-) -> T:
-    """The deferred statements, then `fn`: one trip to a worker thread."""
-    _execute_all(db, "", deferred)
-    return fn(db, sql, params)
-
-
 def _query(db: pymysql.Connection, sql: str, params: tuple) -> list[tuple]:
     with db.cursor() as cur:
         cur.execute(sql, params)
         return list(cur.fetchall())
 
 
+def _bind(db: pymysql.Connection, sql: str, params: tuple) -> str:
+    """`sql` with its parameters escaped into it, exactly as pymysql's execute does."""
+    return sql % tuple(map(db.escape, params))
+
+
+def _run_packets(cur: pymysql.cursors.Cursor, bound: list[str]) -> None:
+    """Run bound statements, as few packets as the size limit allows; the cursor is
+    left at the last one's result. A failing statement raises its error, and the
+    server runs none of those after it."""
+    i = 0
+    while i < len(bound):
+        j, size = i + 1, len(bound[i])
+        while j < len(bound) and size + len(bound[j]) < MULTI_PACKET_CHARS:
+            size += len(bound[j]) + 1
+            j += 1
+        cur.execute(";".join(bound[i:j]))  # no args: pymysql leaves the text as it is
+        for _ in range(j - i - 1):
+            cur.nextset()  # raises the error of a statement after the first
+        i = j
+
+
 def _execute_all(db: pymysql.Connection, _sql: str, statements: list[tuple[str, tuple]]) -> None:
     with db.cursor() as cur:
-        for sql, params in statements:
-            cur.execute(sql, params)
+        _run_packets(cur, [_bind(db, sql, params) for sql, params in statements])
+
+
+#: how each one-statement call reads its result off the cursor
+_RESULT: dict[Callable[..., Any], Callable[[pymysql.cursors.Cursor], Any]] = {
+    _execute: lambda cur: cur.rowcount,
+    _query: lambda cur: list(cur.fetchall()),
+    _insert: lambda cur: cur.lastrowid,
+}
+
+
+def _prefixed(
+    prefix: list[str], fn: Callable[..., T], db: pymysql.Connection, sql: str, params: Any
+) -> T:
+    """The bound statements of `prefix` (BEGIN, deferred statements), then `fn`'s: in
+    one packet when `fn` runs a single statement, else the prefix in one packet first.
+    One trip to a worker thread either way."""
+    if fn is _execute_all:
+        with db.cursor() as cur:
+            _run_packets(cur, [*prefix, *(_bind(db, s, p) for s, p in params)])
+        return None  # type: ignore[return-value]
+    result = _RESULT.get(fn)
+    if result is None:
+        with db.cursor() as cur:
+            _run_packets(cur, prefix)
+        return fn(db, sql, params)
+    with db.cursor() as cur:
+        _run_packets(cur, [*prefix, _bind(db, sql, params)])
+        return result(cur)  # type: ignore[no-any-return]
 
 
 def _close(db: pymysql.Connection) -> None:
@@ -136,11 +183,18 @@ class _StaleConnection(Exception):
 
 
 def _begin_then(
-    db: pymysql.Connection, begin: str, fn: Callable[..., T], sql: str, params: Any
+    prefix: list[str], fn: Callable[..., T], db: pymysql.Connection, sql: str, params: Any
 ) -> T:
-    """BEGIN and a transaction's first statement in one trip to a worker thread."""
+    """A transaction's first trip: BEGIN (first in `prefix`) and its first statements.
+    A connection lost meanwhile took nothing into effect (nothing was committed), so
+    the caller may start over on another connection. Statements that may COMMIT
+    (`_execute_all`) therefore never travel with BEGIN: a COMMIT whose answer was lost
+    may have taken effect."""
     try:
-        _execute(db, begin, ())
+        if fn is not _execute_all:
+            return _prefixed(prefix, fn, db, sql, params)
+        with db.cursor() as cur:
+            _run_packets(cur, prefix)
     except pymysql.InterfaceError as exc:
         raise _StaleConnection(exc) from None
     except pymysql.OperationalError as exc:
@@ -148,6 +202,20 @@ def _begin_then(
             raise _StaleConnection(exc) from None
         raise
     return fn(db, sql, params)
+
+
+def _prefixed_deferred(
+    deferred: list[tuple[str, tuple]], fn: Callable[..., T], db: pymysql.Connection, sql: str,
+    params: Any,
+) -> T:
+    return _prefixed([_bind(db, s, p) for s, p in deferred], fn, db, sql, params)
+
+
+def _begin_deferred(
+    begin: str, deferred: list[tuple[str, tuple]], fn: Callable[..., T], db: pymysql.Connection,
+    sql: str, params: Any,
+) -> T:
+    return _begin_then([begin, *(_bind(db, s, p) for s, p in deferred)], fn, db, sql, params)
 
 
 class _MysqlConn(Conn):
@@ -168,23 +236,28 @@ class _MysqlConn(Conn):
         self.deferred: list[tuple[str, tuple]] = []
 
     async def _run(self, fn: Callable[..., T], sql: str, params: Any) -> T:
-        if self.deferred:
-            deferred, self.deferred = self.deferred, []
-            fn = functools.partial(_after_deferred, deferred, fn)
+        deferred, self.deferred = self.deferred, []
         begin = self.begin
         if begin is None:
-            return await self.store.call(fn, self.db, sql, params)
+            if not deferred:
+                return await self.store.call(fn, self.db, sql, params)
+            return await self.store.call(
+                functools.partial(_prefixed_deferred, deferred, fn), self.db, sql, params
+            )
         try:
-            result = await self.store.call(_begin_then, self.db, begin, fn, sql, params)
+            result = await self.store.call(
+                functools.partial(_begin_deferred, begin, deferred, fn), self.db, sql, params
+            )
         except _StaleConnection as stale:
             if not self._pooled:
                 raise self.store._translate(stale.cause) from None
-            # closed while idle (wait_timeout, a server restart): nothing happened yet,
+            # closed while idle (wait_timeout, a server restart): nothing took effect,
             # so start over once, on a fresh connection
             await trio.to_thread.run_sync(_close, self.db)
             self.store._open_snapshots.discard(self.db)
             self.db = await self.store._open(self.write)
             self._pooled = False
+            self.deferred = deferred + self.deferred
             return await self._run(fn, sql, params)
         except BaseException:
             self.begin = None  # BEGIN may have run: the ROLLBACK clears what it left
@@ -281,7 +354,9 @@ class MysqlMetaStore(MetaStore):
             autocommit=True,  # transactions are explicit: START TRANSACTION ... COMMIT
             # an UPDATE reports the rows it matched, as SQLite does, not only those it
             # changed: "UPDATE, else INSERT" in base relies on it
-            client_flag=pymysql.constants.CLIENT.FOUND_ROWS,
+            client_flag=pymysql.constants.CLIENT.FOUND_ROWS
+            # BEGIN, deferred statements and the next one in one packet (`_prefixed`)
+            | pymysql.constants.CLIENT.MULTI_STATEMENTS,
             connect_timeout=CONNECT_TIMEOUT_S,
         )
         try:

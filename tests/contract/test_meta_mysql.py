@@ -208,6 +208,40 @@ async def test_dropped_connections_reconnect(
         assert await tx.get_info("after") == "kill"
 
 
+async def test_statements_sharing_a_packet(stores: list[MetaStore], mysql_url: str) -> None:
+    """BEGIN, deferred statements and the next statement go in one packet: a failing
+    deferred statement fails the transaction (nothing of it stays), the connection
+    serves the next transaction cleanly, and odd bytes survive being bound into the
+    packet's text."""
+    meta = _open(stores, mysql_url)
+    await meta.initialize(FS_UUID, uid=0, gid=0)
+    with pytest.raises(pymysql.IntegrityError):
+        async with meta.transaction() as tx:
+            await tx.conn.defer("INSERT INTO meta_info (name, value) VALUES (?, ?)", ("a", "1"))
+            await tx.conn.defer("INSERT INTO meta_info (name, value) VALUES (?, ?)", ("a", "2"))
+            await tx.conn.query("SELECT value FROM meta_info WHERE name = ?", ("a",))
+    with pytest.raises(pymysql.IntegrityError):
+        async with meta.transaction() as tx:
+            await tx.conn.execute("UPDATE meta_info SET value = ? WHERE name = ?", ("x", "fs_uuid"))
+            await tx.conn.defer("INSERT INTO meta_info (name, value) VALUES (?, ?)", ("b", "1"))
+            await tx.conn.defer("INSERT INTO meta_info (name, value) VALUES (?, ?)", ("b", "2"))
+    async with meta.reading() as tx:
+        assert await tx.get_info("a") is None and await tx.get_info("b") is None
+        assert await tx.get_info("fs_uuid") == FS_UUID
+    odd = b"it's 100%s; --\\\x01\xff\n'); DROP TABLE inodes; --"
+    async with meta.transaction() as tx:
+        file = await tx.create_inode(mode=FILE, uid=0, gid=0, nlink=1, now_ns=1)
+        await tx.conn.defer(
+            "INSERT INTO dentries (parent, name, inode) VALUES (?, ?, ?)", (ROOT_INODE, odd, file.id)
+        )
+        found = await tx.conn.query(
+            "SELECT inode FROM dentries WHERE parent = ? AND name = ?", (ROOT_INODE, odd)
+        )
+    assert found == [(file.id,)]
+    async with meta.reading() as tx:
+        assert await tx.lookup(ROOT_INODE, odd) == file.id
+
+
 # --- what a user sees ------------------------------------------------------------------------
 
 
