@@ -749,7 +749,7 @@ class FileStore:
         replaced = [e for e in plan.old if e.offset < result.stop or e.offset >= plan.size]
         size = st.size
         try:
-            stored = await self._store_first(result.extents) if self.uploads else None
+            stored = await self._store_first(result.extents) if self.uploads is not None else None
             needs = await self.meta.run(
                 self._commit, st, replaced, result.extents, publish=publish, durable=durable,
                 size=size, holds=result.holds, stored=stored,
@@ -791,7 +791,9 @@ class FileStore:
                 await self._sync_blocks(st, written)
             else:
                 st.unsynced.extend(written)
-            stored = await self._stream_stored_first(st, extents) if self.uploads else None
+            stored = (
+                await self._stream_stored_first(st, extents) if self.uploads is not None else None
+            )
             needs = await self.meta.run(
                 self._commit, st, [], extents, publish=publish, durable=durable, size=size,
                 holds=holds, stored=stored,
@@ -822,6 +824,8 @@ class FileStore:
         garbage collection pass, which may still delete its object) is not put here:
         the commit revives it, and it is uploaded once the pass is done with it."""
         assert self.uploads is not None
+        if not extents:
+            return _StoredFirst()
         sizes = {e.block: e.length for e in extents}
         async with self.meta.reading() as tx:
             # before the PUTs: a collection batch finished after this makes the
@@ -851,7 +855,7 @@ class FileStore:
             if size is not None:
                 ahead.add(_StoredFirst({e.block: size}, st.prestore_epochs[e.block]))
         rest = [e for e in extents if e.block not in ahead.sizes]
-        done = await self._store_first(rest) if rest else _StoredFirst()
+        done = await self._store_first(rest)
         done.add(ahead)
         return done
 
@@ -1045,13 +1049,15 @@ class FileStore:
             _, n = refs.get(e.block, (0, 0))
             refs[e.block] = (e.length, n + 1)
         async with self.meta.transaction(durable=durable) as tx:
-            put = stored.sizes if stored is not None else {}
-            if put and await gc_epoch(tx) != stored.gc_epoch:  # type: ignore[union-attr]
-                # a collection batch finished since the first PUT: it may have deleted
-                # one of those objects after it was put (cloudfs.gc); trust none
-                log.info("inode %d: garbage collection ran during the seal: its %d blocks "
-                         "are uploaded again", st.ino, len(put))  # fmt: skip
-                put = {}
+            put: dict[bytes, int] = {}
+            if stored is not None and stored.sizes:
+                if await gc_epoch(tx) == stored.gc_epoch:
+                    put = stored.sizes
+                else:
+                    # a collection batch finished since the first PUT: it may have
+                    # deleted one of those objects after it was put (cloudfs.gc)
+                    log.info("inode %d: garbage collection ran during the seal: its %d "
+                             "blocks are uploaded again", st.ino, len(stored.sizes))  # fmt: skip
             attrs = await tx.get_inode(st.ino)
             if attrs is None:
                 return []  # freed meanwhile
