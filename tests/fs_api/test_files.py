@@ -13,21 +13,21 @@ from typing import Any
 
 import pytest
 import trio
+from cloudfs.daemon.uploader import Uploader
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cloudfs import gc
 from cloudfs.cache import CacheDir
-from cloudfs.codec.crypto import Keys
-from cloudfs.daemon.uploader import Uploader
 from cloudfs.chunking import ChunkerParams
+from cloudfs.codec.crypto import Keys
 from cloudfs.files import FileStore
 from cloudfs.meta import open_meta
 from cloudfs.meta.base import LIVE, InodeAttrs, Txn
 from cloudfs.meta.schema import BLOCK_PENDING, BLOCK_STORED
+from cloudfs.namespace import Caller, Namespace
 from cloudfs.objectstore.local import LocalStore
 from cloudfs.objectstore.sealed import SealedStore
-from cloudfs.namespace import Caller, Namespace
 
 PARAMS = ChunkerParams(64, 256, 1024)
 _unique = itertools.count()

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import pytest
+from cloudfs.mount.operations import SHARED_TIMEOUT
 
 from cloudfs.meta.base import LIVE
 from cloudfs.meta.schema import BLOCK_PENDING
-from cloudfs.mount.operations import SHARED_TIMEOUT
 
 if TYPE_CHECKING:  # the fixtures' types; conftest is not importable as a module
     from conftest import CloudFS, MariaDB
