@@ -196,7 +196,7 @@ async def test_sync_uploads_store_before_every_commit(
         ahead += 1
         await prestore(st_, extents)
 
-    env.files._prestore = counted  # type: ignore[method-assign]
+    env.files._prestore = counted  # type: ignore[method-assign, assignment]
     async with trio.open_nursery() as nursery:
         env.files.nursery = nursery  # where streams cut, and put their blocks ahead
         await _sync_upload_writes(env, store, put)
