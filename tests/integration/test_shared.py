@@ -673,7 +673,21 @@ def test_kill_one_mount_mid_write_the_other_goes_on_and_fsck_is_clean(pair: Pair
     a.unmount()
     for fs in (a, b):
         r = fs.run("fsck.cloudfs", fs.storage_url, "--cachedir", fs.cache, *fs.storage_args)
-        assert r.returncode == 0 and "clean" in r.stdout, r.stdout + r.stderr
+        _clean_but_for_orphan_objects(r)
+
+
+def _clean_but_for_orphan_objects(r: subprocess.CompletedProcess[str]) -> None:
+    """fsck found nothing, except maybe objects without rows: with --upload=sync a seal
+    puts its blocks before its commit, so a mount killed in between (or an append
+    stream's blocks stored ahead of a commit that never came) leaves such objects,
+    nothing naming them; a repair deletes them after the orphan grace period."""
+    out = r.stdout + r.stderr
+    if r.returncode == 0:
+        assert "clean" in r.stdout, out
+        return
+    left = [line for line in r.stdout.splitlines() if line.endswith("[NOT FIXED]")]
+    assert r.returncode == 4 and left, out
+    assert all("has no row (deleted by a repair" in line for line in left), out
 
 
 def test_bad_shared_mounts_fail_with_one_line(
