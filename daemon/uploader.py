@@ -45,7 +45,7 @@ from cloudfs.cache import CacheDir
 from cloudfs.codec.crypto import Keys
 from cloudfs.errors import CloudfsError, LeaseLost, StoreError
 from cloudfs.meta.base import MetaStore
-from cloudfs.meta.schema import BLOCK_PENDING
+from cloudfs.meta.schema import BLOCK_PENDING, BLOCK_STORED
 from cloudfs.objectstore.sealed import SealedStore
 
 log = logging.getLogger(__name__)
@@ -347,6 +347,14 @@ class Uploader:
                 self.active += 1
                 try:
                     stored[i] = await self._upload(block_id, size)
+                except BlockUnreadable as exc:
+                    # its file may have gone because the block got stored meanwhile
+                    # (another upload, then eviction): then its object is there
+                    row_size = await self._stored_size(block_id)
+                    if row_size is None:
+                        failures.append(exc)
+                        return
+                    stored[i] = row_size
                 # one block's failure is reported once all are tried (a cancelled
                 # nursery would leave the others' PUTs half done for nothing)
                 except Exception as exc:  # noqa: BLE001
@@ -373,6 +381,17 @@ class Uploader:
             # BlockUnreadable is the daemon's own: the client knows a StoreError
             raise StoreError(message) from exc
         return stored
+
+    async def _stored_size(self, block_id: bytes) -> int | None:
+        """The stored size of a block whose row says `stored`, else None."""
+        try:
+            async with self.meta.transaction(write=False) as tx:
+                row = await tx.get_block(block_id)
+        except CloudfsError:
+            return None
+        if row is None or row.state != BLOCK_STORED or row.stored_size is None:
+            return None
+        return int(row.stored_size)
 
     # --- flush and status ---------------------------------------------------------------
 

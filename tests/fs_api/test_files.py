@@ -21,6 +21,7 @@ from cloudfs import gc
 from cloudfs.cache import CacheDir
 from cloudfs.chunking import ChunkerParams
 from cloudfs.codec.crypto import Keys
+from cloudfs.errors import StoreError
 from cloudfs.files import FileStore
 from cloudfs.meta import open_meta
 from cloudfs.meta.base import LIVE, InodeAttrs, Txn
@@ -235,6 +236,23 @@ async def test_sync_uploads_overtaken_by_garbage_collection(env: Env, tmp_path: 
         rows = await tx.conn.query("SELECT id, state FROM blocks")
     assert rows and {state for _b, state in rows} == {BLOCK_PENDING}
     assert sorted(flushed) == sorted(bytes(b) for b, _s in rows)
+
+
+async def test_store_now_of_blocks_gone_from_the_cache(env: Env, tmp_path: Path) -> None:
+    """The daemon's `store` of a block whose cache file went: fine when its row says
+    stored meanwhile (another upload, then eviction), a StoreError when not."""
+    keys = Keys(data_key=b"d" * 32, id_key=b"i" * 32, gear_key=b"g" * 32)
+    uploader = Uploader(
+        env.meta, env.cache, SealedStore(LocalStore(tmp_path / "store"), keys, encrypt=True,
+                                         level=1), keys,
+    )  # fmt: skip
+    await env.setup()
+    stored_id, lost_id = b"s" * 32, b"l" * 32
+    async with env.meta.transaction() as tx:
+        await tx.add_block_refs({stored_id: (10, 1)}, 1, stored={stored_id: 77})
+    assert await uploader.store_now([(stored_id, 10)]) == [77]
+    with pytest.raises(StoreError, match="not in the cache dir"):
+        await uploader.store_now([(stored_id, 10), (lost_id, 10)])
 
 
 async def _sync_upload_writes(env: Env, store: SealedStore, put: list[bytes]) -> None:
