@@ -8,6 +8,13 @@ chunk of zeros becomes a hole; a chunk whose block file is not cached is written
 the cache dir. One metadata transaction then replaces the extents and counts the
 references. The daemon uploads blocks left `pending`.
 
+--upload=sync (shared mode): before that transaction, the seal has the daemon put
+the blocks it names that are not `stored` yet (`FileStore.uploads`), and the commit
+records them `stored`: no machine ever reads a commit naming an object that is not in
+the store, whichever seal made it (close, fsync, idle, the dirty limit, an append
+stream's commits, unmount). The one exception is a block a garbage collection pass
+had claimed: the commit revives it and it is stored anew after the pass (cloudfs.gc).
+
 Versions: a seal on fsync, last close or idle *publishes* a version (a `versions` row).
 A seal forced by the dirty-bytes limit while a file is still being written amends the
 unpublished working version instead, so a 10 GiB copy is one version, not 160.
@@ -25,7 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -33,7 +40,9 @@ from cloudfs import _native
 from cloudfs.cache import BlockFiles, CacheDir
 from cloudfs.chunking import ChunkerParams
 from cloudfs.errors import CloudfsError, FSOpError
+from cloudfs.gc import epoch as gc_epoch
 from cloudfs.meta.base import Extent, FsStats, MetaStore
+from cloudfs.meta.schema import BLOCK_PENDING
 from cloudfs.overlay import DirtyOverlay, Intervals
 from cloudfs.stream import BACKLOG_LIMIT, CUT_BATCH, AppendStream, can_stream
 from cloudfs.versions import CONFLICT, restore_into
@@ -60,12 +69,27 @@ READAHEAD_ASKED_S = 10.0
 #: a reader that starts a cached block asks for the window ahead once this many blocks
 #: at its end were not asked for yet
 READAHEAD_BATCH = 4
+#: blocks per request to the daemon when a seal stores its blocks first (--upload=sync)
+STORE_BATCH = 256
 #: commits remembered for `committed_since`: far more than commit while one inode row
 #: is read, even at load 15 (more than that and a reader simply reads again)
 COMMIT_LOG = 1024
 
 #: fetch(blocks, prefetch): returns once `blocks` are cached; `prefetch` is best effort
 FetchBlocks = Callable[[list[bytes], list[bytes]], Awaitable[None]]
+
+
+class SyncUploads(Protocol):
+    """--upload=sync: the daemon stores blocks while a seal waits (mount.main.DaemonLink)."""
+
+    async def store(self, blocks: list[tuple[bytes, int]]) -> dict[bytes, int]:
+        """Put these cached blocks (id, plaintext size) in the object store now, rows
+        or not: {id: stored size}. Raises if one could not be stored."""
+        ...
+
+    async def flush(self, block_ids: list[bytes]) -> None:
+        """Return once none of `block_ids` is pending."""
+        ...
 
 
 @dataclass
@@ -96,6 +120,12 @@ class FileState:
     #: sequential writes at the end of the file, chunked as they arrive
     stream: AppendStream | None = None
     cut_lock: trio.Lock = field(default_factory=trio.Lock)  # one stream cut at a time
+    #: --upload=sync: the stream's cut blocks put in the store ahead of its commit
+    #: (`_prestore`; None while the PUT is under way), and the puts under way
+    prestored: dict[bytes, int | None] = field(default_factory=dict)
+    prestore_epochs: dict[bytes, int] = field(default_factory=dict)
+    prestoring: int = 0
+    prestore_idle: trio.Event = field(default_factory=trio.Event)
 
     @property
     def dirty(self) -> bool:
@@ -105,6 +135,20 @@ class FileState:
             or (self.keep_below < self.sealed_size)
             or (self.stream is not None and self.stream.uncommitted > 0)
         )
+
+
+@dataclass
+class _StoredFirst:
+    """Blocks put in the store before the commit naming them (--upload=sync)."""
+
+    sizes: dict[bytes, int] = field(default_factory=dict)  # id → stored size
+    #: the garbage collection epoch read before the oldest of those PUTs (cloudfs.gc)
+    gc_epoch: int = 0
+
+    def add(self, other: _StoredFirst) -> None:
+        if other.sizes:
+            self.gc_epoch = min(self.gc_epoch, other.gc_epoch) if self.sizes else other.gc_epoch
+            self.sizes.update(other.sizes)
 
 
 @dataclass
@@ -159,6 +203,13 @@ class FileStore:
         self.client: Client | None = None
         #: called with (inode, version) after each commit of a file's contents
         self.on_commit: Callable[[int, int], None] | None = None
+        #: --upload=sync: every commit of file contents names only stored blocks (see
+        #: `_store_first`); None: the daemon uploads what commits leave pending
+        self.uploads: SyncUploads | None = None
+        #: the mount is going away: a seal whose blocks cannot be stored now commits
+        #: them pending (the daemon uploads them later) rather than lose the writes
+        #: (unsealed overlays do not survive the mount)
+        self.unmounting = False
         #: (number, inode) of the latest commits of file contents here (see
         #: `committed_since`), and the number of the last one
         self._commit_log: deque[tuple[int, int]] = deque(maxlen=COMMIT_LOG)
@@ -542,6 +593,8 @@ class FileStore:
                     await trio.to_thread.run_sync(
                         functools.partial(stream.cut, final=final), abandon_on_cancel=False
                     )
+                if not final:
+                    self._prestore_cut(st)
 
     async def _cut_in_background(self, st: FileState) -> None:
         try:
@@ -696,9 +749,10 @@ class FileStore:
         replaced = [e for e in plan.old if e.offset < result.stop or e.offset >= plan.size]
         size = st.size
         try:
-            await self.meta.run(
+            stored = await self._store_first(result.extents) if self.uploads is not None else None
+            needs = await self.meta.run(
                 self._commit, st, replaced, result.extents, publish=publish, durable=durable,
-                size=size, holds=result.holds,
+                size=size, holds=result.holds, stored=stored,
             )  # fmt: skip
         finally:
             CacheDir.release_holds(list(result.holds.values()))
@@ -711,6 +765,7 @@ class FileStore:
         st.sealed_size = size
         st.keep_below = size
         self._on_sealed()
+        await self._wait_stored(needs)
 
     async def _seal_stream(
         self, st: FileState, *, publish: bool, final: bool, durable: bool
@@ -736,19 +791,117 @@ class FileStore:
                 await self._sync_blocks(st, written)
             else:
                 st.unsynced.extend(written)
-            await self.meta.run(
+            stored = (
+                await self._stream_stored_first(st, extents) if self.uploads is not None else None
+            )
+            needs = await self.meta.run(
                 self._commit, st, [], extents, publish=publish, durable=durable, size=size,
-                holds=holds,
+                holds=holds, stored=stored,
             )  # fmt: skip
         finally:
             CacheDir.release_holds(list(holds.values()))
         stream.committed(len(extents), boundary)
+        for e in extents:
+            st.prestored.pop(e.block, None)
+            st.prestore_epochs.pop(e.block, None)
         st.sealed_size = size
         st.keep_below = size
         if final:
             st.stream = None
             self._give_chunker(stream.chunker)
         self._on_sealed()
+        await self._wait_stored(needs)
+
+    async def _store_first(self, extents: list[Extent]) -> _StoredFirst:
+        """--upload=sync: put the blocks that `extents` (a seal's new ones, each a whole
+        chunk) name and that are not stored yet, before the commit that names them,
+        for the commit to record them `stored`. Their plaintext is in the cache dir:
+        the seal wrote each block file or holds it.
+
+        A block without a row or with a `pending` one (this machine's, or another's
+        whose upload is not done) is put: the object is the same whoever puts it.
+        A `stored` one needs nothing; a `deleting` or `revived` one (claimed by a
+        garbage collection pass, which may still delete its object) is not put here:
+        the commit revives it, and it is uploaded once the pass is done with it."""
+        assert self.uploads is not None
+        if not extents:
+            return _StoredFirst()
+        sizes = {e.block: e.length for e in extents}
+        async with self.meta.reading() as tx:
+            # before the PUTs: a collection batch finished after this makes the
+            # commit distrust them (cloudfs.gc)
+            done = _StoredFirst(gc_epoch=await gc_epoch(tx))
+            states = await tx.block_states(list(sizes))
+        todo = [(b, n) for b, n in sizes.items() if states.get(b, BLOCK_PENDING) == BLOCK_PENDING]
+        try:
+            for i in range(0, len(todo), STORE_BATCH):
+                done.sizes.update(await self.uploads.store(todo[i : i + STORE_BATCH]))
+        except CloudfsError as exc:
+            if not self.unmounting:
+                raise  # nothing committed: the writes stay unsealed, sealed again later
+            log.warning("%d blocks cannot be stored now (%s): committed pending at unmount; "
+                        "the daemon uploads them, other machines read them as I/O errors "
+                        "until then", len(todo) - len(done.sizes), exc.message)  # fmt: skip
+        return done
+
+    async def _stream_stored_first(self, st: FileState, extents: list[Extent]) -> _StoredFirst:
+        """`_store_first` for an append stream's commit: the blocks put ahead of it
+        (`_prestore`, once those under way are done) are not put again."""
+        while st.prestoring:
+            await st.prestore_idle.wait()
+        ahead = _StoredFirst()
+        for e in extents:
+            size = st.prestored.get(e.block)
+            if size is not None:
+                ahead.add(_StoredFirst({e.block: size}, st.prestore_epochs[e.block]))
+        rest = [e for e in extents if e.block not in ahead.sizes]
+        done = await self._store_first(rest)
+        done.add(ahead)
+        return done
+
+    def _prestore_cut(self, st: FileState) -> None:
+        """--upload=sync: have the blocks an append stream cut since the last call
+        put in the store now, in the background, while the writes go on; its commit
+        (at the dirty limit, idle or close) then waits only for what is left, instead
+        of writing and uploading by turns."""
+        stream = st.stream
+        if self.uploads is None or self.nursery is None or stream is None:
+            return
+        new = [e for e in stream.cut_extents() if e.block not in st.prestored]
+        if new:
+            for e in new:
+                st.prestored[e.block] = None
+            st.prestoring += 1
+            self.nursery.start_soon(self._prestore, st, new)
+
+    async def _prestore(self, st: FileState, extents: list[Extent]) -> None:
+        done = _StoredFirst()
+        try:
+            done = await self._store_first(extents)
+        except Exception as exc:  # noqa: BLE001 - the commit puts them again, and reports
+            message = exc.message if isinstance(exc, CloudfsError) else repr(exc)
+            log.info("storing %d blocks ahead of their commit failed (the commit tries "
+                     "again): %s", len(extents), message)  # fmt: skip
+        finally:
+            # also when cancelled: a commit waits for `prestoring` to reach 0
+            for e in extents:
+                if e.block in done.sizes:
+                    st.prestored[e.block] = done.sizes[e.block]
+                    st.prestore_epochs[e.block] = done.gc_epoch
+                elif st.prestored.get(e.block, 0) is None:
+                    del st.prestored[e.block]  # stored already, or failed: the commit looks
+            st.prestoring -= 1
+            if st.prestoring == 0:
+                st.prestore_idle.set()
+                st.prestore_idle = trio.Event()
+
+    async def _wait_stored(self, needs: list[bytes]) -> None:
+        """--upload=sync: a commit left `needs` pending (a block whose row garbage
+        collection deleted between `_store_first` and the commit, which then made it
+        anew): return once they are stored. Revived blocks are not waited for (the
+        daemon stores them once the collection pass is done: see cloudfs.gc)."""
+        if self.uploads is not None and needs:
+            await self.uploads.flush(needs)
 
     def _plan(self, st: FileState, extents: list[Extent], *, hold_tail: bool) -> _SealPlan:
         changed: list[int] = []
@@ -877,9 +1030,13 @@ class FileStore:
         durable: bool,
         size: int,
         holds: dict[bytes, Path] | None = None,
-    ) -> None:
+        stored: _StoredFirst | None = None,
+    ) -> list[bytes]:
         """Replace extents and count references in one transaction (run through
         MetaStore.run: everything it changes outside the database it sets afresh).
+        `stored`: blocks already put in the store ({id: stored size}, see
+        `_store_first`): their rows are made or marked `stored`. Returns the blocks
+        it made or revived `pending`.
 
         A block this commit makes pending — a new one, or one a deletion pass had
         claimed (cloudfs.gc) — must have its plaintext in the cache dir when the
@@ -892,9 +1049,18 @@ class FileStore:
             _, n = refs.get(e.block, (0, 0))
             refs[e.block] = (e.length, n + 1)
         async with self.meta.transaction(durable=durable) as tx:
+            put: dict[bytes, int] = {}
+            if stored is not None and stored.sizes:
+                if await gc_epoch(tx) == stored.gc_epoch:
+                    put = stored.sizes
+                else:
+                    # a collection batch finished since the first PUT: it may have
+                    # deleted one of those objects after it was put (cloudfs.gc)
+                    log.info("inode %d: garbage collection ran during the seal: its %d "
+                             "blocks are uploaded again", st.ino, len(stored.sizes))  # fmt: skip
             attrs = await tx.get_inode(st.ino)
             if attrs is None:
-                return  # freed meanwhile
+                return []  # freed meanwhile
             stale = attrs.version != st.base_version
             if not stale and self.client is not None and st.extents is not None:
                 # shared mode: another mount may have amended its unpublished working
@@ -935,7 +1101,8 @@ class FileStore:
                     st.ino, version, [e.offset for e in replaced if e.v_from != version]
                 )
             # a block's size is its chunk's length (a block may back shorter extents later)
-            for block_id in await tx.add_block_refs(refs, now):
+            needs = await tx.add_block_refs(refs, now, stored=put)
+            for block_id in needs:
                 self._ensure_plaintext(block_id, holds or {})
             await tx.add_extents(st.ino, version, new)
             mtime = st.mtime_ns or attrs.mtime_ns
@@ -955,6 +1122,7 @@ class FileStore:
         st.mtime_ns = None
         if self.on_commit is not None:
             self.on_commit(st.ino, version)
+        return needs
 
 
 @asynccontextmanager

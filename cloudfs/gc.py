@@ -20,6 +20,15 @@ the old object, so the new upload cannot be deleted by this pass. A seal that na
 a block whose row step 3 deleted makes a new `pending` row, again with its plaintext
 checked inside its transaction, which step 3's removal of cache files cannot cross.
 
+A seal of a mount with --upload=sync puts its new blocks before the commit that names
+them (cloudfs.files), when they have no row or a `pending` one. Step 3 counts its
+batches in `meta_info` (`gc_epoch`, bumped first in its transaction): the seal reads
+it before its PUTs and its commit again, and if a batch finished in between, the PUT
+may have come before a deletion of the same object (a row made, unreferenced, claimed
+and deleted meanwhile), so the commit trusts none of its PUTs and makes the rows
+`pending` (the uploader puts them again). An object put for a commit that never came
+(a crash) has no row: passes never touch it; fsck deletes it after its orphan grace.
+
 Only one pass runs at a time per filesystem (a lease in meta_info, renewed per
 batch): a pass resumes `deleting` rows only when no other pass may be working on
 them.
@@ -58,6 +67,13 @@ BATCH = 1000
 #: how long a pass's lease lasts without renewal
 LEASE_S = 600.0
 LEASE_KEY = "gc_lease"
+#: step 3's batches so far (see the module docstring)
+EPOCH_KEY = "gc_epoch"
+
+
+async def epoch(tx: Txn) -> int:
+    """How many step-3 batches have finished (ever)."""
+    return int(await tx.get_info(EPOCH_KEY) or 0)
 
 
 @dataclass
@@ -143,6 +159,8 @@ async def _finish(
 ) -> list[bytes]:
     """Step 3: delete the rows still `deleting` (and their cache files, inside this
     transaction); `revived` ones become `pending`. Returns the ids deleted."""
+    # first: a seal's commit reads it before it touches block rows, the same order
+    await tx.set_info(EPOCH_KEY, str(await epoch(tx) + 1))
     states = await tx.block_states(ids)
     gone = sorted(i for i, s in states.items() if s == BLOCK_DELETING)
     revived = sorted(i for i, s in states.items() if s == BLOCK_REVIVED)

@@ -190,6 +190,11 @@ class AppendStream:
         self.cache.write_block(block_id, chunk, durable=False, sync_soon=True)
         return extent, block_id, None
 
+    def cut_extents(self) -> list[Extent]:
+        """The extents cut and not committed yet (a copy)."""
+        with self._lock:
+            return list(self.extents)
+
     def take_extents(self) -> tuple[list[Extent], list[bytes], dict[bytes, Path], int]:
         """What a commit may take: the extents cut so far, their new block files, the
         holds on the block files they re-use (the caller releases them after the

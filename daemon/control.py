@@ -15,6 +15,11 @@ back in any order::
                                            too, not waited for, failures ignored
     {"op":"flush"} / {"op":"flush","blocks":[hex,...]}
                                            reply once no (listed) block is pending
+    {"op":"store","blocks":[hex,...],"sizes":[n,...]}
+                                           read, check, seal and PUT these cached
+                                           blocks now (they need no row): reply
+                                           "stored_sizes":[n,...] once all are in the
+                                           store, else the first error
     {"op":"status"}                        pending, pending_bytes, uploading, uploaded,
                                            errors, ...
     {"op":"drop_cache"}                    delete the cache copies of stored blocks
@@ -151,6 +156,7 @@ class DaemonOps(Protocol):
     def kick(self) -> None: ...
     async def fetch(self, block_ids: list[bytes], prefetch: list[bytes]) -> _Json: ...
     async def flush(self, block_ids: list[bytes] | None) -> _Json: ...
+    async def store_blocks(self, blocks: list[tuple[bytes, int]]) -> _Json: ...
     async def status(self) -> _Json: ...
     async def drop_cache(self) -> _Json: ...
     async def backup(self) -> _Json: ...
@@ -171,6 +177,19 @@ def _block_ids(msg: _Json, name: str = "blocks") -> list[bytes] | None:
     if any(len(i) != 32 for i in ids):
         raise errors.UsageError("a block id has 32 bytes")
     return ids
+
+
+def _sized_blocks(msg: _Json) -> list[tuple[bytes, int]]:
+    """The "blocks" of a store request with their "sizes"."""
+    ids = _block_ids(msg) or []
+    sizes = msg.get("sizes")
+    if (
+        not isinstance(sizes, list)
+        or len(sizes) != len(ids)
+        or not all(type(n) is int and n >= 0 for n in sizes)
+    ):
+        raise errors.UsageError('"sizes" must list the size of each block')
+    return list(zip(ids, sizes, strict=True))
 
 
 class ControlServer:
@@ -274,6 +293,8 @@ class ControlServer:
                 )
             elif op == "flush":
                 result = await self.ops.flush(_block_ids(msg))
+            elif op == "store":
+                result = await self.ops.store_blocks(_sized_blocks(msg))
             elif op == "status":
                 result = await self.ops.status()
             elif op == "drop_cache":
@@ -380,6 +401,20 @@ class DaemonClient:
             await self._request("flush")
         elif block_ids:
             await self._request("flush", blocks=[b.hex() for b in block_ids])
+
+    async def store(self, blocks: Sequence[tuple[bytes, int]]) -> list[int]:
+        """Have the daemon read, check, seal and PUT these cached blocks (id, plaintext
+        size) now, rows or not; returns each object's stored size, in order.
+        StoreError (or LeaseLost) when one of them could not be stored."""
+        if not blocks:
+            return []
+        reply = await self._request(
+            "store", blocks=[b.hex() for b, _n in blocks], sizes=[n for _b, n in blocks]
+        )
+        sizes = reply.get("stored_sizes")
+        if not isinstance(sizes, list) or len(sizes) != len(blocks):
+            raise DaemonError("the daemon's reply to store has no stored_sizes")
+        return [int(n) for n in sizes]
 
     async def status(self) -> _Json:
         """{"pending", "pending_bytes", "uploading", "uploaded", "errors", ...}."""

@@ -318,6 +318,9 @@ class DaemonService:
         await self.uploader.flush(block_ids)
         return {}
 
+    async def store_blocks(self, blocks: list[tuple[bytes, int]]) -> dict[str, Any]:
+        return {"stored_sizes": await self.uploader.store_now(blocks)}
+
     async def status(self) -> dict[str, Any]:
         async with self.meta.transaction(write=False) as tx:
             pending, pending_bytes = await tx.pending_summary()

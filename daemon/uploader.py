@@ -18,6 +18,13 @@ Invariants:
 - a block that cannot be uploaded (plaintext missing or damaged, store refusing) is
   kept in `failures`, reported by `status`, and tried again with exponential backoff:
   it is never dropped.
+
+`store_now` is the other way in (--upload=sync, the control socket's `store`): the
+mount names cached blocks that no row may name yet, and they are read, checked, sealed
+and PUT by the same code at once, the reply waiting for all of them. The mount's commit
+then records them `stored`: the object exists before any row names it, and a crash in
+between leaves only an object without a row (fsck deletes it after its orphan grace
+period; garbage collection never looks at objects without rows).
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from cloudfs.cache import CacheDir
 from cloudfs.codec.crypto import Keys
 from cloudfs.errors import CloudfsError, LeaseLost, StoreError
 from cloudfs.meta.base import MetaStore
-from cloudfs.meta.schema import BLOCK_PENDING
+from cloudfs.meta.schema import BLOCK_PENDING, BLOCK_STORED
 from cloudfs.objectstore.sealed import SealedStore
 
 log = logging.getLogger(__name__)
@@ -132,6 +139,8 @@ class Uploader:
         self._wake = trio.Event()
         self._changed = trio.Event()
         self._stopping = False
+        #: PUTs of `store_now` in flight, all requests together
+        self._store_slots = trio.CapacityLimiter(uploads)
 
     # --- control ----------------------------------------------------------------------
 
@@ -319,6 +328,70 @@ class Uploader:
             if self._on_stored is not None:
                 self._on_stored(block_id, size)
         self._notify()
+
+    # --- stored at once (--upload=sync) -----------------------------------------------
+
+    async def store_now(self, blocks: list[tuple[bytes, int]]) -> list[int]:
+        """Put the listed cached blocks (id, plaintext size) in the store now, whatever
+        their rows say (a seal of a mount with --upload=sync asks before the commit
+        that names them: they may have no row yet). Returns each object's stored size,
+        in order. Every block is tried; then the first failure is raised
+        (BlockUnreadable, StoreError ...): the caller's commit must not happen."""
+        if self.meta.fenced is not None:
+            raise LeaseLost(f"uploads stopped: {self.meta.fenced}")
+        stored = [0] * len(blocks)
+        failures: list[Exception] = []
+
+        async def one(i: int, block_id: bytes, size: int) -> None:
+            async with self._store_slots:
+                self.active += 1
+                try:
+                    stored[i] = await self._upload(block_id, size)
+                except BlockUnreadable as exc:
+                    # its file may have gone because the block got stored meanwhile
+                    # (another upload, then eviction): then its object is there
+                    row_size = await self._stored_size(block_id)
+                    if row_size is None:
+                        failures.append(exc)
+                        return
+                    stored[i] = row_size
+                # one block's failure is reported once all are tried (a cancelled
+                # nursery would leave the others' PUTs half done for nothing)
+                except Exception as exc:  # noqa: BLE001
+                    failures.append(exc)
+                    return
+                finally:
+                    self.active -= 1
+            self.uploaded += 1
+            self.uploaded_bytes += size
+            self.last_progress = trio.current_time()
+
+        async with trio.open_nursery() as nursery:
+            for i, (block_id, size) in enumerate(blocks):
+                nursery.start_soon(one, i, block_id, size)
+        if failures:
+            exc = failures[0]
+            message = (
+                exc.message if isinstance(exc, CloudfsError) else f"{type(exc).__name__}: {exc}"
+            )
+            log.warning("storing %d blocks for a seal failed (%d failures); first: %s",
+                        len(blocks), len(failures), message)  # fmt: skip
+            if isinstance(exc, StoreError):
+                raise exc
+            # BlockUnreadable is the daemon's own: the client knows a StoreError
+            raise StoreError(message) from exc
+        return stored
+
+    async def _stored_size(self, block_id: bytes) -> int | None:
+        """The stored size of a block whose row says `stored`, else None."""
+        try:
+            async with self.meta.transaction(write=False) as tx:
+                row = await tx.get_block(block_id)
+        except CloudfsError:
+            return None
+        if row is None or row.state != BLOCK_STORED or row.stored_size is None:
+            return None
+        return int(row.stored_size)
 
     # --- flush and status ---------------------------------------------------------------
 

@@ -411,14 +411,13 @@ class DaemonLink:
                 self._client = client
             return self._client
 
-    async def _call(self, op: str, *args: object) -> None:
+    async def _call(self, op: str, *args: object) -> Any:
         if self._commit is not None:
             await self._commit()
         for attempt in range(3):
             client = await self._connected()
             try:
-                await getattr(client, op)(*args)
-                return
+                return await getattr(client, op)(*args)
             except DaemonError as exc:
                 log.warning("daemon connection lost (%s); reconnecting", exc.message)
                 if self._client is client:
@@ -433,6 +432,12 @@ class DaemonLink:
     async def flush(self, block_ids: list[bytes]) -> None:
         """Return once none of `block_ids` is pending."""
         await self._call("flush", block_ids)
+
+    async def store(self, blocks: list[tuple[bytes, int]]) -> dict[bytes, int]:
+        """Have the daemon put these cached blocks (id, plaintext size) in the store
+        now (--upload=sync, before the commit naming them): {id: stored size}."""
+        sizes = await self._call("store", blocks)
+        return {block_id: n for (block_id, _size), n in zip(blocks, sizes, strict=True)}
 
     async def cache_limit(self) -> int:
         """The cache size limit the daemon keeps."""
@@ -577,6 +582,10 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
 
     upload = opts.upload or ("sync" if is_mysql(prep.meta_url) else "async")
     log.info("uploads: %s", upload)
+    if upload == "sync":
+        # every commit of file contents, not only those a close or fsync waits for,
+        # names only blocks that are in the store already (FileStore.uploads)
+        files.uploads = link
     ops = HistoryOperations(
         ns, files, space, wait_stored=wait_stored if upload == "sync" else None, shared=shared,
         cache_timeout=opts.attr_timeout,
@@ -629,6 +638,7 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
             # leaving `last_closes` waits for the seals of files closed at the end
         ops.background = None
         files.nursery = None
+        files.unmounting = True
         await files.seal_all()
         if meta.fenced is None:  # a fenced mount changes nothing; the next one drops it
             if shared:

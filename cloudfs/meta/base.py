@@ -492,12 +492,21 @@ class Txn:
 
     # --- blocks -----------------------------------------------------------------------
 
-    async def add_block_refs(self, refs: dict[bytes, tuple[int, int]], now_ns: int) -> list[bytes]:
+    async def add_block_refs(
+        self,
+        refs: dict[bytes, tuple[int, int]],
+        now_ns: int,
+        *,
+        stored: dict[bytes, int] | None = None,
+    ) -> list[bytes]:
         """Count `n` more references to each block {id: (size, n)}; blocks without a row get
         one in state `pending`, and a block a deletion pass claimed (`deleting`: its
-        object may be gone already) is revived (`revived`, see cloudfs.gc). Return the
-        ids whose plaintext the caller must have in its cache dir before it commits:
-        the new ones and the revived ones."""
+        object may be gone already) is revived (`revived`, see cloudfs.gc). `stored`:
+        blocks the caller has put in the store ({id: stored size}, --upload=sync): a new
+        row of one is `stored` at once, and a `pending` one becomes `stored`. Return
+        the ids whose plaintext the caller must have in its cache dir before it
+        commits: the new pending ones and the revived ones."""
+        stored = stored or {}
         ordered = sorted(refs.items())  # by id: one lock order (unref_blocks)
         # every UPDATE in one go, then the rows none matched as one INSERT (one trip
         # each on MySQL, whatever the count: a snapshot names thousands of blocks)
@@ -509,11 +518,21 @@ class Txn:
         fresh = [(b, size, n) for (b, (size, n)), m in zip(ordered, matched, strict=True) if not m]
         await self.conn.executemany(
             "INSERT INTO blocks (id, size, stored_size, refcount, state, created_ns, unref_ns)"
-            " VALUES (?, ?, NULL, ?, ?, ?, NULL)",
-            [(b, size, n, BLOCK_PENDING, now_ns) for b, size, n in fresh],
+            " VALUES (?, ?, ?, ?, ?, ?, NULL)",
+            [
+                (b, size, stored.get(b), n, BLOCK_STORED if b in stored else BLOCK_PENDING, now_ns)
+                for b, size, n in fresh
+            ],
         )
-        needs = [b for b, _size, _n in fresh]
-        new = set(needs)
+        new = {b for b, _size, _n in fresh}
+        if stored:
+            # a `deleting` or `revived` row stays so: its object may still be deleted
+            await self.conn.executemany(
+                "UPDATE blocks SET state = ?, stored_size = ? WHERE id = ? AND state = ?",
+                [(BLOCK_STORED, n, b, BLOCK_PENDING) for b, n in sorted(stored.items())
+                 if b in refs and b not in new],
+            )  # fmt: skip
+        needs = [b for b, _size, _n in fresh if b not in stored]
         known = [b for b in sorted(refs) if b not in new]
         for i in range(0, len(known), 500):
             part = known[i : i + 500]

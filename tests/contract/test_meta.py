@@ -23,7 +23,13 @@ from cloudfs.errors import (
 )
 from cloudfs.meta import migrate, open_meta, schema
 from cloudfs.meta.base import RUN_ATTEMPTS, Extent, MetaStore, Txn
-from cloudfs.meta.schema import BLOCK_PENDING, BLOCK_STORED, ROOT_INODE
+from cloudfs.meta.schema import (
+    BLOCK_DELETING,
+    BLOCK_PENDING,
+    BLOCK_REVIVED,
+    BLOCK_STORED,
+    ROOT_INODE,
+)
 
 FS_UUID = "6f1c3a52-8a5e-4d3b-9a51-0c1d2e3f4a5b"
 OTHER_UUID = "0b2a7c1e-0000-4000-8000-000000000001"
@@ -379,6 +385,32 @@ async def test_blocks(opener: Opener) -> None:
         kept = await tx.conn.query("SELECT unref_ns FROM blocks WHERE id = ?", (ids[0],))
     assert unref[0][0] == NOW + 3, "when the refcount reached 0"
     assert kept[0][0] is None
+
+
+async def test_block_refs_of_blocks_stored_first(opener: Opener) -> None:
+    """--upload=sync: blocks put before the commit are recorded `stored` by it: a new
+    row at once, a `pending` one is marked; a claimed (`deleting`) one is only revived,
+    since garbage collection may still delete its object."""
+    meta = await fresh(opener)
+    fresh_id, pending_id, claimed_id, plain_id = (block_id(i) for i in range(4))
+    async with meta.transaction() as tx:
+        await tx.add_block_refs({pending_id: (10, 1), claimed_id: (10, 1)}, NOW)
+        await tx.conn.execute(
+            "UPDATE blocks SET state = ?, refcount = 0 WHERE id = ?", (BLOCK_DELETING, claimed_id)
+        )
+    stored = {fresh_id: 31, pending_id: 32, claimed_id: 33}
+    async with meta.transaction() as tx:
+        needs = await tx.add_block_refs(
+            {b: (10, 1) for b in (fresh_id, pending_id, claimed_id, plain_id)}, NOW, stored=stored
+        )
+    assert sorted(needs) == sorted([claimed_id, plain_id])
+    async with meta.reading() as tx:
+        rows = {b: await tx.get_block(b) for b in (fresh_id, pending_id, claimed_id, plain_id)}
+    got = {b: (r.state, r.stored_size, r.refcount) for b, r in rows.items() if r is not None}
+    assert got == {
+        fresh_id: (BLOCK_STORED, 31, 1), pending_id: (BLOCK_STORED, 32, 2),
+        claimed_id: (BLOCK_REVIVED, None, 1), plain_id: (BLOCK_PENDING, None, 1),
+    }  # fmt: skip
 
 
 async def test_known_blocks_many(opener: Opener) -> None:

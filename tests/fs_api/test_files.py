@@ -13,15 +13,22 @@ from typing import Any
 
 import pytest
 import trio
+from cloudfs.daemon.uploader import Uploader
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cloudfs import gc
 from cloudfs.cache import CacheDir
 from cloudfs.chunking import ChunkerParams
+from cloudfs.codec.crypto import Keys
+from cloudfs.errors import StoreError
 from cloudfs.files import FileStore
 from cloudfs.meta import open_meta
 from cloudfs.meta.base import LIVE, InodeAttrs, Txn
+from cloudfs.meta.schema import BLOCK_PENDING, BLOCK_STORED
 from cloudfs.namespace import Caller, Namespace
+from cloudfs.objectstore.local import LocalStore
+from cloudfs.objectstore.sealed import SealedStore
 
 PARAMS = ChunkerParams(64, 256, 1024)
 _unique = itertools.count()
@@ -156,6 +163,127 @@ async def test_large_append_amends_one_version(env: Env, monkeypatch: pytest.Mon
     assert len(versions) == 1
     assert dead[0][0] == 0, "no history rows for an unpublished working version"
     await env.check_invariants(ino)
+
+
+async def test_sync_uploads_store_before_every_commit(
+    env: Env, tmp_path: Path, small_batches: None
+) -> None:
+    """--upload=sync: seals no program waits for (the dirty limit, on an append stream
+    and on an overlay; an idle seal) have the daemon's uploader put their new blocks
+    before the commit names them, and the commit records them `stored`; an append
+    stream's cut blocks are put while the writes go on. Nothing uploads in the
+    background here, so a commit that left a row pending would show at the end. A
+    copy of the same bytes puts nothing more (its blocks are stored already)."""
+    keys = Keys(data_key=b"d" * 32, id_key=b"i" * 32, gear_key=b"g" * 32)
+    store = SealedStore(LocalStore(tmp_path / "store"), keys, encrypt=True, level=1)
+    uploader = Uploader(env.meta, env.cache, store, keys)
+    put: list[bytes] = []
+
+    class Uploads:  # what mount.main.DaemonLink does, minus the socket
+        async def store(self, blocks: list[tuple[bytes, int]]) -> dict[bytes, int]:
+            put.extend(b for b, _n in blocks)
+            sizes = await uploader.store_now(blocks)
+            return {b: n for (b, _n), n in zip(blocks, sizes, strict=True)}
+
+        async def flush(self, block_ids: list[bytes]) -> None:
+            raise AssertionError(f"left pending: {block_ids}")
+
+    env.files.uploads = Uploads()
+    ahead = 0
+    prestore = env.files._prestore
+
+    async def counted(st_: Any, extents: Any) -> None:
+        nonlocal ahead
+        ahead += 1
+        await prestore(st_, extents)
+
+    env.files._prestore = counted  # type: ignore[method-assign, assignment]
+    async with trio.open_nursery() as nursery:
+        env.files.nursery = nursery  # where streams cut, and put their blocks ahead
+        await _sync_upload_writes(env, store, put)
+        env.files.nursery = None
+    assert ahead > 0, "the stream's blocks were put ahead of its commits"
+
+
+async def test_sync_uploads_overtaken_by_garbage_collection(env: Env, tmp_path: Path) -> None:
+    """A garbage collection batch that finishes between a seal's PUTs and its commit
+    may have deleted one of those objects (made, unreferenced and claimed meanwhile):
+    the commit then trusts none of them, leaves the rows pending for the daemon and
+    waits for their upload."""
+    keys = Keys(data_key=b"d" * 32, id_key=b"i" * 32, gear_key=b"g" * 32)
+    uploader = Uploader(
+        env.meta, env.cache, SealedStore(LocalStore(tmp_path / "store"), keys, encrypt=True,
+                                         level=1), keys,
+    )  # fmt: skip
+    flushed: list[bytes] = []
+
+    class Uploads:
+        async def store(self, blocks: list[tuple[bytes, int]]) -> dict[bytes, int]:
+            sizes = await uploader.store_now(blocks)
+            async with env.meta.transaction() as tx:  # a batch finishes meanwhile
+                await tx.set_info(gc.EPOCH_KEY, str(await gc.epoch(tx) + 1))
+            return {b: n for (b, _n), n in zip(blocks, sizes, strict=True)}
+
+        async def flush(self, block_ids: list[bytes]) -> None:
+            flushed.extend(block_ids)
+
+    env.files.uploads = Uploads()
+    ino = await env.setup()
+    await env.files.open(ino)
+    await env.files.write(ino, 0, random.Random(6).randbytes(3000))
+    await env.files.release(ino)
+    async with env.meta.reading() as tx:
+        rows = await tx.conn.query("SELECT id, state FROM blocks")
+    assert rows and {state for _b, state in rows} == {BLOCK_PENDING}
+    assert sorted(flushed) == sorted(bytes(b) for b, _s in rows)
+
+
+async def test_store_now_of_blocks_gone_from_the_cache(env: Env, tmp_path: Path) -> None:
+    """The daemon's `store` of a block whose cache file went: fine when its row says
+    stored meanwhile (another upload, then eviction), a StoreError when not."""
+    keys = Keys(data_key=b"d" * 32, id_key=b"i" * 32, gear_key=b"g" * 32)
+    uploader = Uploader(
+        env.meta, env.cache, SealedStore(LocalStore(tmp_path / "store"), keys, encrypt=True,
+                                         level=1), keys,
+    )  # fmt: skip
+    await env.setup()
+    stored_id, lost_id = b"s" * 32, b"l" * 32
+    async with env.meta.transaction() as tx:
+        await tx.add_block_refs({stored_id: (10, 1)}, 1, stored={stored_id: 77})
+    assert await uploader.store_now([(stored_id, 10)]) == [77]
+    with pytest.raises(StoreError, match="not in the cache dir"):
+        await uploader.store_now([(stored_id, 10), (lost_id, 10)])
+
+
+async def _sync_upload_writes(env: Env, store: SealedStore, put: list[bytes]) -> None:
+    data = random.Random(5).randbytes(12_000)
+    streamed, edited, copy = await env.setup(), await env.setup(), await env.setup()
+    for ino in (streamed, edited):
+        await env.files.open(ino)
+    for i in range(0, len(data), 1000):  # front to back: an append stream
+        await env.files.write(streamed, i, data[i : i + 1000])
+    for i in reversed(range(0, len(data), 1000)):  # back to front: the overlay
+        await env.files.write(edited, i, data[i : i + 1000])
+    await env.files.seal_idle(0.0)  # both still open: sealed as idle
+    async with env.meta.reading() as tx:
+        rows = await tx.conn.query("SELECT id, state, stored_size FROM blocks")
+        sizes = [getattr(await tx.get_inode(ino), "size", None) for ino in (streamed, edited)]
+    assert sizes == [len(data)] * 2
+    assert rows and {state for _b, state, _s in rows} == {BLOCK_STORED}
+    for block_id, _state, stored_size in rows:
+        body = await store.get_sealed(bytes(block_id))
+        assert len(body) == stored_size
+        assert store.open_sealed(bytes(block_id), body) == env.cache.block_path(
+            bytes(block_id)
+        ).read_bytes()
+    before = len(put)
+    await env.files.open(copy)
+    await env.files.write(copy, 0, data)
+    for ino in (streamed, edited, copy):
+        await env.files.release(ino)
+        assert await read_all(env, ino) == data
+        await env.check_invariants(ino)
+    assert len(put) == before, "the copy's blocks are stored already"
 
 
 @pytest.mark.parametrize("how", ["getattr", "lookup", "readdir"])

@@ -28,8 +28,10 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import pytest
-
 from cloudfs.mount.operations import SHARED_TIMEOUT
+
+from cloudfs.meta.base import LIVE
+from cloudfs.meta.schema import BLOCK_PENDING
 
 if TYPE_CHECKING:  # the fixtures' types; conftest is not importable as a module
     from conftest import CloudFS, MariaDB
@@ -154,6 +156,7 @@ def _mount_pair(
     """The `pair` fixture; B's mount gets `b_options` too."""
     a = make_fs("a", bucket=s3_bucket, mkfs=False, mount=False)
     a.mkfs("--metadata", mysql_url)
+    a.metadata = mysql_url  # for a.metadata_db() (mkfs named it: mount adds no option)
     b = make_fs("b", bucket=s3_bucket, mkfs=False, mount=False)
     b.storage_url = a.storage_url
     b.key_prefix = a.key_prefix  # type: ignore[attr-defined]
@@ -204,6 +207,7 @@ def test_files_between_mounts(pair: Pair) -> None:
     append on B); a file open on B survives its unlink on A; two writers of one file
     leave a winner and a conflict version."""
     _write_on_a_reads_identical_on_b(pair)
+    _sealed_while_open_on_a_reads_on_b(pair)
     _open_unlinked_on_b_survives_unlink_on_a(pair)
     _concurrent_writers_leave_a_winner_and_a_conflict(pair)
     _gc_with_two_writers(pair)
@@ -277,6 +281,42 @@ def _write_on_a_reads_identical_on_b(pair: Pair) -> None:
             assert needle not in config and needle.encode() not in cmdline
             assert needle not in (fs.cache / "mount.log").read_text()
     assert REDIS_PASSWORD.encode() not in Path(f"/proc/{a.mount_pid}/environ").read_bytes()
+
+
+def _sealed_while_open_on_a_reads_on_b(pair: Pair) -> None:
+    """--upload=sync holds for the seals no program waits for: A writes two files
+    (one front to back, an append stream; one back to front, the dirty overlay) and
+    keeps them open, no close, no fsync, until its idle seal commits them. From the
+    first moment the metadata shows a commit, no block of the file's live extents is
+    pending, and B reads the bytes (before, B's fetch failed with EIO, "object not
+    found in the store", while A's daemon was still uploading what A had committed)."""
+    a, b = pair.a, pair.b
+    data = os.urandom(2 * 1024 * 1024 + 5)
+    piece = 256 * 1024
+    with open(a.mnt / "streamed", "wb") as fs, open(a.mnt / "edited", "wb") as fe:
+        fs.write(data)
+        for at in reversed(range(0, len(data), piece)):
+            fe.seek(at)
+            fe.write(data[at : at + piece])
+        fs.flush()
+        fe.flush()
+        inodes = {"streamed": os.fstat(fs.fileno()).st_ino, "edited": os.fstat(fe.fileno()).st_ino}
+        with a.metadata_db() as db:
+            for name, ino in inodes.items():
+
+                def committed(name: str = name, ino: int = ino) -> bool:
+                    # one statement: the size and the block states of one moment
+                    size, pending = db.execute(
+                        "SELECT i.size, (SELECT COUNT(*) FROM extents e JOIN blocks b"
+                        " ON b.id = e.block WHERE e.inode = i.id AND e.v_to = ? AND b.state = ?)"
+                        " FROM inodes i WHERE i.id = ?",
+                        (LIVE, BLOCK_PENDING, ino),
+                    ).fetchone()
+                    assert not pending, f"{name}: committed naming {pending} pending blocks"
+                    return bool(size == len(data))
+
+                seen_after(committed, 120, f"A's idle seal of {name}")
+                assert (b.mnt / name).read_bytes() == data, name
 
 
 def _open_unlinked_on_b_survives_unlink_on_a(pair: Pair) -> None:
@@ -633,7 +673,21 @@ def test_kill_one_mount_mid_write_the_other_goes_on_and_fsck_is_clean(pair: Pair
     a.unmount()
     for fs in (a, b):
         r = fs.run("fsck.cloudfs", fs.storage_url, "--cachedir", fs.cache, *fs.storage_args)
-        assert r.returncode == 0 and "clean" in r.stdout, r.stdout + r.stderr
+        _clean_but_for_orphan_objects(r)
+
+
+def _clean_but_for_orphan_objects(r: subprocess.CompletedProcess[str]) -> None:
+    """fsck found nothing, except maybe objects without rows: with --upload=sync a seal
+    puts its blocks before its commit, so a mount killed in between (or an append
+    stream's blocks stored ahead of a commit that never came) leaves such objects,
+    nothing naming them; a repair deletes them after the orphan grace period."""
+    out = r.stdout + r.stderr
+    if r.returncode == 0:
+        assert "clean" in r.stdout, out
+        return
+    left = [line for line in r.stdout.splitlines() if line.endswith("[NOT FIXED]")]
+    assert r.returncode == 4 and left, out
+    assert all("has no row (deleted by a repair" in line for line in left), out
 
 
 def test_bad_shared_mounts_fail_with_one_line(

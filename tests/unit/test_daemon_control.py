@@ -15,7 +15,7 @@ from cloudfs.daemon.control import ControlServer, DaemonClient
 from cloudfs.daemon.service import open_listener
 
 from cloudfs.cache import CacheDir
-from cloudfs.errors import CorruptBlock, DaemonError, ObjectNotFound
+from cloudfs.errors import CorruptBlock, DaemonError, ObjectNotFound, StoreError, UsageError
 
 A, B, C = (bytes([i]) * 32 for i in (1, 2, 3))
 
@@ -51,6 +51,11 @@ class FakeOps:
 
     async def flush(self, block_ids: list[bytes] | None) -> dict[str, Any]:
         return {}
+
+    async def store_blocks(self, blocks: list[tuple[bytes, int]]) -> dict[str, Any]:
+        if any(b in self.fail for b, _n in blocks):
+            raise next(self.fail[b] for b, _n in blocks if b in self.fail)
+        return {"stored_sizes": [n + 40 for _b, n in blocks]}
 
     async def status(self) -> dict[str, Any]:
         return {"pending": 0, "pending_bytes": 0, "uploading": 0, "uploaded": 0, "errors": []}
@@ -137,6 +142,14 @@ async def test_errors_keep_their_class(tmp_path: Path) -> None:
         await DaemonClient.connect(cache, role="tool") as client,
     ):
         assert ops.mounts == []
+        # store: the stored sizes in order; a bad request and a failed PUT are errors
+        assert await client.store([(A, 100), (B, 7)]) == [140, 47]
+        assert await client.store([]) == []
+        with pytest.raises(UsageError, match="sizes"):
+            await client._request("store", blocks=[A.hex()], sizes=[-1])
+        ops.fail[B] = StoreError("PUT blocks/02/... failed")
+        with pytest.raises(StoreError, match="PUT"):
+            await client.store([(A, 1), (B, 2)])
         ops.fail[A] = CorruptBlock(f"block {A.hex()}")
         ops.fail[B] = ObjectNotFound("blocks/02/...")
         ops.gates[A].set()
