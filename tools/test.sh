@@ -70,10 +70,8 @@ fi
 run_pytest() {
     log "python -m pytest --import-mode=importlib -q ${parallel[*]} $*"
     set +e
-    # stdin from /dev/null: the programs the tests run inherit it, and some read it
-    # (`git gc` runs pack-objects, which took lines of a CI runner's stdin for revisions)
     .venv/bin/python -m pytest --import-mode=importlib -q "${parallel[@]}" \
-        --timeout="${CLOUDFS_TEST_TIMEOUT:-900}" --durations=25 "$@" </dev/null 2>&1 | tee "$report"
+        --timeout="${CLOUDFS_TEST_TIMEOUT:-900}" --durations=25 "$@" 2>&1 | tee "$report"
     status=${PIPESTATUS[0]}
     set -e
     summary=$(grep -E '(passed|failed|error|errors|skipped|no tests ran)( |,|$)' "$report" \

@@ -17,10 +17,7 @@ if TYPE_CHECKING:
 
 
 def _run(*args: str | Path, cwd: Path | None = None) -> str:
-    r = subprocess.run(
-        [str(a) for a in args], check=False, cwd=cwd, capture_output=True, text=True,
-        stdin=subprocess.DEVNULL,  # never pytest's stdin: git gc's pack-objects reads it
-    )  # fmt: skip
+    r = subprocess.run([str(a) for a in args], check=False, cwd=cwd, capture_output=True, text=True)
     assert r.returncode == 0, f"{' '.join(map(str, args))} exited {r.returncode}:\n{r.stderr}"
     return r.stdout
 
