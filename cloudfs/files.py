@@ -121,9 +121,9 @@ class FileState:
     stream: AppendStream | None = None
     cut_lock: trio.Lock = field(default_factory=trio.Lock)  # one stream cut at a time
     #: --upload=sync: the stream's cut blocks put in the store ahead of its commit
-    #: (`_prestore`; None while the PUT is under way), and the puts under way
-    prestored: dict[bytes, int | None] = field(default_factory=dict)
-    prestore_epochs: dict[bytes, int] = field(default_factory=dict)
+    #: (`_prestore`): {id: (stored size, gc epoch read before the PUT)}, None while the
+    #: PUT is under way; and the puts under way
+    prestored: dict[bytes, tuple[int, int] | None] = field(default_factory=dict)
     prestoring: int = 0
     prestore_idle: trio.Event = field(default_factory=trio.Event)
 
@@ -803,7 +803,6 @@ class FileStore:
         stream.committed(len(extents), boundary)
         for e in extents:
             st.prestored.pop(e.block, None)
-            st.prestore_epochs.pop(e.block, None)
         st.sealed_size = size
         st.keep_below = size
         if final:
@@ -851,9 +850,9 @@ class FileStore:
             await st.prestore_idle.wait()
         ahead = _StoredFirst()
         for e in extents:
-            size = st.prestored.get(e.block)
-            if size is not None:
-                ahead.add(_StoredFirst({e.block: size}, st.prestore_epochs[e.block]))
+            put = st.prestored.get(e.block)
+            if put is not None:
+                ahead.add(_StoredFirst({e.block: put[0]}, put[1]))
         rest = [e for e in extents if e.block not in ahead.sizes]
         done = await self._store_first(rest)
         done.add(ahead)
@@ -886,8 +885,7 @@ class FileStore:
             # also when cancelled: a commit waits for `prestoring` to reach 0
             for e in extents:
                 if e.block in done.sizes:
-                    st.prestored[e.block] = done.sizes[e.block]
-                    st.prestore_epochs[e.block] = done.gc_epoch
+                    st.prestored[e.block] = (done.sizes[e.block], done.gc_epoch)
                 elif st.prestored.get(e.block, 0) is None:
                     del st.prestored[e.block]  # stored already, or failed: the commit looks
             st.prestoring -= 1

@@ -71,19 +71,16 @@ async def path_of(tx: Txn, parent: int, name: bytes) -> bytes:
     ino = parent
     while ino != ROOT_INODE and len(parts) <= _MAX_DEPTH:
         rows = await tx.conn.query(_ANCESTORS, (ino, ROOT_INODE, _LEVELS_PER_QUERY))
-        if not rows:
-            parts.append(b"?")
-            break
-        if [row[0] for row in rows] != list(range(1, len(rows) + 1)):
+        if rows and [row[0] for row in rows] != list(range(1, len(rows) + 1)):
             # a directory with two names (a damaged database: fsck reports it): the
             # chain forks, so follow one name per level as before
             row = await tx.conn.query_one(
                 "SELECT parent, name FROM dentries WHERE inode = ? LIMIT 1", (ino,)
             )
             rows = [(1, row[0], row[1])] if row is not None else []
-            if not rows:
-                parts.append(b"?")
-                break
+        if not rows:
+            parts.append(b"?")
+            break
         parts.extend(bytes(row[2]) for row in rows)
         ino = rows[-1][1]
     return b"/" + b"/".join(reversed(parts))

@@ -227,12 +227,6 @@ class Operations(pyfuse3.Operations):
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
         )
-        if fields.update_size and self.wait_stored is not None:
-            # --upload=sync: a truncate of a file open nowhere here sealed a new version
-            # at once (the head of a cut chunk is a new block). Like close, it returns
-            # (and tells other mounts) once that block is in the object store, so
-            # another machine that reads the file right after never misses it
-            await self.wait_stored(inode)
         self._announce([inode])
         return self._entry(attrs)
 
