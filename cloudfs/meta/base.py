@@ -13,9 +13,10 @@ import errno
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, fields
+from types import TracebackType
 from typing import ParamSpec, TypeVar
 
 import trio
@@ -657,12 +658,10 @@ class MetaStore(abc.ABC):
         `durable`: the commit reaches stable storage before it returns (fsync).
         `write`: the transaction may write (takes the write lock at once)."""
 
-    @asynccontextmanager
-    async def transaction(self, *, durable: bool = False, write: bool = True) -> AsyncIterator[Txn]:
-        if write and self.fenced is not None:
-            raise FSOpError(errno.EROFS, self.fenced)
-        async with self._transaction(durable, write) as conn:
-            yield Txn(conn, self.dialect)
+    def transaction(
+        self, *, durable: bool = False, write: bool = True
+    ) -> AbstractAsyncContextManager[Txn]:
+        return _Transaction(self, durable, write)
 
     def reading(self) -> AbstractAsyncContextManager[Txn]:
         """A read-only transaction: a consistent view, no write lock."""
@@ -762,3 +761,34 @@ class MetaStore(abc.ABC):
                 f"{self.where} has schema {version}, this cloudfs needs {schema.SCHEMA_VERSION}"
             )
         return version
+
+
+class _Transaction:
+    """`MetaStore.transaction`: the engine's transaction, as a `Txn`. A class rather
+    than an async generator: every lookup, stat and create takes one or more, and an
+    async generator context manager costs several microseconds more per use (its
+    object, trio's hooks for async generators, the generator's frames)."""
+
+    __slots__ = ("_durable", "_inner", "_meta", "_write")
+
+    def __init__(self, meta: MetaStore, durable: bool, write: bool) -> None:
+        self._meta = meta
+        self._durable = durable
+        self._write = write
+        self._inner: AbstractAsyncContextManager[Conn] | None = None
+
+    async def __aenter__(self) -> Txn:
+        meta = self._meta
+        if self._write and meta.fenced is not None:
+            raise FSOpError(errno.EROFS, meta.fenced)
+        inner = self._inner = meta._transaction(self._durable, self._write)
+        return Txn(await inner.__aenter__(), meta.dialect)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._inner is not None
+        return await self._inner.__aexit__(exc_type, exc, tb)
