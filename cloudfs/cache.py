@@ -176,6 +176,8 @@ def default_cache_size(root: Path, cache_bytes: int) -> int:
 
 
 _hold_numbers = itertools.count()
+#: block files smaller than this are not handed to writeback at once (`write_block`)
+SYNC_SOON_MIN = 64 << 10
 
 
 class CacheDir:
@@ -186,6 +188,8 @@ class CacheDir:
         self.tmp = self.root / "tmp"
         self.dirty = self.root / "dirty"
         self.holds = self.root / "holds"
+        self._tmp_prefix = f"{self.tmp}/"
+        self._holds_prefix = f"{self.holds}/"
         self.config_path = self.root / "config.json"
         self.meta_path = self.root / "meta.db"
         self.socket_path = self.root / "daemon.sock"
@@ -248,18 +252,21 @@ class CacheDir:
         (sync_file_range), so that the fsync that `sync_blocks` does later mostly
         finds it done: the disk writes overlap the writes still coming in, instead of a
         whole file's worth waiting for the fsync (the kernel alone would start only
-        when 10% of memory is dirty)."""
+        when 10% of memory is dirty). Not for a block under SYNC_SOON_MIN bytes (a small
+        file, the tail of a big one): starting its writeback cost about as much CPU as
+        the rest of writing it, and the fsync that may follow waits for little."""
         path = self.block_file(block_id)
-        tmp = f"{self.tmp}/{block_id.hex()}.{os.getpid()}.{id(data):x}"
+        tmp = f"{self._tmp_prefix}{block_id.hex()}.{os.getpid()}.{id(data):x}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             view = memoryview(data)
+            size = view.nbytes
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
             if durable:
                 os.fsync(fd)
-            elif sync_soon and start_writeback is not None:
+            elif sync_soon and start_writeback is not None and size >= SYNC_SOON_MIN:
                 start_writeback(fd)
         finally:
             os.close(fd)
@@ -287,12 +294,15 @@ class CacheDir:
         """Hold on to a cached block's plaintext with a hard link in holds/, so that it
         outlives a deletion of the block file (eviction, gc); None when the block is
         not cached. Blocking: call from a thread (or for one block)."""
-        hold = self.holds / f"{block_id.hex()}.{os.getpid()}.{next(_hold_numbers)}"
+        h = block_id.hex()
+        hold = f"{self._holds_prefix}{h}.{os.getpid()}.{next(_hold_numbers)}"
         try:
-            os.link(self.block_path(block_id), hold)
+            # strings, not paths: a seal asks this for every block it cuts, and for a
+            # new block it fails
+            os.link(f"{self._blocks_prefix}{h[:2]}/{h}", hold)
         except FileNotFoundError:
             return None
-        return hold
+        return Path(hold)
 
     def restore_held(self, block_id: bytes, hold: Path) -> bool:
         """Put a held block file back in place if it went; False if the hold is gone."""
