@@ -41,7 +41,7 @@ from cloudfs.cache import BlockFiles, CacheDir
 from cloudfs.chunking import ChunkerParams
 from cloudfs.errors import CloudfsError, FSOpError
 from cloudfs.gc import epoch as gc_epoch
-from cloudfs.meta.base import Extent, FsStats, MetaStore
+from cloudfs.meta.base import Extent, FsStats, InodeAttrs, MetaStore
 from cloudfs.meta.schema import BLOCK_PENDING
 from cloudfs.overlay import DirtyOverlay, Intervals
 from cloudfs.stream import BACKLOG_LIMIT, CUT_BATCH, AppendStream, can_stream
@@ -228,11 +228,15 @@ class FileStore:
 
     # --- state ----------------------------------------------------------------------
 
-    async def state(self, ino: int) -> FileState:
+    async def state(self, ino: int, known: InodeAttrs | None = None) -> FileState:
+        """The in-memory state of file `ino`, made from its row if it has none. `known`:
+        that row as the caller just read it (see `open`), which saves reading it again."""
         st = self.states.get(ino)
         if st is None:
-            async with self.meta.reading() as tx:
-                attrs = await tx.get_inode(ino)
+            attrs = known
+            if attrs is None:
+                async with self.meta.reading() as tx:
+                    attrs = await tx.get_inode(ino)
             if attrs is None:
                 raise FSOpError(2, f"inode {ino}")
             # another task may have made the state while this one read (MySQL reads on
@@ -354,11 +358,24 @@ class FileStore:
 
     # --- open / close ---------------------------------------------------------------
 
-    async def open(self, ino: int, version: int | None = None) -> FileState:
+    async def open(
+        self,
+        ino: int,
+        version: int | None = None,
+        *,
+        known: InodeAttrs | None = None,
+        mark: int | None = None,
+    ) -> FileState:
         """One more handle on `ino`. `version`: the inode's version as just read from
         the metadata (close-to-open: a state with nothing unsealed that another
-        machine's commit made stale is read again)."""
-        st = await self.state(ino)
+        machine's commit made stale is read again). `known`: the inode's row as the
+        caller read it after `commit_mark()` returned `mark` (a new inode's, with no
+        mark: nothing can have committed it since); used instead of a read of its
+        own unless this mount committed the file's contents since (a state sealed
+        and forgotten meanwhile: the row would predate that commit)."""
+        if known is not None and mark is not None and self.committed_since(mark, (ino,)):
+            known = None
+        st = await self.state(ino, known)
         if self.client is not None:
             # another mount's unlink must not free it now; pinned (the state stays
             # meanwhile); no transaction when the hold is there already
@@ -385,6 +402,28 @@ class FileStore:
             return False
         st.opens -= 1
         return st.opens == 0
+
+    def forget_closed(self, ino: int) -> bool:
+        """After the last close of `ino` (close_handle said so): if nothing is left to
+        seal or publish (a file only read, or sealed already) and no operation on it is
+        under way, forget its state now and return True, without the task and the lock
+        that `last_close` takes. False: call `last_close`. Not in shared mode, where
+        `last_close` also releases the file's hold."""
+        st = self.states.get(ino)
+        if st is None:
+            return True
+        if (
+            self.client is not None
+            or st.opens
+            or st.pins
+            or st.sealing
+            or st.working_version is not None
+            or st.stream is not None
+            or st.dirty
+        ):
+            return False
+        self._forget_if_idle(st)
+        return True
 
     async def last_close(self, ino: int) -> None:
         """Seal and publish a file nobody has open any more."""
