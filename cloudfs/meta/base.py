@@ -177,6 +177,8 @@ def _inode(row: tuple) -> InodeAttrs:
 
 _INODE_SELECT = "SELECT " + ", ".join(_INODE_COLUMNS) + " FROM inodes"
 _SETTABLE = {f.name for f in fields(InodeAttrs)} - {"id", "allocated", "sealed_allocated"}
+#: `Txn.update_inode`'s statements, by the columns they set (in the caller's order)
+_UPDATE_INODE: dict[tuple[str, ...], str] = {}
 
 
 class Txn:
@@ -229,11 +231,15 @@ class Txn:
         """Set the given columns of inode `ino`."""
         if not changes:
             return
-        bad = set(changes) - _SETTABLE
-        if bad:
-            raise ValueError(f"not inode columns: {sorted(bad)}")
-        cols = ", ".join(f"{name} = ?" for name in changes)
-        await self.conn.defer(f"UPDATE inodes SET {cols} WHERE id = ?", (*changes.values(), ino))
+        columns = tuple(changes)
+        sql = _UPDATE_INODE.get(columns)
+        if sql is None:  # a few column sets recur: each statement is made once
+            bad = set(columns) - _SETTABLE
+            if bad:
+                raise ValueError(f"not inode columns: {sorted(bad)}")
+            sql = "UPDATE inodes SET " + ", ".join(f"{c} = ?" for c in columns) + " WHERE id = ?"
+            _UPDATE_INODE[columns] = sql
+        await self.conn.defer(sql, (*changes.values(), ino))
 
     async def add_nlink(self, ino: int, delta: int, ctime_ns: int) -> None:
         await self.conn.defer(
@@ -426,6 +432,8 @@ class Txn:
 
         Refcounts do not change: a closed row still names its block."""
         offsets = list(offsets)
+        if not offsets:
+            return  # (a new file's first seal: no statement at all)
         closed = 0
         for i in range(0, len(offsets), 500):
             part = offsets[i : i + 500]
@@ -444,6 +452,8 @@ class Txn:
     async def drop_extents(self, ino: int, extents: Sequence[Extent], now_ns: int) -> None:
         """Delete live extents outright (they were never part of a published version)
         and take their references off their blocks."""
+        if not extents:
+            return
         await self.conn.executemany(
             "DELETE FROM extents WHERE inode = ? AND v_to = ? AND file_offset = ?",
             [(ino, LIVE, e.offset) for e in extents],
@@ -456,6 +466,8 @@ class Txn:
         counts: dict[bytes, int] = {}
         for b in block_ids:
             counts[b] = counts.get(b, 0) + 1
+        if not counts:
+            return
         await self.conn.executemany(
             # unref_ns first: MySQL evaluates SET assignments left to right on the new row
             "UPDATE blocks SET unref_ns = CASE WHEN refcount = ? THEN ? ELSE unref_ns END,"
