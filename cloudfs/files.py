@@ -38,10 +38,11 @@ import trio
 from cloudfs import _native
 from cloudfs.cache import BlockFiles, CacheDir
 from cloudfs.chunking import ChunkerParams
-from cloudfs.errors import CloudfsError, FSOpError
+from cloudfs.errors import CloudfsError, FSOpError, StoreError
+from cloudfs.gc import claimed as gc_claimed
 from cloudfs.gc import epoch as gc_epoch
 from cloudfs.meta.base import Extent, FsStats, InodeAttrs, MetaStore
-from cloudfs.meta.schema import BLOCK_PENDING
+from cloudfs.meta.schema import BLOCK_DELETING, BLOCK_PENDING, BLOCK_REVIVED
 from cloudfs.overlay import DirtyOverlay, Intervals
 from cloudfs.stream import BACKLOG_LIMIT, CUT_BATCH, AppendStream, can_stream
 from cloudfs.versions import CONFLICT, restore_into
@@ -70,6 +71,12 @@ READAHEAD_ASKED_S = 10.0
 READAHEAD_BATCH = 4
 #: blocks per request to the daemon when a seal stores its blocks first (--upload=sync)
 STORE_BATCH = 256
+#: --upload=sync: a seal whose commit garbage collection overtook this many times in a
+#: row gives up (its writes stay unsealed, for a later seal)
+STORE_TRIES = 5
+#: --upload=sync: the longest pause between two looks at blocks a garbage collection
+#: pass has claimed (seconds)
+CLAIMED_POLL_S = 1.0
 #: commits remembered for `committed_since`: far more than commit while one inode row
 #: is read, even at load 15 (more than that and a reader simply reads again)
 COMMIT_LOG = 1024
@@ -88,6 +95,11 @@ class SyncUploads(Protocol):
 
     async def flush(self, block_ids: list[bytes]) -> None:
         """Return once none of `block_ids` is pending."""
+        ...
+
+    async def finish_collection(self) -> bool:
+        """Finish what an interrupted garbage collection pass left claimed; False when
+        a pass runs (it finishes them itself)."""
         ...
 
 
@@ -143,11 +155,20 @@ class _StoredFirst:
     sizes: dict[bytes, int] = field(default_factory=dict)  # id → stored size
     #: the garbage collection epoch read before the oldest of those PUTs (cloudfs.gc)
     gc_epoch: int = 0
+    #: every block that needed a PUT got one (False: the store refused at unmount,
+    #: and the commit leaves those rows pending)
+    complete: bool = True
 
     def add(self, other: _StoredFirst) -> None:
         if other.sizes:
             self.gc_epoch = min(self.gc_epoch, other.gc_epoch) if self.sizes else other.gc_epoch
             self.sizes.update(other.sizes)
+        self.complete = self.complete and other.complete
+
+
+class _StoreRaced(Exception):
+    """--upload=sync: garbage collection overtook a seal between its PUTs and its
+    commit; the commit was rolled back and is tried again (`FileStore._commit`)."""
 
 
 @dataclass
@@ -658,27 +679,53 @@ class FileStore:
 
     # --- history ----------------------------------------------------------------------
 
-    async def restore(self, src: int, version: int, *, into: int | None = None) -> tuple[int, int]:
+    async def store_version(self, src: int, version: int) -> _StoredFirst | None:
+        """--upload=sync (else None): put the blocks of version `version` of file `src`
+        that are still pending (left so by a mount whose store refused at unmount),
+        so that a restore of it names only stored blocks. A CloudfsError when one
+        cannot be put (its plaintext is on the machine that wrote it)."""
+        if self.uploads is None:
+            return None
+        async with self.meta.reading() as tx:
+            blocks = sorted({e.block for e in await tx.version_extents(src, version)})
+            pending = await tx.pending_sizes(blocks)
+        # they are named by the version (refcount >= 1): no collection claims them
+        return await self._store_blocks(pending)
+
+    async def restore(
+        self,
+        src: int,
+        version: int,
+        *,
+        into: int | None = None,
+        stored: _StoredFirst | None = None,
+    ) -> tuple[int, int]:
         """Make version `version` of file `src` the live contents of file `into` (default:
         `src`) as a new version, naming the same blocks (cloudfs.versions). Unsealed
         writes of the target are sealed and published first, so they stay in its
-        history. Returns (the new version, its size)."""
+        history. `stored`: what `store_version` returned (else it is called here).
+        Returns (the new version, its size)."""
+        if stored is None:
+            stored = await self.store_version(src, version)
         st = await self.state(src if into is None else into)
         async with self._locked(st):
             st.sealing = True
             try:
                 await self._seal_locked(st, publish=True, durable=False)
-                result = await self.meta.run(self._restore_commit, st, src, version)
+                result = await self.meta.run(self._restore_commit, st, src, version, stored)
             finally:
                 st.sealing = False
         self._forget_if_idle(st)
         return result
 
-    async def _restore_commit(self, st: FileState, src: int, version: int) -> tuple[int, int]:
+    async def _restore_commit(
+        self, st: FileState, src: int, version: int, stored: _StoredFirst | None
+    ) -> tuple[int, int]:
         async with self.meta.transaction() as tx:
             new_version, size = await restore_into(
-                tx, src, version, st.ino, origin=self.origin, now_ns=time.time_ns()
-            )
+                tx, src, version, st.ino, origin=self.origin, now_ns=time.time_ns(),
+                stored=stored.sizes if stored is not None else None,
+            )  # fmt: skip
             st.extents = await tx.live_extents(st.ino)
         self._committed(st.ino)
         st.size = st.sealed_size = st.keep_below = size
@@ -783,8 +830,8 @@ class FileStore:
         size = st.size
         try:
             stored = await self._store_first(result.extents) if self.uploads is not None else None
-            needs = await self.meta.run(
-                self._commit, st, replaced, result.extents, publish=publish, durable=durable,
+            needs = await self._commit_stored(
+                st, replaced, result.extents, publish=publish, durable=durable,
                 size=size, holds=result.holds, stored=stored,
             )  # fmt: skip
         finally:
@@ -827,8 +874,8 @@ class FileStore:
             stored = (
                 await self._stream_stored_first(st, extents) if self.uploads is not None else None
             )
-            needs = await self.meta.run(
-                self._commit, st, [], extents, publish=publish, durable=durable, size=size,
+            needs = await self._commit_stored(
+                st, [], extents, publish=publish, durable=durable, size=size,
                 holds=holds, stored=stored,
             )  # fmt: skip
         finally:
@@ -844,26 +891,83 @@ class FileStore:
         self._on_sealed()
         await self._wait_stored(needs)
 
+    async def _commit_stored(
+        self,
+        st: FileState,
+        replaced: list[Extent],
+        new: list[Extent],
+        *,
+        stored: _StoredFirst | None,
+        **kwargs: object,
+    ) -> list[bytes]:
+        """`_commit` of a seal; with --upload=sync, when garbage collection overtook
+        its PUTs (`_StoreRaced`), its blocks are put again and the commit is tried
+        again, so it never names a block whose object is not there."""
+        for attempt in range(1, STORE_TRIES + 1):
+            try:
+                return await self.meta.run(
+                    self._commit, st, replaced, new, stored=stored, **kwargs
+                )
+            except _StoreRaced as race:
+                if attempt == STORE_TRIES:
+                    raise StoreError(f"inode {st.ino}: {race} ({attempt} times in a row);"
+                                     " the writes stay unsealed") from None  # fmt: skip
+                log.info("inode %d: %s: its blocks are stored again", st.ino, race)
+                stored = await self._store_first(new)
+        raise AssertionError("unreachable")
+
     async def _store_first(self, extents: list[Extent]) -> _StoredFirst:
         """--upload=sync: put the blocks that `extents` (a seal's new ones, each a whole
         chunk) name and that are not stored yet, before the commit that names them,
         for the commit to record them `stored`. Their plaintext is in the cache dir:
-        the seal wrote each block file or holds it.
+        the seal wrote each block file or holds it."""
+        return await self._store_blocks({e.block: e.length for e in extents})
+
+    async def _store_blocks(self, sizes: dict[bytes, int]) -> _StoredFirst:
+        """`_store_first` of the blocks {id: plaintext size}.
 
         A block without a row or with a `pending` one (this machine's, or another's
         whose upload is not done) is put: the object is the same whoever puts it.
-        A `stored` one needs nothing; a `deleting` or `revived` one (claimed by a
-        garbage collection pass, which may still delete its object) is not put here:
-        the commit revives it, and it is uploaded once the pass is done with it."""
+        A `stored` one needs nothing. A `deleting` or `revived` one (claimed by a
+        garbage collection pass, which may still delete its object) is waited for
+        until the pass is done with it (`_wait_unclaimed`), and then put."""
         assert self.uploads is not None
-        if not extents:
+        if not sizes:
             return _StoredFirst()
-        sizes = {e.block: e.length for e in extents}
-        async with self.meta.reading() as tx:
-            # before the PUTs: a collection batch finished after this makes the
-            # commit distrust them (cloudfs.gc)
-            done = _StoredFirst(gc_epoch=await gc_epoch(tx))
-            states = await tx.block_states(list(sizes))
+        held: dict[bytes, Path] = {}
+        try:
+            while True:
+                async with self.meta.reading() as tx:
+                    # before the PUTs: a collection batch finished after this makes
+                    # the commit distrust them (cloudfs.gc)
+                    done = _StoredFirst(gc_epoch=await gc_epoch(tx))
+                    states = await tx.block_states(list(sizes))
+                claimed = [b for b, s in states.items() if s in (BLOCK_DELETING, BLOCK_REVIVED)]
+                if not claimed:
+                    break
+                # the pass's last step deletes their cache files: held for the PUTs
+                await trio.to_thread.run_sync(self._hold, claimed, held)
+                await self._wait_unclaimed(claimed)
+                await trio.to_thread.run_sync(self._restore_held, held)
+            await self._put(sizes, states, done)
+        finally:
+            if held:
+                CacheDir.release_holds(list(held.values()))
+        return done
+
+    def _hold(self, block_ids: list[bytes], held: dict[bytes, Path]) -> None:
+        for block_id in block_ids:
+            if block_id not in held and (hold := self.cache.hold_block(block_id)) is not None:
+                held[block_id] = hold
+
+    def _restore_held(self, held: dict[bytes, Path]) -> None:
+        for block_id, hold in held.items():
+            self.cache.restore_held(block_id, hold)
+
+    async def _put(self, sizes: dict[bytes, int], states: dict[bytes, int], done: _StoredFirst) -> None:
+        """The PUTs of `_store_blocks`: those of `sizes` without a row or pending in
+        `states`, into `done`."""
+        assert self.uploads is not None
         todo = [(b, n) for b, n in sizes.items() if states.get(b, BLOCK_PENDING) == BLOCK_PENDING]
         try:
             for i in range(0, len(todo), STORE_BATCH):
@@ -871,10 +975,28 @@ class FileStore:
         except CloudfsError as exc:
             if not self.unmounting:
                 raise  # nothing committed: the writes stay unsealed, sealed again later
+            done.complete = False
             log.warning("%d blocks cannot be stored now (%s): committed pending at unmount; "
                         "the daemon uploads them, other machines read them as I/O errors "
                         "until then", len(todo) - len(done.sizes), exc.message)  # fmt: skip
-        return done
+
+    async def _wait_unclaimed(self, claimed: list[bytes]) -> None:
+        """Return once no garbage collection pass holds any of the `claimed` blocks
+        (each row gone, or `pending` again): a running pass is waited for; what one
+        that stopped halfway left claimed, the daemon finishes now."""
+        assert self.uploads is not None
+        log.info("%d blocks to store were claimed by garbage collection: waiting until "
+                 "it is done with them", len(claimed))  # fmt: skip
+        pause = 0.02
+        while True:
+            finished = await self.uploads.finish_collection()
+            async with self.meta.reading() as tx:
+                claimed = await gc_claimed(tx, claimed)
+            if not claimed:
+                return
+            if not finished:  # a pass runs: it finishes them itself
+                await trio.sleep(pause)
+                pause = min(2 * pause, CLAIMED_POLL_S)
 
     async def _stream_stored_first(self, st: FileState, extents: list[Extent]) -> _StoredFirst:
         """`_store_first` for an append stream's commit: the blocks put ahead of it
@@ -927,10 +1049,8 @@ class FileStore:
                 st.prestore_idle = trio.Event()
 
     async def _wait_stored(self, needs: list[bytes]) -> None:
-        """--upload=sync: a commit left `needs` pending (a block whose row garbage
-        collection deleted between `_store_first` and the commit, which then made it
-        anew): return once they are stored. Revived blocks are not waited for (the
-        daemon stores them once the collection pass is done: see cloudfs.gc)."""
+        """--upload=sync: a commit at unmount, whose blocks the store refused, left
+        `needs` pending: return once they are stored (the daemon retries)."""
         if self.uploads is not None and needs:
             await self.uploads.flush(needs)
 
@@ -1079,14 +1199,18 @@ class FileStore:
         for e in new:
             _, n = refs.get(e.block, (0, 0))
             refs[e.block] = (e.length, n + 1)
+        # --upload=sync: the commit names no block whose object may be missing
+        strict = stored is not None and stored.complete
         async with self.meta.transaction(durable=durable) as tx:
             put: dict[bytes, int] = {}
             if stored is not None and stored.sizes:
                 if await gc_epoch(tx) == stored.gc_epoch:
                     put = stored.sizes
-                else:
+                elif strict:
                     # a collection batch finished since the first PUT: it may have
                     # deleted one of those objects after it was put (cloudfs.gc)
+                    raise _StoreRaced("garbage collection finished a batch during its PUTs")
+                else:
                     log.info("inode %d: garbage collection ran during the seal: its %d "
                              "blocks are uploaded again", st.ino, len(stored.sizes))  # fmt: skip
             attrs = await tx.get_inode(st.ino)
@@ -1133,6 +1257,10 @@ class FileStore:
                 )
             # a block's size is its chunk's length (a block may back shorter extents later)
             needs = await tx.add_block_refs(refs, now, stored=put)
+            if needs and strict:
+                # a block read as stored was claimed (or even deleted) by garbage
+                # collection since: wait for the pass, put it, commit again
+                raise _StoreRaced(f"garbage collection claimed {len(needs)} of its blocks")
             for block_id in needs:
                 self._ensure_plaintext(block_id, holds or {})
             await tx.add_extents(st.ino, version, new)

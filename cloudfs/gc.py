@@ -21,12 +21,15 @@ a block whose row step 3 deleted makes a new `pending` row, again with its plain
 checked inside its transaction, which step 3's removal of cache files cannot cross.
 
 A seal of a mount with --upload=sync puts its new blocks before the commit that names
-them (cloudfs.files), when they have no row or a `pending` one. Step 3 counts its
+them (cloudfs.files), when they have no row or a `pending` one, and never commits a
+reference to a claimed block: it waits until the pass is done with it (the row gone
+or `pending` again), finishing itself, through its daemon, what a pass that stopped
+halfway left claimed (`collect(resume_only=True)`), and then puts it. Step 3 counts its
 batches in `meta_info` (`gc_epoch`, bumped first in its transaction): the seal reads
 it before its PUTs and its commit again, and if a batch finished in between, the PUT
 may have come before a deletion of the same object (a row made, unreferenced, claimed
-and deleted meanwhile), so the commit trusts none of its PUTs and makes the rows
-`pending` (the uploader puts them again). An object put for a commit that never came
+and deleted meanwhile), so the commit trusts none of its PUTs: it is rolled back, and
+the seal puts its blocks and commits again. An object put for a commit that never came
 (a crash) has no row: passes never touch it; fsck deletes it after its orphan grace.
 
 Only one pass runs at a time per filesystem (a lease in meta_info, renewed per
@@ -96,8 +99,8 @@ class GcReport:
         }  # fmt: skip
 
 
-def _owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+def _owner(role: str = "") -> str:
+    return f"{socket.gethostname()}:{os.getpid()}{role}"
 
 
 async def _take_lease(meta: MetaStore, owner: str) -> bool:
@@ -120,6 +123,13 @@ async def _drop_lease(meta: MetaStore, owner: str) -> None:
             await tx.set_info(LEASE_KEY, json.dumps({"owner": None, "until_ns": 0}))
 
 
+async def claimed(tx: Txn, ids: list[bytes]) -> list[bytes]:
+    """Those of `ids` whose rows a pass has claimed (`deleting` or `revived`): their
+    objects may be deleted yet."""
+    states = await tx.block_states(ids)
+    return [b for b in ids if states.get(b) in (BLOCK_DELETING, BLOCK_REVIVED)]
+
+
 async def collectable(meta: MetaStore, now_ns: int, grace_s: float = GRACE_S) -> GcReport:
     """What a pass at `now_ns` would delete (a dry run): nothing changes."""
     cutoff = now_ns - int(grace_s * 1e9)
@@ -133,15 +143,17 @@ async def collectable(meta: MetaStore, now_ns: int, grace_s: float = GRACE_S) ->
     return GcReport(blocks=int(row[0]), stored_bytes=int(row[1]), plain_bytes=int(row[2]))
 
 
-async def _claim(tx: Txn, cutoff: int, now_ns: int, batch: int) -> list[tuple[bytes, int, int]]:
+async def _claim(
+    tx: Txn, cutoff: int, now_ns: int, batch: int, *, new: bool = True
+) -> list[tuple[bytes, int, int]]:
     """Step 1: the rows this batch deletes: (id, stored_size, size). Rows left
-    `deleting` or `revived` by an interrupted pass come first."""
+    `deleting` or `revived` by an interrupted pass come first; `new`: then claim more."""
     rows = await tx.conn.query(
         "SELECT id, COALESCE(stored_size, 0), size FROM blocks WHERE state IN (?, ?)"
         " ORDER BY id LIMIT ?",
         (BLOCK_DELETING, BLOCK_REVIVED, batch),
     )
-    if not rows:
+    if not rows and new:
         rows = await tx.conn.query(
             "SELECT id, COALESCE(stored_size, 0), size FROM blocks"
             " WHERE state = ? AND refcount = 0 AND unref_ns < ? ORDER BY id LIMIT ?",
@@ -190,14 +202,18 @@ async def collect(
     batch: int = BATCH,
     max_batches: int | None = None,
     progress: Callable[[int], None] | None = None,
+    resume_only: bool = False,
 ) -> GcReport:
     """Run one pass (see the module docstring); `now_ns` is the clock (tests move it).
     `store` is the raw object store of the filesystem (no keys are needed to delete).
-    `progress(blocks)` hears of the blocks deleted so far after each batch."""
+    `progress(blocks)` hears of the blocks deleted so far after each batch.
+    `resume_only`: only finish the rows an interrupted pass left claimed (what a
+    --upload=sync seal waiting for such a row asks its daemon for); skipped while
+    another pass runs, even one of this process (the lease names the role)."""
     now = time.time_ns() if now_ns is None else now_ns
     cutoff = now - int(grace_s * 1e9)
     report = GcReport()
-    owner = _owner()
+    owner = _owner(":resume" if resume_only else "")
     if not await meta.run(_take_lease, meta, owner):
         report.skipped = "another garbage collection is running"
         return report
@@ -208,7 +224,7 @@ async def collect(
 
             async def claim() -> list[tuple[bytes, int, int]]:
                 async with meta.transaction() as tx:
-                    return await _claim(tx, cutoff, now, batch)
+                    return await _claim(tx, cutoff, now, batch, new=not resume_only)
 
             claimed = await meta.run(claim)
             if not claimed:

@@ -36,12 +36,21 @@ async def version_row(tx: Txn, ino: int, version: int) -> VersionRow | None:
 
 
 async def restore_into(
-    tx: Txn, src: int, version: int, target: int, *, origin: str, now_ns: int
+    tx: Txn,
+    src: int,
+    version: int,
+    target: int,
+    *,
+    origin: str,
+    now_ns: int,
+    stored: dict[bytes, int] | None = None,
 ) -> tuple[int, int]:
     """Make version `version` of file `src` the live contents of file `target` (`src`
     itself or another file), as a new published version of `target`. The target must
     have no unpublished working version (the caller sealed and published it first).
-    Returns (the new version number, its size). ENOENT when the version is unknown."""
+    `stored`: pending blocks of it the caller has put in the store ({id: stored
+    size}): their rows become `stored`. Returns (the new version number, its size).
+    ENOENT when the version is unknown."""
     row = await version_row(tx, src, version)
     if row is None:
         raise FSOpError(errno.ENOENT, f"inode {src} has no version {version}")
@@ -55,7 +64,7 @@ async def restore_into(
     refs: Counter[bytes] = Counter(e.block for e in extents)
     sizes = {e.block: e.length for e in extents}
     # every block of `extents` has a row with refcount >= 1 (version's rows name it)
-    await tx.add_block_refs({b: (sizes[b], n) for b, n in refs.items()}, now_ns)
+    await tx.add_block_refs({b: (sizes[b], n) for b, n in refs.items()}, now_ns, stored=stored)
     await tx.add_extents(target, new_version, extents)
     await tx.update_inode(
         target, size=row.size, mtime_ns=now_ns, ctime_ns=now_ns, version=new_version

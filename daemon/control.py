@@ -20,6 +20,9 @@ back in any order::
                                            blocks now (they need no row): reply
                                            "stored_sizes":[n,...] once all are in the
                                            store, else the first error
+    {"op":"finish_collection"}             finish what an interrupted garbage
+                                           collection pass left claimed, unless a
+                                           pass runs: "collected": its report
     {"op":"status"}                        pending, pending_bytes, uploading, uploaded,
                                            errors, ...
     {"op":"drop_cache"}                    delete the cache copies of stored blocks
@@ -157,6 +160,7 @@ class DaemonOps(Protocol):
     async def fetch(self, block_ids: list[bytes], prefetch: list[bytes]) -> _Json: ...
     async def flush(self, block_ids: list[bytes] | None) -> _Json: ...
     async def store_blocks(self, blocks: list[tuple[bytes, int]]) -> _Json: ...
+    async def finish_collection(self) -> _Json: ...
     async def status(self) -> _Json: ...
     async def drop_cache(self) -> _Json: ...
     async def backup(self) -> _Json: ...
@@ -295,6 +299,8 @@ class ControlServer:
                 result = await self.ops.flush(_block_ids(msg))
             elif op == "store":
                 result = await self.ops.store_blocks(_sized_blocks(msg))
+            elif op == "finish_collection":
+                result = await self.ops.finish_collection()
             elif op == "status":
                 result = await self.ops.status()
             elif op == "drop_cache":
@@ -415,6 +421,15 @@ class DaemonClient:
         if not isinstance(sizes, list) or len(sizes) != len(blocks):
             raise DaemonError("the daemon's reply to store has no stored_sizes")
         return [int(n) for n in sizes]
+
+    async def finish_collection(self) -> _Json:
+        """Have the daemon finish what an interrupted garbage collection pass left
+        claimed, unless a pass runs: the pass's report (`skipped` says why not)."""
+        reply = await self._request("finish_collection")
+        report = reply.get("collected")
+        if not isinstance(report, dict):
+            raise DaemonError("the daemon's reply to finish_collection has no report")
+        return report
 
     async def status(self) -> _Json:
         """{"pending", "pending_bytes", "uploading", "uploaded", "errors", ...}."""

@@ -24,9 +24,11 @@ from cloudfs.daemon.fetcher import Fetcher, FetchFailed
 from cloudfs.daemon.remover import Remover
 from cloudfs.daemon.uploader import Uploader
 
+from cloudfs import gc
 from cloudfs.cache import CacheDir, default_cache_size
 from cloudfs.codec.crypto import Keys
 from cloudfs.config import SUPERBLOCK_KEY
+from cloudfs.errors import LeaseLost
 from cloudfs.gc import remove_stored_block_files
 from cloudfs.meta.base import MetaStore
 from cloudfs.meta.sqlite import SqliteMetaStore
@@ -320,6 +322,16 @@ class DaemonService:
 
     async def store_blocks(self, blocks: list[tuple[bytes, int]]) -> dict[str, Any]:
         return {"stored_sizes": await self.uploader.store_now(blocks)}
+
+    async def finish_collection(self) -> dict[str, Any]:
+        """Finish what an interrupted garbage collection pass left claimed, unless a
+        pass runs (cloudfs.gc `resume_only`): {"collected": GcReport as JSON}."""
+        if self.meta.fenced is not None:
+            raise LeaseLost(f"garbage collection stopped: {self.meta.fenced}")
+        report = await gc.collect(
+            self.meta, self.remover.store, self.cache, resume_only=True
+        )
+        return {"collected": report.to_json()}
 
     async def status(self) -> dict[str, Any]:
         async with self.meta.transaction(write=False) as tx:

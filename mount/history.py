@@ -206,6 +206,9 @@ class HistoryOperations(Operations):
             known = any(v.version == version for v in await tx.versions(src))
         if not known:
             raise FSOpError(errno.ENOENT, f"no version {version}")
+        # --upload=sync: blocks of it still pending are put first (a failure leaves
+        # nothing behind, not even the new file)
+        stored = await self.files.store_version(src, version)
         target = src
         if "parent" in args:
             parent, name = _int(args, "parent"), _name(args)
@@ -217,7 +220,7 @@ class HistoryOperations(Operations):
         else:
             await self._refuse_readonly(src)
         new_version, size = await self.files.restore(
-            src, version, into=None if target == src else target
+            src, version, into=None if target == src else target, stored=stored
         )
         await self._invalidate([target])
         return {"inode": target, "version": new_version, "size": size}

@@ -439,6 +439,12 @@ class DaemonLink:
         sizes = await self._call("store", blocks)
         return {block_id: n for (block_id, _size), n in zip(blocks, sizes, strict=True)}
 
+    async def finish_collection(self) -> bool:
+        """Have the daemon finish what an interrupted garbage collection pass left
+        claimed; False when a pass is running (nothing was done)."""
+        report = await self._call("finish_collection")
+        return not report.get("skipped")
+
     async def cache_limit(self) -> int:
         """The cache size limit the daemon keeps."""
         client = await self._connected()

@@ -577,6 +577,19 @@ class Txn:
             found.update((bytes(r[0]), int(r[1])) for r in rows)
         return found
 
+    async def pending_sizes(self, ids: Sequence[bytes]) -> dict[bytes, int]:
+        """{id: plaintext size} of those of `ids` whose row is `pending`."""
+        found: dict[bytes, int] = {}
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            marks = ", ".join("?" * len(part))
+            rows = await self.conn.query(
+                f"SELECT id, size FROM blocks WHERE state = ? AND id IN ({marks})",
+                (BLOCK_PENDING, *part),
+            )
+            found.update((bytes(r[0]), int(r[1])) for r in rows)
+        return found
+
     async def pending_blocks_of(self, ino: int) -> list[bytes]:
         """The pending blocks the live extents of `ino` name (what an upload=sync
         fsync waits for)."""

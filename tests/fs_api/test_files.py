@@ -5,8 +5,10 @@ dir (small chunk sizes so that files of a few KiB span many blocks)."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,8 @@ from cloudfs.errors import StoreError
 from cloudfs.files import FileStore
 from cloudfs.meta import open_meta
 from cloudfs.meta.base import LIVE, InodeAttrs, Txn
-from cloudfs.meta.schema import BLOCK_PENDING, BLOCK_STORED
+from cloudfs.codec.framing import block_key
+from cloudfs.meta.schema import BLOCK_DELETING, BLOCK_PENDING, BLOCK_STORED
 from cloudfs.namespace import Caller, Namespace
 from cloudfs.objectstore.local import LocalStore
 from cloudfs.objectstore.sealed import SealedStore
@@ -165,6 +168,48 @@ async def test_large_append_amends_one_version(env: Env, monkeypatch: pytest.Mon
     await env.check_invariants(ino)
 
 
+class SyncUploads:
+    """What mount.main.DaemonLink does for a mount with --upload=sync, minus the
+    socket: the daemon's uploader stores, a resumed collection pass finishes what a
+    pass left claimed. `after_put` runs after each store request's PUTs."""
+
+    def __init__(self, env: Env, tmp_path: Path) -> None:
+        self.env = env
+        keys = Keys(data_key=b"d" * 32, id_key=b"i" * 32, gear_key=b"g" * 32)
+        self.raw = LocalStore(tmp_path / "store")
+        self.sealed = SealedStore(self.raw, keys, encrypt=True, level=1)
+        self.uploader = Uploader(env.meta, env.cache, self.sealed, keys)
+        self.put: list[bytes] = []
+        self.flushed: list[bytes] = []
+        self.finishing = 0  # finish_collection requests
+        self.refuse: Exception | None = None
+        self.after_put: Callable[[], Awaitable[None]] | None = None
+
+    async def store(self, blocks: list[tuple[bytes, int]]) -> dict[bytes, int]:
+        if self.refuse is not None:
+            raise self.refuse
+        self.put.extend(b for b, _n in blocks)
+        sizes = await self.uploader.store_now(blocks)
+        if self.after_put is not None:
+            await self.after_put()
+        return {b: n for (b, _n), n in zip(blocks, sizes, strict=True)}
+
+    async def flush(self, block_ids: list[bytes]) -> None:
+        self.flushed.extend(block_ids)
+
+    async def finish_collection(self) -> bool:
+        self.finishing += 1
+        report = await gc.collect(self.env.meta, self.raw, self.env.cache, resume_only=True)
+        return report.skipped is None
+
+    async def states(self) -> dict[bytes, int]:
+        async with self.env.meta.reading() as tx:
+            return {bytes(b): s for b, s in await tx.conn.query("SELECT id, state FROM blocks")}
+
+    def has_object(self, block_id: bytes) -> bool:
+        return (self.raw.root / block_key(block_id)).exists()
+
+
 async def test_sync_uploads_store_before_every_commit(
     env: Env, tmp_path: Path, small_batches: None
 ) -> None:
@@ -174,21 +219,9 @@ async def test_sync_uploads_store_before_every_commit(
     stream's cut blocks are put while the writes go on. Nothing uploads in the
     background here, so a commit that left a row pending would show at the end. A
     copy of the same bytes puts nothing more (its blocks are stored already)."""
-    keys = Keys(data_key=b"d" * 32, id_key=b"i" * 32, gear_key=b"g" * 32)
-    store = SealedStore(LocalStore(tmp_path / "store"), keys, encrypt=True, level=1)
-    uploader = Uploader(env.meta, env.cache, store, keys)
-    put: list[bytes] = []
-
-    class Uploads:  # what mount.main.DaemonLink does, minus the socket
-        async def store(self, blocks: list[tuple[bytes, int]]) -> dict[bytes, int]:
-            put.extend(b for b, _n in blocks)
-            sizes = await uploader.store_now(blocks)
-            return {b: n for (b, _n), n in zip(blocks, sizes, strict=True)}
-
-        async def flush(self, block_ids: list[bytes]) -> None:
-            raise AssertionError(f"left pending: {block_ids}")
-
-    env.files.uploads = Uploads()
+    uploads = SyncUploads(env, tmp_path)
+    store, put = uploads.sealed, uploads.put
+    env.files.uploads = uploads
     ahead = 0
     prestore = env.files._prestore
 
@@ -203,39 +236,139 @@ async def test_sync_uploads_store_before_every_commit(
         await _sync_upload_writes(env, store, put)
         env.files.nursery = None
     assert ahead > 0, "the stream's blocks were put ahead of its commits"
+    assert uploads.flushed == [], "no commit left a block pending"
 
 
 async def test_sync_uploads_overtaken_by_garbage_collection(env: Env, tmp_path: Path) -> None:
     """A garbage collection batch that finishes between a seal's PUTs and its commit
     may have deleted one of those objects (made, unreferenced and claimed meanwhile):
-    the commit then trusts none of them, leaves the rows pending for the daemon and
-    waits for their upload."""
-    keys = Keys(data_key=b"d" * 32, id_key=b"i" * 32, gear_key=b"g" * 32)
-    uploader = Uploader(
-        env.meta, env.cache, SealedStore(LocalStore(tmp_path / "store"), keys, encrypt=True,
-                                         level=1), keys,
-    )  # fmt: skip
-    flushed: list[bytes] = []
+    the commit then trusts none of them; it is rolled back, and the seal puts its
+    blocks again and commits them stored."""
+    uploads = SyncUploads(env, tmp_path)
+    batches = 0
 
-    class Uploads:
-        async def store(self, blocks: list[tuple[bytes, int]]) -> dict[bytes, int]:
-            sizes = await uploader.store_now(blocks)
-            async with env.meta.transaction() as tx:  # a batch finishes meanwhile
+    async def batch_finishes() -> None:
+        nonlocal batches
+        if batches == 0:
+            batches += 1
+            async with env.meta.transaction() as tx:
                 await tx.set_info(gc.EPOCH_KEY, str(await gc.epoch(tx) + 1))
-            return {b: n for (b, _n), n in zip(blocks, sizes, strict=True)}
 
-        async def flush(self, block_ids: list[bytes]) -> None:
-            flushed.extend(block_ids)
-
-    env.files.uploads = Uploads()
+    uploads.after_put = batch_finishes
+    env.files.uploads = uploads
     ino = await env.setup()
     await env.files.open(ino)
     await env.files.write(ino, 0, random.Random(6).randbytes(3000))
     await env.files.release(ino)
+    states = await uploads.states()
+    assert states and set(states.values()) == {BLOCK_STORED}
+    assert sorted(uploads.put) == sorted([*states, *states]), "each block was put twice"
+    assert uploads.flushed == []
+    await env.check_invariants(ino)
+
+
+async def test_sync_seal_of_blocks_garbage_collection_claimed(env: Env, tmp_path: Path) -> None:
+    """--upload=sync: a seal re-using blocks a collection pass has claimed (their
+    objects deleted, or about to be) never commits a reference to them while the pass
+    holds them: it waits for a running pass to finish, and has its daemon finish what
+    a pass that stopped halfway left claimed, then puts them again. That also holds
+    when the pass claims them between the seal's look at their rows (stored: nothing
+    to put) and its commit, which is then rolled back and tried again."""
+    uploads = SyncUploads(env, tmp_path)
+    env.files.uploads = uploads
+    data = random.Random(7).randbytes(5000)
+
+    async def write(data: bytes) -> int:
+        ino = await env.setup()
+        await env.files.open(ino)
+        await env.files.write(ino, 0, data)
+        await env.files.release(ino)
+        return ino
+
+    async def free_and_claim(ino: int, lease_owner: str | None) -> list[bytes]:
+        """Step 1 and 2 of a pass over the blocks of `ino`, freed."""
+        async with env.meta.transaction() as tx:
+            await tx.free_inode(ino, 1)
+            if lease_owner is not None:
+                until = time.time_ns() + 600 * 10**9
+                await tx.set_info(gc.LEASE_KEY, json.dumps({"owner": lease_owner,
+                                                            "until_ns": until}))  # fmt: skip
+            ids = [c[0] for c in await gc._claim(tx, 10**18, 10**18, 1000)]
+        await uploads.raw.delete_many([block_key(b) for b in ids])
+        return ids
+
+    first = await write(data)
+    blocks = sorted(await uploads.states())
+    assert blocks and all(uploads.has_object(b) for b in blocks)
+
+    # a running pass holds them: the seal waits until the pass is done with them
+    assert await free_and_claim(first, "elsewhere:1") == blocks
+    second_ino: list[int] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: _append(second_ino, write(data)))
+        with trio.fail_after(120):
+            while uploads.finishing < 3:  # it asked; the pass runs: nothing done
+                await trio.sleep(0.01)
+        assert not second_ino and set((await uploads.states()).values()) == {BLOCK_DELETING}
+        async with env.meta.transaction() as tx:  # step 3; the pass ends
+            await gc._finish(tx, blocks, env.cache, gc.GcReport())
+            await tx.set_info(gc.LEASE_KEY, json.dumps({"owner": None, "until_ns": 0}))
+    assert await uploads.states() == dict.fromkeys(blocks, BLOCK_STORED)
+    assert all(uploads.has_object(b) for b in blocks)
+    assert await read_all(env, second_ino[0]) == data
+
+    # a pass that died after step 2 claims them between the seal's look and its commit
+    looked = env.files._store_first
+    raced = []
+
+    async def then_claimed(extents: list[Any]) -> Any:
+        done = await looked(extents)
+        if not raced:
+            raced.extend(await free_and_claim(second_ino[0], None))
+        return done
+
+    env.files._store_first = then_claimed  # type: ignore[method-assign, assignment]
+    third = await write(data)
+    assert raced == blocks
+    assert await uploads.states() == dict.fromkeys(blocks, BLOCK_STORED)
+    assert all(uploads.has_object(b) for b in blocks), "put again after the pass's deletion"
+    assert uploads.flushed == []
+    assert await read_all(env, third) == data
+    await env.check_invariants(third)
+
+
+async def _append(into: list[Any], value: Awaitable[Any]) -> None:
+    into.append(await value)
+
+
+async def test_sync_restore_stores_pending_blocks_first(env: Env, tmp_path: Path) -> None:
+    """--upload=sync: blocks a commit at unmount left pending (the store refused) are
+    put before a restore names them again; the store refusing fails the restore."""
+    uploads = SyncUploads(env, tmp_path)
+    env.files.uploads = uploads
+    ino = await env.setup()
+    old = random.Random(8).randbytes(4000)
+    uploads.refuse = StoreError("the store is unreachable")
+    env.files.unmounting = True
+    await env.files.open(ino)
+    await env.files.write(ino, 0, old)
+    await env.files.release(ino)
+    env.files.unmounting = False
+    pending = await uploads.states()
+    assert pending and set(pending.values()) == {BLOCK_PENDING}
     async with env.meta.reading() as tx:
-        rows = await tx.conn.query("SELECT id, state FROM blocks")
-    assert rows and {state for _b, state in rows} == {BLOCK_PENDING}
-    assert sorted(flushed) == sorted(bytes(b) for b, _s in rows)
+        version = max(v.version for v in await tx.versions(ino))
+    await env.files.open(ino)
+    await env.files.truncate(ino, 0)
+    await env.files.release(ino)
+    with pytest.raises(StoreError):
+        await env.files.restore(ino, version)
+    uploads.refuse = None
+    await env.files.restore(ino, version)
+    states = await uploads.states()
+    assert {states[b] for b in pending} == {BLOCK_STORED}
+    assert all(uploads.has_object(b) for b in pending)
+    assert await read_all(env, ino) == old
 
 
 async def test_store_now_of_blocks_gone_from_the_cache(env: Env, tmp_path: Path) -> None:

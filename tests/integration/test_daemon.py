@@ -6,6 +6,7 @@ cache/blocks, a `pending` row in the metadata store."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import subprocess
@@ -20,14 +21,14 @@ import pytest
 import trio
 from cloudfs.daemon.control import DaemonClient, answers, ensure_daemon
 
-from cloudfs import _native
+from cloudfs import _native, gc
 from cloudfs.cache import CacheConfig, CacheDir
 from cloudfs.codec.crypto import Keys
 from cloudfs.codec.framing import block_key
 from cloudfs.config import Superblock, create_filesystem, unlock_master
 from cloudfs.errors import CorruptBlock, DaemonError, ObjectNotFound, StoreError
 from cloudfs.meta import open_meta
-from cloudfs.meta.schema import BLOCK_PENDING, BLOCK_STORED
+from cloudfs.meta.schema import BLOCK_DELETING, BLOCK_PENDING, BLOCK_REVIVED, BLOCK_STORED
 from cloudfs.objectstore.local import LocalStore
 from cloudfs.objectstore.sealed import SealedStore
 
@@ -215,6 +216,44 @@ async def test_uploads_every_pending_block(fs: Filesystem) -> None:
         await client.kick()
         await client.flush(more)
         await _assert_all_stored(fs)
+    finally:
+        await client.aclose()
+
+
+async def test_finish_collection_of_an_interrupted_pass(fs: Filesystem) -> None:
+    """`finish_collection` (asked by a --upload=sync seal that re-uses a block a
+    garbage collection pass claimed): nothing while a pass holds the lease; once it
+    has lapsed, the rows the pass left claimed are finished: a `deleting` one is
+    deleted with its object, a `revived` one becomes pending and is uploaded again."""
+    doomed, revived, kept = await fs.add_pending(_blocks(3, seed=9, size=20 * KiB))
+    client = await fs.start()
+    try:
+        await client.flush()
+        meta = open_meta(str(fs.cache.meta_path))
+        try:
+            async with meta.transaction() as tx:
+                await tx.conn.execute(
+                    "UPDATE blocks SET refcount = 0, state = ? WHERE id = ?", (BLOCK_DELETING, doomed)
+                )
+                await tx.conn.execute(
+                    "UPDATE blocks SET state = ? WHERE id = ?", (BLOCK_REVIVED, revived)
+                )
+                lease = {"owner": "elsewhere:1", "until_ns": time.time_ns() + 600 * 10**9}
+                await tx.set_info(gc.LEASE_KEY, json.dumps(lease))
+            report = await client.finish_collection()
+            assert report["skipped"] and report["blocks"] == 0
+            async with meta.transaction() as tx:
+                lease["until_ns"] = time.time_ns() - 1  # the pass died: its lease lapsed
+                await tx.set_info(gc.LEASE_KEY, json.dumps(lease))
+        finally:
+            await meta.close()
+        report = await client.finish_collection()
+        assert (report["skipped"], report["blocks"], report["revived"]) == (None, 1, 1)
+        await client.flush()
+        states = await fs.states()
+        assert doomed not in states and not fs.object_path(doomed).exists()
+        assert states[revived][0] == states[kept][0] == BLOCK_STORED
+        assert fs.object_path(revived).exists() and fs.object_path(kept).exists()
     finally:
         await client.aclose()
 

@@ -216,9 +216,10 @@ def test_files_between_mounts(pair: Pair) -> None:
 def _gc_with_two_writers(pair: Pair) -> None:
     """Garbage collection runs over and over (no grace period) while both mounts write
     copies of the same few contents and remove older copies: a block whose last copy
-    just went is collected while the other mount is about to name it again (a seal
-    revives a claimed block). No stored block may go missing: fsck --check-data reads
-    every block back from the store."""
+    just went is collected while the other mount is about to name it again (the seal
+    waits for the pass and stores the block again before its commit). The other mount
+    reads each copy at once (never a block that is not in the store), and no stored
+    block may go missing: fsck --check-data reads every block back from the store."""
     a, b = pair.a, pair.b
     pool = [os.urandom(300_000) for _ in range(3)]
     stop = threading.Event()
@@ -233,6 +234,7 @@ def _gc_with_two_writers(pair: Pair) -> None:
     try:
         for i in range(12):
             ((a.mnt, b.mnt)[i % 2] / f"g{i}").write_bytes(pool[i % 3])
+            assert ((a.mnt, b.mnt)[(i + 1) % 2] / f"g{i}").read_bytes() == pool[i % 3]
             if i >= 2:  # the other mount removes an older copy: content (i+1) % 3 has none
                 ((a.mnt, b.mnt)[(i + 1) % 2] / f"g{i - 2}").unlink()
             if i == 6:
