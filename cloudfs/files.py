@@ -28,8 +28,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -42,7 +41,7 @@ from cloudfs.chunking import ChunkerParams
 from cloudfs.errors import CloudfsError, FSOpError, StoreError
 from cloudfs.gc import claimed as gc_claimed
 from cloudfs.gc import epoch as gc_epoch
-from cloudfs.meta.base import Extent, FsStats, MetaStore
+from cloudfs.meta.base import Extent, FsStats, InodeAttrs, MetaStore
 from cloudfs.meta.schema import BLOCK_DELETING, BLOCK_PENDING, BLOCK_REVIVED
 from cloudfs.overlay import DirtyOverlay, Intervals
 from cloudfs.stream import BACKLOG_LIMIT, CUT_BATCH, AppendStream, can_stream
@@ -249,11 +248,15 @@ class FileStore:
 
     # --- state ----------------------------------------------------------------------
 
-    async def state(self, ino: int) -> FileState:
+    async def state(self, ino: int, known: InodeAttrs | None = None) -> FileState:
+        """The in-memory state of file `ino`, made from its row if it has none. `known`:
+        that row as the caller just read it (see `open`), which saves reading it again."""
         st = self.states.get(ino)
         if st is None:
-            async with self.meta.reading() as tx:
-                attrs = await tx.get_inode(ino)
+            attrs = known
+            if attrs is None:
+                async with self.meta.reading() as tx:
+                    attrs = await tx.get_inode(ino)
             if attrs is None:
                 raise FSOpError(2, f"inode {ino}")
             # another task may have made the state while this one read (MySQL reads on
@@ -347,16 +350,11 @@ class FileStore:
                 st.extents = await tx.live_extents(st.ino)
         return st.extents
 
-    @asynccontextmanager
-    async def _locked(self, st: FileState) -> AsyncIterator[FileState]:
+    @staticmethod
+    def _locked(st: FileState) -> _Locked:
         """Hold `st.lock`; while waiting for it, `st` is pinned, so it cannot be
         forgotten (and a later state() made afresh) under the waiting task."""
-        st.pins += 1
-        try:
-            async with _held(st.lock):
-                yield st
-        finally:
-            st.pins -= 1
+        return _Locked(st)
 
     def _forget_if_idle(self, st: FileState) -> None:
         if st.opens == 0 and not st.dirty and not st.sealing and st.pins == 0:
@@ -375,11 +373,24 @@ class FileStore:
 
     # --- open / close ---------------------------------------------------------------
 
-    async def open(self, ino: int, version: int | None = None) -> FileState:
+    async def open(
+        self,
+        ino: int,
+        version: int | None = None,
+        *,
+        known: InodeAttrs | None = None,
+        mark: int | None = None,
+    ) -> FileState:
         """One more handle on `ino`. `version`: the inode's version as just read from
         the metadata (close-to-open: a state with nothing unsealed that another
-        machine's commit made stale is read again)."""
-        st = await self.state(ino)
+        machine's commit made stale is read again). `known`: the inode's row as the
+        caller read it after `commit_mark()` returned `mark` (a new inode's, with no
+        mark: nothing can have committed it since); used instead of a read of its
+        own unless this mount committed the file's contents since (a state sealed
+        and forgotten meanwhile: the row would predate that commit)."""
+        if known is not None and mark is not None and self.committed_since(mark, (ino,)):
+            known = None
+        st = await self.state(ino, known)
         if self.client is not None:
             # another mount's unlink must not free it now; pinned (the state stays
             # meanwhile); no transaction when the hold is there already
@@ -406,6 +417,28 @@ class FileStore:
             return False
         st.opens -= 1
         return st.opens == 0
+
+    def forget_closed(self, ino: int) -> bool:
+        """After the last close of `ino` (close_handle said so): if nothing is left to
+        seal or publish (a file only read, or sealed already) and no operation on it is
+        under way, forget its state now and return True, without the task and the lock
+        that `last_close` takes. False: call `last_close`. Not in shared mode, where
+        `last_close` also releases the file's hold."""
+        st = self.states.get(ino)
+        if st is None:
+            return True
+        if (
+            self.client is not None
+            or st.opens
+            or st.pins
+            or st.sealing
+            or st.working_version is not None
+            or st.stream is not None
+            or st.dirty
+        ):
+            return False
+        self._forget_if_idle(st)
+        return True
 
     async def last_close(self, ino: int) -> None:
         """Seal and publish a file nobody has open any more."""
@@ -1251,19 +1284,54 @@ class FileStore:
         return needs
 
 
-@asynccontextmanager
-async def _held(lock: trio.Lock) -> AsyncIterator[None]:
+class _held:  # (a lowercase name: used as `async with _held(lock)`)
     """`async with lock`, minus the pass through the scheduler that a trio.Lock's
     acquire() makes even when the lock is free (per small file, those passes cost more
-    than the seal's own work on a busy mount). Not a checkpoint when it is free."""
-    try:
-        lock.acquire_nowait()
-    except trio.WouldBlock:
-        await lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
+    than the seal's own work on a busy mount). Not a checkpoint when it is free. A
+    class, not an async generator, for the same reason (see meta.base._Transaction)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: trio.Lock) -> None:
+        self._lock = lock
+
+    async def __aenter__(self) -> None:
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._lock.release()
+
+
+class _Locked:
+    """`FileStore._locked`: `st.lock` held, `st` pinned while waiting and holding."""
+
+    __slots__ = ("_st",)
+
+    def __init__(self, st: FileState) -> None:
+        self._st = st
+
+    async def __aenter__(self) -> FileState:
+        st = self._st
+        st.pins += 1
+        try:
+            st.lock.acquire_nowait()
+        except trio.WouldBlock:
+            try:
+                await st.lock.acquire()
+            except BaseException:
+                st.pins -= 1
+                raise
+        return st
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        st = self._st
+        try:
+            st.lock.release()
+        finally:
+            st.pins -= 1
 
 
 class PlaintextMissing(CloudfsError):

@@ -269,8 +269,7 @@ class Namespace:
     @_retried
     async def _set_atime(self, ino: int, now: int) -> None:
         async with self.meta.transaction() as tx:
-            if await tx.get_inode(ino) is not None:  # not freed meanwhile
-                await tx.update_inode(ino, atime_ns=now)
+            await tx.update_inode(ino, atime_ns=now)  # (changes no row if freed meanwhile)
 
     async def truncate_on_open(self, ino: int, caller: Caller) -> InodeAttrs:
         """open(O_TRUNC): size 0 and new data times, also for an empty file. The kernel

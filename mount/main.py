@@ -661,6 +661,7 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
         except Exception as exc:  # noqa: BLE001 - unmount must be attempted whatever failed
             log.error("unmount failed: %s", exc)
         files.blockfiles.close()
+        cache.spares.close()
         await meta.close()
         if prep.lease is not None and meta.fenced is None:
             # the metadata is consistent now: back it up before the daemon sees this

@@ -291,6 +291,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        mark = self.files.commit_mark()
         attrs = await self.ns.getattr(inode)
         if stat.S_ISDIR(attrs.mode):
             raise FSOpError(errno.EISDIR)
@@ -301,7 +302,9 @@ class Operations(pyfuse3.Operations):
             # never reach the filesystem. The kernel keeps cached attributes and hears
             # nothing of this change from an open, so tell it.
             _invalidate_attributes(inode)
-        await self.files.open(inode, attrs.version if self.shared else None)
+        await self.files.open(
+            inode, attrs.version if self.shared else None, known=attrs, mark=mark
+        )
         # the kernel's page cache stays valid across opens: every change passes through
         # it, except, in shared mode, another mount's (close-to-open: drop it then)
         keep_cache = not self.shared or self._cached_version.get(inode) == attrs.version
@@ -327,7 +330,8 @@ class Operations(pyfuse3.Operations):
         attrs = await self.ns.mknod(
             parent_inode, name, stat.S_IFREG | (mode & 0o7777), 0, _caller(ctx)
         )
-        await self.files.open(attrs.id)
+        # a new inode: no commit of its contents can have come since its row was made
+        await self.files.open(attrs.id, known=attrs)
         if self.shared:
             self._cached_version[attrs.id] = attrs.version
         self._announce([parent_inode], [(parent_inode, name)])
@@ -366,6 +370,12 @@ class Operations(pyfuse3.Operations):
         ino = self._handles.pop(fh, None)
         if ino is None or not self.files.close_handle(ino):
             return
+        if (
+            self.ns.meta.fenced is None
+            and self.ns.kernel_refs.get(ino) > 0  # maybe_free would keep it
+            and self.files.forget_closed(ino)
+        ):
+            return  # nothing to seal (a file only read): no task for it
         if self.background is not None:
             self.background.start_soon(self._after_last_close, ino)
         else:

@@ -13,9 +13,10 @@ import errno
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, fields
+from types import TracebackType
 from typing import ParamSpec, TypeVar
 
 import trio
@@ -176,6 +177,8 @@ def _inode(row: tuple) -> InodeAttrs:
 
 _INODE_SELECT = "SELECT " + ", ".join(_INODE_COLUMNS) + " FROM inodes"
 _SETTABLE = {f.name for f in fields(InodeAttrs)} - {"id", "allocated", "sealed_allocated"}
+#: `Txn.update_inode`'s statements, by the columns they set (in the caller's order)
+_UPDATE_INODE: dict[tuple[str, ...], str] = {}
 
 
 class Txn:
@@ -228,11 +231,15 @@ class Txn:
         """Set the given columns of inode `ino`."""
         if not changes:
             return
-        bad = set(changes) - _SETTABLE
-        if bad:
-            raise ValueError(f"not inode columns: {sorted(bad)}")
-        cols = ", ".join(f"{name} = ?" for name in changes)
-        await self.conn.defer(f"UPDATE inodes SET {cols} WHERE id = ?", (*changes.values(), ino))
+        columns = tuple(changes)
+        sql = _UPDATE_INODE.get(columns)
+        if sql is None:  # a few column sets recur: each statement is made once
+            bad = set(columns) - _SETTABLE
+            if bad:
+                raise ValueError(f"not inode columns: {sorted(bad)}")
+            sql = "UPDATE inodes SET " + ", ".join(f"{c} = ?" for c in columns) + " WHERE id = ?"
+            _UPDATE_INODE[columns] = sql
+        await self.conn.defer(sql, (*changes.values(), ino))
 
     async def add_nlink(self, ino: int, delta: int, ctime_ns: int) -> None:
         await self.conn.defer(
@@ -425,6 +432,8 @@ class Txn:
 
         Refcounts do not change: a closed row still names its block."""
         offsets = list(offsets)
+        if not offsets:
+            return  # (a new file's first seal: no statement at all)
         closed = 0
         for i in range(0, len(offsets), 500):
             part = offsets[i : i + 500]
@@ -443,6 +452,8 @@ class Txn:
     async def drop_extents(self, ino: int, extents: Sequence[Extent], now_ns: int) -> None:
         """Delete live extents outright (they were never part of a published version)
         and take their references off their blocks."""
+        if not extents:
+            return
         await self.conn.executemany(
             "DELETE FROM extents WHERE inode = ? AND v_to = ? AND file_offset = ?",
             [(ino, LIVE, e.offset) for e in extents],
@@ -455,6 +466,8 @@ class Txn:
         counts: dict[bytes, int] = {}
         for b in block_ids:
             counts[b] = counts.get(b, 0) + 1
+        if not counts:
+            return
         await self.conn.executemany(
             # unref_ns first: MySQL evaluates SET assignments left to right on the new row
             "UPDATE blocks SET unref_ns = CASE WHEN refcount = ? THEN ? ELSE unref_ns END,"
@@ -670,12 +683,10 @@ class MetaStore(abc.ABC):
         `durable`: the commit reaches stable storage before it returns (fsync).
         `write`: the transaction may write (takes the write lock at once)."""
 
-    @asynccontextmanager
-    async def transaction(self, *, durable: bool = False, write: bool = True) -> AsyncIterator[Txn]:
-        if write and self.fenced is not None:
-            raise FSOpError(errno.EROFS, self.fenced)
-        async with self._transaction(durable, write) as conn:
-            yield Txn(conn, self.dialect)
+    def transaction(
+        self, *, durable: bool = False, write: bool = True
+    ) -> AbstractAsyncContextManager[Txn]:
+        return _Transaction(self, durable, write)
 
     def reading(self) -> AbstractAsyncContextManager[Txn]:
         """A read-only transaction: a consistent view, no write lock."""
@@ -775,3 +786,34 @@ class MetaStore(abc.ABC):
                 f"{self.where} has schema {version}, this cloudfs needs {schema.SCHEMA_VERSION}"
             )
         return version
+
+
+class _Transaction:
+    """`MetaStore.transaction`: the engine's transaction, as a `Txn`. A class rather
+    than an async generator: every lookup, stat and create takes one or more, and an
+    async generator context manager costs several microseconds more per use (its
+    object, trio's hooks for async generators, the generator's frames)."""
+
+    __slots__ = ("_durable", "_inner", "_meta", "_write")
+
+    def __init__(self, meta: MetaStore, durable: bool, write: bool) -> None:
+        self._meta = meta
+        self._durable = durable
+        self._write = write
+        self._inner: AbstractAsyncContextManager[Conn] | None = None
+
+    async def __aenter__(self) -> Txn:
+        meta = self._meta
+        if self._write and meta.fenced is not None:
+            raise FSOpError(errno.EROFS, meta.fenced)
+        inner = self._inner = meta._transaction(self._durable, self._write)
+        return Txn(await inner.__aenter__(), meta.dialect)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._inner is not None
+        return await self._inner.__aexit__(exc_type, exc, tb)

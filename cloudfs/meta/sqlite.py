@@ -15,6 +15,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from types import TracebackType
 
 import trio
 
@@ -153,64 +154,14 @@ class SqliteMetaStore(MetaStore):
         finally:
             os.close(fd)
 
-    @asynccontextmanager
-    async def _transaction(self, durable: bool, write: bool) -> AsyncIterator[Conn]:
-        # the lock at once when nobody holds or waits for it, the common case: a
-        # trio.Lock's acquire() always passes through the scheduler, which on a busy
-        # mount cost more than the small transaction itself. (A transaction is then no
-        # checkpoint; loops of them checkpoint on their own, see the snapshot copy.)
-        try:
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._lock.acquire()
-        try:
-            if self._group_open or (
-                write
-                and not durable
-                and self._window is not None
-                and trio.current_time() >= self._quiet_until
-            ):
-                async with self._in_group(write) as conn:
-                    yield conn
-                if durable:
-                    self._commit_group()
-            else:
-                self.db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-                try:
-                    yield self._conn
-                except BaseException:
-                    self.db.execute("ROLLBACK")
-                    raise
-                self.db.execute("COMMIT")
-            if durable:
-                self._sync_wal()
-        finally:
-            self._lock.release()
+    def _transaction(self, durable: bool, write: bool) -> _SqliteTransaction:
+        return _SqliteTransaction(self, durable, write)
 
-    @asynccontextmanager
-    async def _in_group(self, write: bool) -> AsyncIterator[Conn]:
-        """One transaction as a savepoint of the group transaction (opened here if
-        none is); a read-only one just reads inside it."""
-        if not self._group_open:
-            self.db.execute("BEGIN IMMEDIATE")
-            self._group_open = True
-            self._group_opened.set()
-        if not write:
-            yield self._conn
-            return
-        self.db.execute("SAVEPOINT op")
-        try:
-            yield self._conn
-        except BaseException:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK TO op")
-                self.db.execute("RELEASE op")
-            else:  # SQLite rolled the whole group back (an I/O error, a full disk)
-                self._group_open = False
-                self._group_opened = trio.Event()
-                log.error("a failed statement rolled back a group of metadata changes")
-            raise
-        self.db.execute("RELEASE op")
+    def _open_group(self) -> None:
+        """BEGIN the group transaction (the caller holds the lock)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        self._group_open = True
+        self._group_opened.set()
 
     async def is_initialized(self) -> bool:
         row = self.db.execute(
@@ -242,3 +193,89 @@ class SqliteMetaStore(MetaStore):
             async with self._lock:
                 self._commit_group()
         self.db.close()
+
+
+#: how a `_SqliteTransaction` runs: a transaction of its own, a savepoint of the
+#: group transaction, or a read inside the group transaction
+_OWN, _SAVEPOINT, _GROUP_READ = range(3)
+
+
+class _SqliteTransaction:
+    """One transaction of `SqliteMetaStore` (the engine's `_transaction`): a savepoint
+    of the open group transaction, or of a new one when group commits are on and the
+    gap after the last group is over; else a transaction of its own. A class, not an
+    async generator: a small transaction costs less than the generator machinery did.
+
+    The process's lock is taken at once when nobody holds or waits for it, the common
+    case: a trio.Lock's acquire() always passes through the scheduler, which on a busy
+    mount cost more than the small transaction itself. (A transaction is then no
+    checkpoint; loops of them checkpoint on their own, see the snapshot copy.)"""
+
+    __slots__ = ("_durable", "_how", "_store", "_write")
+
+    def __init__(self, store: SqliteMetaStore, durable: bool, write: bool) -> None:
+        self._store = store
+        self._durable = durable
+        self._write = write
+        self._how = _OWN
+
+    async def __aenter__(self) -> Conn:
+        store = self._store
+        try:
+            store._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await store._lock.acquire()
+        try:
+            write = self._write
+            if store._group_open or (
+                write
+                and not self._durable
+                and store._window is not None
+                and trio.current_time() >= store._quiet_until
+            ):
+                if not store._group_open:
+                    store._open_group()
+                if write:
+                    store.db.execute("SAVEPOINT op")
+                    self._how = _SAVEPOINT
+                else:
+                    self._how = _GROUP_READ
+            else:
+                store.db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                self._how = _OWN
+        except BaseException:
+            store._lock.release()
+            raise
+        return store._conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        store, db, how = self._store, self._store.db, self._how
+        try:
+            if exc_type is not None:
+                if how == _OWN:
+                    db.execute("ROLLBACK")
+                elif how == _SAVEPOINT:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK TO op")
+                        db.execute("RELEASE op")
+                    else:  # SQLite rolled the whole group back (an I/O error, a full disk)
+                        store._group_open = False
+                        store._group_opened = trio.Event()
+                        log.error("a failed statement rolled back a group of metadata changes")
+                return  # the exception goes on
+            if how == _OWN:
+                db.execute("COMMIT")
+            else:
+                if how == _SAVEPOINT:
+                    db.execute("RELEASE op")
+                if self._durable:
+                    store._commit_group()
+            if self._durable:
+                store._sync_wal()
+        finally:
+            store._lock.release()

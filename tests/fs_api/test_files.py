@@ -497,6 +497,58 @@ async def test_concurrent_opens_share_one_state(env: Env) -> None:
     assert env.files.current(ino) is None
 
 
+async def test_open_with_a_row_read_before_a_commit_reads_again(env: Env) -> None:
+    """An open hands FileStore the row its getattr read (no second read). If the
+    file's contents were committed here since (a seal after another handle's last
+    close, its state forgotten meanwhile), that row is stale: the open reads again,
+    or the file would show the old size and its next seal would take this mount's
+    own commit for another mount's (a conflict version)."""
+    ino = await env.setup()
+    await env.files.open(ino)
+    await env.files.write(ino, 0, b"a" * 100)
+    await env.files.release(ino)  # sealed: 100 bytes, the state forgotten
+    mark = env.files.commit_mark()
+    before = await env.ns.getattr(ino)
+    assert before.size == 100
+    await env.files.open(ino)  # another handle appends, then closes: committed
+    await env.files.write(ino, 100, b"b" * 100)
+    await env.files.release(ino)
+    assert env.files.current(ino) is None
+    st_ = await env.files.open(ino, known=before, mark=mark)
+    assert (st_.size, st_.sealed_size) == (200, 200)
+    await env.files.write(ino, 200, b"c" * 50)
+    await env.files.release(ino)
+    assert await read_all(env, ino) == b"a" * 100 + b"b" * 100 + b"c" * 50
+    async with env.meta.reading() as tx:
+        versions = await tx.versions(ino)
+    assert [(v.size, v.flags) for v in versions] == [(100, 0), (200, 0), (250, 0)]
+    # no commit since the row was read: the open takes the row as it is
+    assert env.files.forget_closed(ino)  # (the state the read made)
+    mark = env.files.commit_mark()
+    now = await env.ns.getattr(ino)
+    st_ = await env.files.open(ino, known=now, mark=mark)
+    assert (st_.size, st_.base_version) == (250, now.version)
+    assert env.files.close_handle(ino) and env.files.forget_closed(ino)
+
+
+async def test_forget_closed_keeps_what_must_be_sealed(env: Env) -> None:
+    """The last close of a file with unsealed writes is not forgotten on the fast path
+    (the writes would be lost); one only read is."""
+    ino = await env.setup()
+    await env.files.open(ino)
+    await env.files.write(ino, 0, b"x" * 5000)
+    assert env.files.close_handle(ino)
+    assert not env.files.forget_closed(ino)
+    assert env.files.current(ino) is not None
+    await env.files.last_close(ino)
+    await env.files.open(ino)
+    assert await read_all(env, ino) == b"x" * 5000
+    assert env.files.close_handle(ino)
+    assert env.files.forget_closed(ino)
+    assert env.files.current(ino) is None
+    assert await read_all(env, ino) == b"x" * 5000
+
+
 ops = st.lists(
     st.one_of(
         st.tuples(

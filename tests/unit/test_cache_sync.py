@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import pytest
 
-from cloudfs.cache import CacheDir, ThreadPool
+from cloudfs.cache import SPARE_FILES, CacheDir, ThreadPool
 
 
 def _cache(tmp_path: Path) -> CacheDir:
@@ -59,3 +60,33 @@ def test_thread_pool_is_made_again_after_fork() -> None:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _spares(cache: CacheDir) -> list[str]:
+    return sorted(p.name for p in cache.tmp.iterdir() if p.name.startswith("spare."))
+
+
+def test_seal_block_files_take_spare_temporary_files(tmp_path: Path) -> None:
+    """A seal's block file (sync_soon) is written into an empty file made ahead on the
+    spare-files thread; a spare gone meanwhile is replaced by a file of the writer's
+    own; what is left is removed at close, and none is made after."""
+    cache = _cache(tmp_path)
+    first = os.urandom(32)
+    cache.write_block(first, b"a" * 5000, durable=False, sync_soon=True)  # starts the maker
+    deadline = time.monotonic() + 60
+    while len(_spares(cache)) < SPARE_FILES:
+        assert time.monotonic() < deadline, "no spare files made"
+        time.sleep(0.01)
+    blocks = {os.urandom(32): os.urandom(100 + i) for i in range(5)}
+    os.unlink(cache.tmp / _spares(cache)[0])  # the first one taken next is gone
+    for block_id, data in blocks.items():
+        cache.write_block(block_id, data, durable=False, sync_soon=True)
+    assert cache.block_path(first).read_bytes() == b"a" * 5000
+    for block_id, data in blocks.items():
+        assert cache.block_path(block_id).read_bytes() == data
+    assert not [p for p in cache.tmp.iterdir() if not p.name.startswith("spare.")]
+    cache.spares.close()
+    assert _spares(cache) == []
+    cache.write_block(os.urandom(32), b"b", durable=False, sync_soon=True)
+    time.sleep(0.05)
+    assert _spares(cache) == [], "no spare files after close"
