@@ -547,48 +547,35 @@ class Txn:
             )  # fmt: skip
         needs = [b for b, _size, _n in fresh if b not in stored]
         known = [b for b in sorted(refs) if b not in new]
-        for i in range(0, len(known), 500):
-            part = known[i : i + 500]
-            marks = ", ".join("?" * len(part))
-            rows = await self.conn.query(
-                f"SELECT id FROM blocks WHERE state = ? AND id IN ({marks})",
-                (BLOCK_REVIVED, *part),
-            )
-            needs.extend(bytes(r[0]) for r in rows)
+        rows = await self._blocks_where("id", known, "state = ?", BLOCK_REVIVED)
+        needs.extend(bytes(r[0]) for r in rows)
         return needs
+
+    async def _blocks_where(
+        self, columns: str, ids: Sequence[bytes], where: str = "1 = 1", *params: object
+    ) -> list[tuple]:
+        """`SELECT columns FROM blocks WHERE where AND id IN ids`, 500 ids a query."""
+        rows: list[tuple] = []
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            marks = ", ".join("?" * len(part))
+            rows += await self.conn.query(
+                f"SELECT {columns} FROM blocks WHERE {where} AND id IN ({marks})", (*params, *part)
+            )
+        return rows
 
     async def known_blocks(self, ids: Sequence[bytes]) -> set[bytes]:
         """Those of `ids` that have a row."""
-        found: set[bytes] = set()
-        for i in range(0, len(ids), 500):
-            part = ids[i : i + 500]
-            marks = ", ".join("?" * len(part))
-            rows = await self.conn.query(f"SELECT id FROM blocks WHERE id IN ({marks})", part)
-            found.update(bytes(r[0]) for r in rows)
-        return found
+        return {bytes(r[0]) for r in await self._blocks_where("id", ids)}
 
     async def block_states(self, ids: Sequence[bytes]) -> dict[bytes, int]:
         """{id: state} of those of `ids` that have a row."""
-        found: dict[bytes, int] = {}
-        for i in range(0, len(ids), 500):
-            part = ids[i : i + 500]
-            marks = ", ".join("?" * len(part))
-            rows = await self.conn.query(f"SELECT id, state FROM blocks WHERE id IN ({marks})", part)
-            found.update((bytes(r[0]), int(r[1])) for r in rows)
-        return found
+        return {bytes(r[0]): int(r[1]) for r in await self._blocks_where("id, state", ids)}
 
     async def pending_sizes(self, ids: Sequence[bytes]) -> dict[bytes, int]:
         """{id: plaintext size} of those of `ids` whose row is `pending`."""
-        found: dict[bytes, int] = {}
-        for i in range(0, len(ids), 500):
-            part = ids[i : i + 500]
-            marks = ", ".join("?" * len(part))
-            rows = await self.conn.query(
-                f"SELECT id, size FROM blocks WHERE state = ? AND id IN ({marks})",
-                (BLOCK_PENDING, *part),
-            )
-            found.update((bytes(r[0]), int(r[1])) for r in rows)
-        return found
+        rows = await self._blocks_where("id, size", ids, "state = ?", BLOCK_PENDING)
+        return {bytes(r[0]): int(r[1]) for r in rows}
 
     async def pending_blocks_of(self, ino: int) -> list[bytes]:
         """The pending blocks the live extents of `ino` name (what an upload=sync
