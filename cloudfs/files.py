@@ -77,6 +77,10 @@ STORE_TRIES = 5
 #: --upload=sync: the longest pause between two looks at blocks a garbage collection
 #: pass has claimed (seconds)
 CLAIMED_POLL_S = 1.0
+#: --upload=sync, at unmount: how long a seal keeps asking a store that refuses its
+#: blocks before it commits them pending (seconds; the mount point is gone already,
+#: only the process lingers)
+UNMOUNT_STORE_WAIT_S = 30.0
 #: commits remembered for `committed_since`: far more than commit while one inode row
 #: is read, even at load 15 (more than that and a reader simply reads again)
 COMMIT_LOG = 1024
@@ -228,8 +232,9 @@ class FileStore:
         self.uploads: SyncUploads | None = None
         #: the mount is going away: a seal whose blocks cannot be stored now commits
         #: them pending (the daemon uploads them later) rather than lose the writes
-        #: (unsealed overlays do not survive the mount)
+        #: (unsealed overlays do not survive the mount), after trying for this long
         self.unmounting = False
+        self.unmount_store_wait_s = UNMOUNT_STORE_WAIT_S
         #: (number, inode) of the latest commits of file contents here (see
         #: `committed_since`), and the number of the last one
         self._commit_log: deque[tuple[int, int]] = deque(maxlen=COMMIT_LOG)
@@ -969,16 +974,28 @@ class FileStore:
         `states`, into `done`."""
         assert self.uploads is not None
         todo = [(b, n) for b, n in sizes.items() if states.get(b, BLOCK_PENDING) == BLOCK_PENDING]
-        try:
-            for i in range(0, len(todo), STORE_BATCH):
-                done.sizes.update(await self.uploads.store(todo[i : i + STORE_BATCH]))
-        except CloudfsError as exc:
-            if not self.unmounting:
-                raise  # nothing committed: the writes stay unsealed, sealed again later
-            done.complete = False
-            log.warning("%d blocks cannot be stored now (%s): committed pending at unmount; "
-                        "the daemon uploads them, other machines read them as I/O errors "
-                        "until then", len(todo) - len(done.sizes), exc.message)  # fmt: skip
+        give_up, pause = time.monotonic() + self.unmount_store_wait_s, 0.5
+        while True:
+            try:
+                left = [(b, n) for b, n in todo if b not in done.sizes]
+                for i in range(0, len(left), STORE_BATCH):
+                    done.sizes.update(await self.uploads.store(left[i : i + STORE_BATCH]))
+                return
+            except CloudfsError as exc:
+                if not self.unmounting:
+                    raise  # nothing committed: the writes stay unsealed, sealed again later
+                wait = min(pause, give_up - time.monotonic())
+                if wait <= 0:
+                    done.complete = False
+                    log.warning("%d blocks cannot be stored (%s): committed pending at "
+                                "unmount; the daemon uploads them, other machines read them "
+                                "as I/O errors until then", len(todo) - len(done.sizes),
+                                exc.message)  # fmt: skip
+                    return
+                log.warning("%d blocks cannot be stored at unmount (%s): trying again",
+                            len(todo) - len(done.sizes), exc.message)  # fmt: skip
+                await trio.sleep(wait)
+                pause = min(2 * pause, 5.0)
 
     async def _wait_unclaimed(self, claimed: list[bytes]) -> None:
         """Return once no garbage collection pass holds any of the `claimed` blocks

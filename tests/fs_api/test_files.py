@@ -183,10 +183,12 @@ class SyncUploads:
         self.flushed: list[bytes] = []
         self.finishing = 0  # finish_collection requests
         self.refuse: Exception | None = None
+        self.refusals = -1  # how many store requests `refuse` fails (-1: all)
         self.after_put: Callable[[], Awaitable[None]] | None = None
 
     async def store(self, blocks: list[tuple[bytes, int]]) -> dict[bytes, int]:
-        if self.refuse is not None:
+        if self.refuse is not None and self.refusals != 0:
+            self.refusals -= 1
             raise self.refuse
         self.put.extend(b for b, _n in blocks)
         sizes = await self.uploader.store_now(blocks)
@@ -337,6 +339,27 @@ async def test_sync_seal_of_blocks_garbage_collection_claimed(env: Env, tmp_path
     await env.check_invariants(third)
 
 
+async def test_sync_seal_at_unmount_waits_for_a_store_that_refused(
+    env: Env, tmp_path: Path
+) -> None:
+    """--upload=sync, at unmount: a store that refuses for a while is asked again (for
+    up to `unmount_store_wait_s`) before the blocks are committed pending."""
+    uploads = SyncUploads(env, tmp_path)
+    env.files.uploads = uploads
+    env.files.unmounting = True
+    uploads.refuse, uploads.refusals = StoreError("the store is unreachable"), 2
+    ino = await env.setup()
+    data = random.Random(10).randbytes(3000)
+    await env.files.open(ino)
+    await env.files.write(ino, 0, data)
+    await env.files.release(ino)
+    assert uploads.refusals == 0, "asked again after each refusal"
+    states = await uploads.states()
+    assert states and set(states.values()) == {BLOCK_STORED}
+    assert uploads.flushed == []
+    assert await read_all(env, ino) == data
+
+
 async def _append(into: list[Any], value: Awaitable[Any]) -> None:
     into.append(await value)
 
@@ -350,6 +373,7 @@ async def test_sync_restore_stores_pending_blocks_first(env: Env, tmp_path: Path
     old = random.Random(8).randbytes(4000)
     uploads.refuse = StoreError("the store is unreachable")
     env.files.unmounting = True
+    env.files.unmount_store_wait_s = 0.0
     await env.files.open(ino)
     await env.files.write(ino, 0, old)
     await env.files.release(ino)
