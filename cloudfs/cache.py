@@ -185,10 +185,7 @@ class SpareFiles:
                 path = self._files.popleft()
             except IndexError:
                 return
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            Path(path).unlink(missing_ok=True)
 
 
 def _fsync_path(path: Path) -> None:
@@ -389,12 +386,11 @@ class CacheDir:
         """Hold on to a cached block's plaintext with a hard link in holds/, so that it
         outlives a deletion of the block file (eviction, gc); None when the block is
         not cached. Blocking: call from a thread (or for one block)."""
-        h = block_id.hex()
-        hold = f"{self._holds_prefix}{h}.{os.getpid()}.{next(_hold_numbers)}"
+        hold = f"{self._holds_prefix}{block_id.hex()}.{os.getpid()}.{next(_hold_numbers)}"
         try:
             # strings, not paths: a seal asks this for every block it cuts, and for a
             # new block it fails
-            os.link(f"{self._blocks_prefix}{h[:2]}/{h}", hold)
+            os.link(self.block_file(block_id), hold)
         except FileNotFoundError:
             return None
         return Path(hold)

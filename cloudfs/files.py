@@ -35,14 +35,12 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from cloudfs import _native
+from cloudfs import _native, gc
 from cloudfs.cache import BlockFiles, CacheDir
 from cloudfs.chunking import ChunkerParams
 from cloudfs.errors import CloudfsError, FSOpError, StoreError
-from cloudfs.gc import claimed as gc_claimed
-from cloudfs.gc import epoch as gc_epoch
 from cloudfs.meta.base import Extent, FsStats, InodeAttrs, MetaStore
-from cloudfs.meta.schema import BLOCK_DELETING, BLOCK_PENDING, BLOCK_REVIVED
+from cloudfs.meta.schema import BLOCK_PENDING
 from cloudfs.overlay import DirtyOverlay, Intervals
 from cloudfs.stream import BACKLOG_LIMIT, CUT_BATCH, AppendStream, can_stream
 from cloudfs.versions import CONFLICT, restore_into
@@ -432,18 +430,10 @@ class FileStore:
         st = self.states.get(ino)
         if st is None:
             return True
-        if (
-            self.client is not None
-            or st.opens
-            or st.pins
-            or st.sealing
-            or st.working_version is not None
-            or st.stream is not None
-            or st.dirty
-        ):
+        if self.client is not None or st.working_version is not None or st.stream is not None:
             return False
-        self._forget_if_idle(st)
-        return True
+        self._forget_if_idle(st)  # unless still open, dirty, sealing or pinned
+        return ino not in self.states
 
     async def last_close(self, ino: int) -> None:
         """Seal and publish a file nobody has open any more."""
@@ -908,7 +898,8 @@ class FileStore:
         """`_commit` of a seal; with --upload=sync, when garbage collection overtook
         its PUTs (`_StoreRaced`), its blocks are put again and the commit is tried
         again, so it never names a block whose object is not there."""
-        for attempt in range(1, STORE_TRIES + 1):
+        attempt = 1
+        while True:
             try:
                 return await self.meta.run(
                     self._commit, st, replaced, new, stored=stored, **kwargs
@@ -918,8 +909,8 @@ class FileStore:
                     raise StoreError(f"inode {st.ino}: {race} ({attempt} times in a row);"
                                      " the writes stay unsealed") from None  # fmt: skip
                 log.info("inode %d: %s: its blocks are stored again", st.ino, race)
+                attempt += 1
                 stored = await self._store_first(new)
-        raise AssertionError("unreachable")
 
     async def _store_first(self, extents: list[Extent]) -> _StoredFirst:
         """--upload=sync: put the blocks that `extents` (a seal's new ones, each a whole
@@ -945,9 +936,9 @@ class FileStore:
                 async with self.meta.reading() as tx:
                     # before the PUTs: a collection batch finished after this makes
                     # the commit distrust them (cloudfs.gc)
-                    done = _StoredFirst(gc_epoch=await gc_epoch(tx))
+                    done = _StoredFirst(gc_epoch=await gc.epoch(tx))
                     states = await tx.block_states(list(sizes))
-                claimed = [b for b, s in states.items() if s in (BLOCK_DELETING, BLOCK_REVIVED)]
+                claimed = [b for b, s in states.items() if s in gc.CLAIMED]
                 if not claimed:
                     break
                 # the pass's last step deletes their cache files: held for the PUTs
@@ -1008,7 +999,7 @@ class FileStore:
         while True:
             finished = await self.uploads.finish_collection()
             async with self.meta.reading() as tx:
-                claimed = await gc_claimed(tx, claimed)
+                claimed = await gc.claimed(tx, claimed)
             if not claimed:
                 return
             if not finished:  # a pass runs: it finishes them itself
@@ -1221,7 +1212,7 @@ class FileStore:
         async with self.meta.transaction(durable=durable) as tx:
             put: dict[bytes, int] = {}
             if stored is not None and stored.sizes:
-                if await gc_epoch(tx) == stored.gc_epoch:
+                if await gc.epoch(tx) == stored.gc_epoch:
                     put = stored.sizes
                 elif strict:
                     # a collection batch finished since the first PUT: it may have
@@ -1322,33 +1313,30 @@ class _held:  # (a lowercase name: used as `async with _held(lock)`)
         self._lock.release()
 
 
-class _Locked:
+class _Locked(_held):
     """`FileStore._locked`: `st.lock` held, `st` pinned while waiting and holding."""
 
     __slots__ = ("_st",)
 
     def __init__(self, st: FileState) -> None:
+        super().__init__(st.lock)
         self._st = st
 
-    async def __aenter__(self) -> FileState:
+    async def __aenter__(self) -> FileState:  # type: ignore[override]
         st = self._st
         st.pins += 1
         try:
-            st.lock.acquire_nowait()
-        except trio.WouldBlock:
-            try:
-                await st.lock.acquire()
-            except BaseException:
-                st.pins -= 1
-                raise
+            await _held.__aenter__(self)
+        except BaseException:
+            st.pins -= 1
+            raise
         return st
 
     async def __aexit__(self, *exc_info: object) -> None:
-        st = self._st
         try:
-            st.lock.release()
+            self._lock.release()
         finally:
-            st.pins -= 1
+            self._st.pins -= 1
 
 
 class PlaintextMissing(CloudfsError):

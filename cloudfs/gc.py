@@ -72,6 +72,8 @@ LEASE_S = 600.0
 LEASE_KEY = "gc_lease"
 #: step 3's batches so far (see the module docstring)
 EPOCH_KEY = "gc_epoch"
+#: the states of rows a pass has claimed: their objects may be deleted yet
+CLAIMED = (BLOCK_DELETING, BLOCK_REVIVED)
 
 
 async def epoch(tx: Txn) -> int:
@@ -127,7 +129,7 @@ async def claimed(tx: Txn, ids: list[bytes]) -> list[bytes]:
     """Those of `ids` whose rows a pass has claimed (`deleting` or `revived`): their
     objects may be deleted yet."""
     states = await tx.block_states(ids)
-    return [b for b in ids if states.get(b) in (BLOCK_DELETING, BLOCK_REVIVED)]
+    return [b for b in ids if states.get(b) in CLAIMED]
 
 
 async def collectable(meta: MetaStore, now_ns: int, grace_s: float = GRACE_S) -> GcReport:
