@@ -11,18 +11,23 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import stat
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Concatenate, ParamSpec, TypeVar
 
+import trio
+
 from cloudfs import clients, snapshots, trash
-from cloudfs.errors import FSOpError
+from cloudfs.errors import CloudfsError, FSOpError
 from cloudfs.files import FileStore
 from cloudfs.lookups import LookupCounts
 from cloudfs.meta.base import InodeAttrs, MetaStore, Txn
 from cloudfs.meta.schema import ROOT_INODE
+
+log = logging.getLogger(__name__)
 
 NAME_MAX = 255
 XATTR_NAME_MAX = 255
@@ -38,6 +43,9 @@ RENAME_EXCHANGE = 2
 _DOT_COOKIES = 2
 #: relatime: a read refreshes an atime newer than mtime and ctime once it is this old
 RELATIME_NS = 86_400 * 10**9
+#: an atime update waits at most this long for its write (run_atime_writes), with the
+#: others of that time: one transaction for all the files a `grep -r` read
+ATIME_WRITE_DELAY_S = 1.0
 #: what a read does to atime (the mount options of the same names)
 ATIME_MODES = ("relatime", "strictatime", "noatime")
 #: reads of inode rows that a commit of the same file straddled are done again, this
@@ -124,15 +132,24 @@ class Namespace:
         self._without_xattrs: set[int] = set()
         #: other mounts share the metadata (MySQL): what they change is never known here
         self.shared = False
+        #: atime updates not written yet: inode -> (the atime it replaces, the new one).
+        #: Replies show the new one (`_live`); run_atime_writes writes them in batches
+        self._atimes: dict[int, tuple[int, int]] = {}
+        #: set while run_atime_writes runs: it wakes it for the first pending update
+        self._atimes_due: trio.Event | None = None
 
     # --- attributes -------------------------------------------------------------------
 
     def _live(self, attrs: InodeAttrs) -> InodeAttrs:
-        """Attributes with the unsealed size and mtime of an open file."""
+        """Attributes with the unsealed size and mtime of an open file, and an atime not
+        written yet."""
         st = self.files.current(attrs.id)
+        atime = self._atimes.get(attrs.id)
         if st is None:
-            return attrs
+            return attrs if atime is None else replace(attrs, atime_ns=atime[1])
         changes: dict[str, int] = {"size": st.size}
+        if atime is not None:
+            changes["atime_ns"] = atime[1]
         if st.mtime_ns is not None:
             changes["mtime_ns"] = st.mtime_ns
             changes["ctime_ns"] = max(st.mtime_ns, attrs.ctime_ns)
@@ -239,6 +256,7 @@ class Namespace:
                     changes["mode"] = _without_privileges(changes.get("mode", attrs.mode))
             if atime_ns is not None:
                 changes["atime_ns"] = atime_ns
+                self._atimes.pop(ino, None)  # an explicit time wins over a read's
             if mtime_ns is not None:
                 changes["mtime_ns"] = mtime_ns
                 st = self.files.current(ino)
@@ -251,9 +269,14 @@ class Namespace:
         return attrs
 
     async def accessed(self, attrs: InodeAttrs) -> bool:
-        """The file or directory `attrs` was read: update its atime as the mount's atime
-        mode says (relatime by default: only when atime is not newer than mtime and
-        ctime, or is a day old, so reads cost no metadata write). True if it changed."""
+        """The file or directory `attrs` (as `_live` gave them) was read: update its
+        atime as the mount's atime mode says (relatime by default: only when atime is
+        not newer than mtime and ctime, or is a day old). True if it changed.
+
+        While run_atime_writes runs, the update waits in memory for at most
+        ATIME_WRITE_DELAY_S and replies show it meanwhile: the first read of each file
+        after a change costs no transaction of its own. A crash loses those updates
+        (as Linux's lazytime does), never anything else."""
         if self.atime == "noatime" or self.meta.fenced is not None:
             return False
         now = time.time_ns()
@@ -263,13 +286,67 @@ class Namespace:
             and now - attrs.atime_ns < RELATIME_NS
         ):
             return False
-        await self._set_atime(attrs.id, now)
+        if self._atimes_due is None:
+            await self._set_atime(attrs.id, now)
+            return True
+        pending = self._atimes.get(attrs.id)
+        self._atimes[attrs.id] = (pending[0] if pending else attrs.atime_ns, now)
+        self._atimes_due.set()
         return True
 
     @_retried
     async def _set_atime(self, ino: int, now: int) -> None:
         async with self.meta.transaction() as tx:
             await tx.update_inode(ino, atime_ns=now)  # (changes no row if freed meanwhile)
+
+    async def run_atime_writes(
+        self,
+        delay_s: float = ATIME_WRITE_DELAY_S,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Until cancelled: write the pending atime updates (`accessed`), each at most
+        `delay_s` after it was made, many in one transaction. On the way out the rest
+        are written."""
+        self._atimes_due = trio.Event()
+        task_status.started()
+        try:
+            while True:
+                await self._atimes_due.wait()
+                await trio.sleep(delay_s)
+                self._atimes_due = trio.Event()
+                try:
+                    await self.write_atimes()
+                except CloudfsError as exc:  # kept for the next round
+                    log.warning("writing atimes failed: %s", exc.message)
+        finally:
+            self._atimes_due = None
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.write_atimes()
+                except CloudfsError as exc:
+                    log.warning("writing atimes at unmount failed: %s", exc.message)
+
+    async def write_atimes(self) -> None:
+        """Write the pending atime updates now. Each only where the row still has the
+        atime it replaces: a utimes (here or on another mount) since then wins."""
+        if self.meta.fenced is not None:
+            self._atimes.clear()  # nothing may be written here any more
+        if not self._atimes:
+            return
+        written = await self._write_atimes()
+        for ino, update in written.items():
+            if self._atimes.get(ino) is update:  # not read again meanwhile
+                del self._atimes[ino]
+
+    @_retried
+    async def _write_atimes(self) -> dict[int, tuple[int, int]]:
+        async with self.meta.transaction() as tx:
+            # taken inside the transaction: a setattr's own transaction runs before or
+            # after this one, never between this copy and the writes
+            pending = dict(self._atimes)
+            await tx.set_atimes([(new, ino, old) for ino, (old, new) in pending.items()])
+        return pending
 
     async def truncate_on_open(self, ino: int, caller: Caller) -> InodeAttrs:
         """open(O_TRUNC): size 0 and new data times, also for an empty file. The kernel

@@ -629,6 +629,7 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
             files.nursery = last_closes
             async with trio.open_nursery() as nursery:
                 await nursery.start(meta.run_group_commits, GROUP_WINDOW_S)
+                await nursery.start(ns.run_atime_writes)
                 nursery.start_soon(link.run_kicker)
                 if prep.lease is not None:
                     nursery.start_soon(_renew_lease, prep.lease, meta, link)

@@ -241,6 +241,14 @@ class Txn:
             _UPDATE_INODE[columns] = sql
         await self.conn.defer(sql, (*changes.values(), ino))
 
+    async def set_atimes(self, rows: Sequence[tuple[int, int, int]]) -> None:
+        """(new atime, inode, the atime it replaces) for each row: set where the inode
+        still has the replaced atime (one changed since keeps its own)."""
+        if rows:
+            await self.conn.executemany(
+                "UPDATE inodes SET atime_ns = ? WHERE id = ? AND atime_ns = ?", rows
+            )
+
     async def add_nlink(self, ino: int, delta: int, ctime_ns: int) -> None:
         await self.conn.defer(
             "UPDATE inodes SET nlink = nlink + ?, ctime_ns = ? WHERE id = ?", (delta, ctime_ns, ino)

@@ -641,3 +641,49 @@ def test_model(tmp_path: Path, meta_url: str | None, small_batches: None, ops: l
         await env.meta.close()
 
     trio.run(run)
+
+
+async def test_atime_updates_wait_in_memory_and_a_later_time_wins(env: Env) -> None:
+    """While run_atime_writes runs, a read's atime update is shown at once and written
+    later, in a batch; a utime here or a change of the row by another mount meanwhile
+    is not overwritten by it; the rest is written on the way out."""
+    ino = await env.setup()
+
+    async def row_atime() -> int:
+        async with env.meta.reading() as tx:
+            attrs = await tx.get_inode(ino)
+        assert attrs is not None
+        return attrs.atime_ns
+
+    async def read() -> bool:
+        return await env.ns.accessed(await env.ns.getattr(ino))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(env.ns.run_atime_writes, 3600.0)  # no write until asked
+        before = await row_atime()
+        assert await read()  # relatime: the atime is not newer than mtime
+        shown = (await env.ns.getattr(ino)).atime_ns
+        assert shown > before and await row_atime() == before
+        assert not await read()  # relatime goes by the atime shown
+        await env.ns.write_atimes()
+        assert await row_atime() == shown
+
+        await env.ns.setattr(ino, mode=0o600)  # a change: the next read updates atime
+        assert await read()
+        await env.ns.setattr(ino, atime_ns=5)  # utime, after that read
+        assert (await env.ns.getattr(ino)).atime_ns == 5
+        await env.ns.write_atimes()
+        assert await row_atime() == 5
+
+        assert await read()
+        async with env.meta.transaction() as tx:  # another mount's utime meanwhile
+            await tx.update_inode(ino, atime_ns=7)
+        await env.ns.write_atimes()
+        assert await row_atime() == 7
+        assert (await env.ns.getattr(ino)).atime_ns == 7
+
+        assert await read()
+        pending = (await env.ns.getattr(ino)).atime_ns
+        assert await row_atime() == 7
+        nursery.cancel_scope.cancel()
+    assert await row_atime() == pending
