@@ -317,8 +317,9 @@ class Namespace:
                 self._atimes_due = trio.Event()
                 try:
                     await self.write_atimes()
-                except CloudfsError as exc:  # kept for the next round
+                except CloudfsError as exc:  # kept, and tried again after the delay
                     log.warning("writing atimes failed: %s", exc.message)
+                    self._atimes_due.set()
         finally:
             self._atimes_due = None
             with trio.CancelScope(shield=True):

@@ -687,3 +687,32 @@ async def test_atime_updates_wait_in_memory_and_a_later_time_wins(env: Env) -> N
         assert await row_atime() == 7
         nursery.cancel_scope.cancel()
     assert await row_atime() == pending
+
+
+async def test_atime_writes_that_failed_are_tried_again(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ino = await env.setup()
+    real = env.ns._write_atimes
+    failures = [StoreError("the metadata store is away")]
+
+    async def flaky() -> dict[int, tuple[int, int]]:
+        if failures:
+            raise failures.pop()
+        return await real()
+
+    monkeypatch.setattr(env.ns, "_write_atimes", flaky)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(env.ns.run_atime_writes, 0.05)
+        assert await env.ns.accessed(await env.ns.getattr(ino))
+        shown = (await env.ns.getattr(ino)).atime_ns
+        with trio.fail_after(5):
+            while True:  # no other read comes to wake the writer
+                await trio.sleep(0.05)
+                async with env.meta.reading() as tx:
+                    attrs = await tx.get_inode(ino)
+                assert attrs is not None
+                if attrs.atime_ns == shown:
+                    break
+        assert not failures
+        nursery.cancel_scope.cancel()
