@@ -101,7 +101,11 @@ def check(policy: Policy) -> None:
 
 
 async def load(tx: Txn) -> Policy:
-    text = await tx.get_info(INFO_KEY)
+    return of_info(await tx.get_info(INFO_KEY))
+
+
+def of_info(text: str | None) -> Policy:
+    """The policy stored as `text` under INFO_KEY (None: never set, the default)."""
     return DEFAULT if text is None else Policy.from_json(text)
 
 

@@ -90,15 +90,21 @@ async def keep(tx: Txn, ino: int, parent: int, name: bytes, now_ns: int) -> bool
     """Record name `name` of inode `ino` in directory `parent`, which is going, in the
     trash (unless the policy keeps no trash); call it before the directory's mtime
     changes. True when it was kept."""
-    policy = await retention.load(tx)
+    # the policy and the directory's mtime in one query (with MySQL a round trip fewer
+    # for every unlink, rmdir and rename over a name)
+    row = await tx.conn.query_one(
+        "SELECT (SELECT value FROM meta_info WHERE name = ?),"
+        " (SELECT mtime_ns FROM inodes WHERE id = ?)",
+        (retention.INFO_KEY, parent),
+    )
+    text, parent_mtime_ns = row if row is not None else (None, None)
+    policy = retention.of_info(text)
     if policy.trash is not None and policy.trash <= 0:
         return False
-    pattrs = await tx.get_inode(parent)
     await tx.conn.defer(
         "INSERT INTO trash (inode, path, deleted_ns, remover, parent_mtime_ns)"
         " VALUES (?, ?, ?, ?, ?)",
-        (ino, await path_of(tx, parent, name), now_ns, REMOVER.get(),
-         pattrs.mtime_ns if pattrs is not None else None),
+        (ino, await path_of(tx, parent, name), now_ns, REMOVER.get(), parent_mtime_ns),
     )  # fmt: skip
     return True
 
