@@ -466,8 +466,7 @@ class Namespace:
         await tx.drop_dentry(parent, name)
         if stat.S_ISDIR(attrs.mode):
             await tx.update_inode(ino, nlink=0, ctime_ns=now)
-            pattrs = await self._get(tx, parent)
-            await tx.update_inode(parent, nlink=pattrs.nlink - 1)
+            await tx.add_nlink(parent, -1, now)  # its "..": no read of the parent first
         else:
             await tx.update_inode(ino, nlink=attrs.nlink - 1, ctime_ns=now)
         # every name goes to the trash (a file with several names comes back with all);
