@@ -63,14 +63,31 @@ WITH RECURSIVE up(level, parent, name) AS (
 SELECT level, parent, name FROM up ORDER BY level
 """
 
+#: the retention policy and the mtime of directory ?: what the trash keeps beside a path
+_INFO = "SELECT (SELECT value FROM meta_info WHERE name = ?), (SELECT mtime_ns FROM inodes WHERE id = ?)"
 
-async def path_of(tx: Txn, parent: int, name: bytes) -> bytes:
+#: _ANCESTORS with _INFO's two values on every row: all that `keep` reads, in one query
+#: (with MySQL one round trip for it, per unlink, rmdir and rename over a name)
+_ANCESTORS_AND_INFO = _ANCESTORS.replace(
+    "SELECT level, parent, name FROM up",
+    "SELECT level, parent, name, (SELECT value FROM meta_info WHERE name = ?),"
+    " (SELECT mtime_ns FROM inodes WHERE id = ?) FROM up",
+)
+
+
+async def path_of(
+    tx: Txn, parent: int, name: bytes, first: list[tuple[int, int, bytes]] | None = None
+) -> bytes:
     """The path of entry `name` of directory `parent` ('/a/b/name'); a directory not
-    reachable from the root shows as '?'."""
+    reachable from the root shows as '?'. `first`: the rows of _ANCESTORS for `parent`,
+    read already."""
     parts = [name]
     ino = parent
     while ino != ROOT_INODE and len(parts) <= _MAX_DEPTH:
-        rows = await tx.conn.query(_ANCESTORS, (ino, ROOT_INODE, _LEVELS_PER_QUERY))
+        if first is not None:
+            rows, first = first, None
+        else:
+            rows = await tx.conn.query(_ANCESTORS, (ino, ROOT_INODE, _LEVELS_PER_QUERY))
         if rows and [row[0] for row in rows] != list(range(1, len(rows) + 1)):
             # a directory with two names (a damaged database: fsck reports it): the
             # chain forks, so follow one name per level as before
@@ -90,21 +107,24 @@ async def keep(tx: Txn, ino: int, parent: int, name: bytes, now_ns: int) -> bool
     """Record name `name` of inode `ino` in directory `parent`, which is going, in the
     trash (unless the policy keeps no trash); call it before the directory's mtime
     changes. True when it was kept."""
-    # the policy and the directory's mtime in one query (with MySQL a round trip fewer
-    # for every unlink, rmdir and rename over a name)
-    row = await tx.conn.query_one(
-        "SELECT (SELECT value FROM meta_info WHERE name = ?),"
-        " (SELECT mtime_ns FROM inodes WHERE id = ?)",
-        (retention.INFO_KEY, parent),
-    )
-    text, parent_mtime_ns = row if row is not None else (None, None)
+    # the policy, the directory's mtime and its path in one query (the policy is asked
+    # every time: `cloudfs retention` changes it in the database, not through a mount)
+    rows = []
+    if parent != ROOT_INODE:
+        rows = await tx.conn.query(
+            _ANCESTORS_AND_INFO,
+            (parent, ROOT_INODE, _LEVELS_PER_QUERY, retention.INFO_KEY, parent),
+        )
+    info = rows[0][3:] if rows else await tx.conn.query_one(_INFO, (retention.INFO_KEY, parent))
+    text, parent_mtime_ns = info if info is not None else (None, None)
     policy = retention.of_info(text)
     if policy.trash is not None and policy.trash <= 0:
         return False
+    path = await path_of(tx, parent, name, [row[:3] for row in rows] if rows else None)
     await tx.conn.defer(
         "INSERT INTO trash (inode, path, deleted_ns, remover, parent_mtime_ns)"
         " VALUES (?, ?, ?, ?, ?)",
-        (ino, await path_of(tx, parent, name), now_ns, REMOVER.get(), parent_mtime_ns),
+        (ino, path, now_ns, REMOVER.get(), parent_mtime_ns),
     )  # fmt: skip
     return True
 
