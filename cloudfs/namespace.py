@@ -507,13 +507,15 @@ class Namespace:
         if name == b"..":
             raise _err(errno.ENOTEMPTY)
         async with self.meta.transaction() as tx:
-            found = await tx.lookup_attrs(parent, name)  # entry and inode: one query
+            # entry, inode and whether it has entries: one query
+            found = await tx.lookup_attrs_and_entries(parent, name)
             if found is None:
                 raise _err(errno.ENAMETOOLONG if len(name) > NAME_MAX else errno.ENOENT)
-            attrs, ino = found, found.id
+            attrs, has_entries = found
+            ino = attrs.id
             if not stat.S_ISDIR(attrs.mode):
                 raise _err(errno.ENOTDIR)
-            if await tx.has_entries(ino):
+            if has_entries:
                 raise _err(errno.ENOTEMPTY)
             last = await self._drop_name(tx, parent, name, attrs, now)
             await tx.update_inode(parent, mtime_ns=now, ctime_ns=now)

@@ -293,6 +293,19 @@ class Txn:
         )
         return _inode(row) if row else None
 
+    async def lookup_attrs_and_entries(
+        self, parent: int, name: bytes
+    ) -> tuple[InodeAttrs, bool] | None:
+        """`lookup_attrs`, and whether that inode has entries of its own, in one query:
+        what an rmdir checks first."""
+        row = await self.conn.query_one(
+            "SELECT " + ", ".join(f"i.{c}" for c in _INODE_COLUMNS) + ","
+            " EXISTS (SELECT 1 FROM dentries c WHERE c.parent = i.id) FROM dentries d"
+            " JOIN inodes i ON i.id = d.inode WHERE d.parent = ? AND d.name = ?",
+            (parent, name),
+        )
+        return (_inode(row[:-1]), bool(row[-1])) if row else None
+
     async def dir_and_entry(self, parent: int, name: bytes) -> tuple[InodeAttrs | None, int | None]:
         """The attributes of inode `parent` and the inode its entry `name` names (None
         for either that does not exist), in one query: what a create checks first."""
