@@ -176,6 +176,9 @@ def _inode(row: tuple) -> InodeAttrs:
 
 
 _INODE_SELECT = "SELECT " + ", ".join(_INODE_COLUMNS) + " FROM inodes"
+#: the inode columns of a query that names the inodes table `i` (made once: a lookup
+#: is the most frequent query, and joining the names each time cost microseconds)
+_I_COLUMNS = ", ".join(f"i.{c}" for c in _INODE_COLUMNS)
 _SETTABLE = {f.name for f in fields(InodeAttrs)} - {"id", "allocated", "sealed_allocated"}
 #: `Txn.update_inode`'s statements, by the columns they set (in the caller's order)
 _UPDATE_INODE: dict[tuple[str, ...], str] = {}
@@ -287,7 +290,7 @@ class Txn:
     async def lookup_attrs(self, parent: int, name: bytes) -> InodeAttrs | None:
         """The attributes of the inode entry `name` of `parent` names (one query)."""
         row = await self.conn.query_one(
-            "SELECT " + ", ".join(f"i.{c}" for c in _INODE_COLUMNS) + " FROM dentries d"
+            "SELECT " + _I_COLUMNS + " FROM dentries d"
             " JOIN inodes i ON i.id = d.inode WHERE d.parent = ? AND d.name = ?",
             (parent, name),
         )
@@ -299,7 +302,7 @@ class Txn:
         """`lookup_attrs`, and whether that inode has entries of its own, in one query:
         what an rmdir checks first."""
         row = await self.conn.query_one(
-            "SELECT " + ", ".join(f"i.{c}" for c in _INODE_COLUMNS) + ","
+            "SELECT " + _I_COLUMNS + ","
             " EXISTS (SELECT 1 FROM dentries c WHERE c.parent = i.id) FROM dentries d"
             " JOIN inodes i ON i.id = d.inode WHERE d.parent = ? AND d.name = ?",
             (parent, name),
@@ -310,7 +313,7 @@ class Txn:
         """The attributes of inode `parent` and the inode its entry `name` names (None
         for either that does not exist), in one query: what a create checks first."""
         row = await self.conn.query_one(
-            "SELECT " + ", ".join(f"i.{c}" for c in _INODE_COLUMNS) + ", d.inode FROM inodes i"
+            "SELECT " + _I_COLUMNS + ", d.inode FROM inodes i"
             " LEFT JOIN dentries d ON d.parent = i.id AND d.name = ? WHERE i.id = ?",
             (name, parent),
         )
@@ -351,7 +354,7 @@ class Txn:
         """Like `readdir`, with each entry's inode attributes, in one query (an entry
         whose inode is gone is left out)."""
         rows = await self.conn.query(
-            "SELECT d.id, d.name, " + ", ".join(f"i.{c}" for c in _INODE_COLUMNS)
+            "SELECT d.id, d.name, " + _I_COLUMNS
             + " FROM dentries d JOIN inodes i ON i.id = d.inode"
             " WHERE d.parent = ? AND d.id > ? ORDER BY d.id LIMIT ?",
             (parent, after_id, limit),
