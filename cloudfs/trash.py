@@ -64,15 +64,17 @@ SELECT level, parent, name FROM up ORDER BY level
 """
 
 #: the retention policy and the mtime of directory ?: what the trash keeps beside a path
-_INFO = "SELECT (SELECT value FROM meta_info WHERE name = ?), (SELECT mtime_ns FROM inodes WHERE id = ?)"
+_INFO_COLUMNS = (
+    "(SELECT value FROM meta_info WHERE name = ?), (SELECT mtime_ns FROM inodes WHERE id = ?)"
+)
+_INFO = "SELECT " + _INFO_COLUMNS
 
 #: _ANCESTORS with _INFO's two values on every row: all that `keep` reads, in one query
 #: (with MySQL one round trip for it, per unlink, rmdir and rename over a name)
 _ANCESTORS_AND_INFO = _ANCESTORS.replace(
-    "SELECT level, parent, name FROM up",
-    "SELECT level, parent, name, (SELECT value FROM meta_info WHERE name = ?),"
-    " (SELECT mtime_ns FROM inodes WHERE id = ?) FROM up",
+    "SELECT level, parent, name FROM up", f"SELECT level, parent, name, {_INFO_COLUMNS} FROM up"
 )
+assert _ANCESTORS_AND_INFO != _ANCESTORS
 
 
 async def path_of(
