@@ -553,6 +553,24 @@ def test_mkfs_refuses_an_existing_filesystem(make_fs: Callable[..., CloudFS]) ->
     assert read_file(fs.mnt / "keep") == b"precious"
 
 
+def test_mkfs_chunk_size_sets_the_block_sizes(make_fs: Callable[..., CloudFS]) -> None:
+    fs = make_fs(mkfs=False, mount=False)
+    for bad, why in (("3M", "power of two"), ("32M", "power of two"), ("big", "not a size")):
+        r = fs.run("mkfs.cloudfs", fs.storage_url, "--cachedir", fs.cache, "--chunk-size", bad)
+        line = one_line_failure(r, "mkfs.cloudfs")
+        assert why in line, line
+        assert not (fs.store / "superblock").exists()
+    fs.mkfs("--chunk-size", "64K")
+    fs.mount()
+    data = os.urandom(2 << 20)
+    (fs.mnt / "f").write_bytes(data)
+    fs.flush()
+    # 16 KiB to 256 KiB pieces: ~32 blocks, where the default (512 KiB to 8 MiB) makes 1 to 4
+    assert 8 <= fs.stat_json()["blocks"] <= 128
+    fs.check("cloudfs", "drop-cache", fs.mnt)
+    assert (fs.mnt / "f").read_bytes() == data
+
+
 # --- errno --------------------------------------------------------------------------------
 
 
