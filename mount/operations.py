@@ -297,10 +297,15 @@ class Operations(pyfuse3.Operations):
             raise FSOpError(errno.EISDIR)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             self._refuse_if_fenced()
-        if flags & os.O_ACCMODE != os.O_WRONLY and await self.ns.accessed(attrs):
-            # atime is read at open, not at read(): reads served from the page cache
-            # never reach the filesystem. The kernel keeps cached attributes and hears
-            # nothing of this change from an open, so tell it.
+        # atime is set at open, not at read(): reads served from the page cache never
+        # reach the filesystem. The kernel keeps cached attributes and hears nothing of
+        # the new atime from an open. So an open that set it drops the file's page
+        # cache: the first read comes here as a READ, after which the kernel marks its
+        # cached atime stale itself. (Marking all attributes stale at once instead cost
+        # a GETATTR between the open and the read: its size is needed.) An empty file
+        # sees no READ: its attributes are marked stale.
+        atime_set = flags & os.O_ACCMODE != os.O_WRONLY and await self.ns.accessed(attrs)
+        if atime_set and attrs.size == 0:
             _invalidate_attributes(inode)
         await self.files.open(
             inode, attrs.version if self.shared else None, known=attrs, mark=mark
@@ -321,7 +326,9 @@ class Operations(pyfuse3.Operations):
                 if self.files.close_handle(inode):  # no handle was made: undo the open
                     await self._after_last_close(inode)
                 raise
-        return pyfuse3.FileInfo(fh=self._new_handle(inode), keep_cache=keep_cache)
+        return pyfuse3.FileInfo(
+            fh=self._new_handle(inode), keep_cache=keep_cache and not atime_set
+        )
 
     @fuse_errors
     async def create(

@@ -240,6 +240,23 @@ def test_atime_is_relatime(fs: CloudFS) -> None:
     assert _times(p) == kept
 
 
+def test_a_read_shows_its_atime_at_once_whatever_the_kernel_cached(fs: CloudFS) -> None:
+    """The kernel's cached attributes and pages of a file are fresh; the first read after
+    a change, which sets atime, must still show in the next stat: for a file whose pages
+    the kernel has, and for an empty one (no read reaches the filesystem)."""
+    m = fs.mnt
+    for name, data in (("cached", b"in the page cache"), ("empty", b"")):
+        p = m / name
+        p.write_bytes(data)
+        os.stat(p)
+        assert p.read_bytes() == data  # the kernel caches its pages now
+        time.sleep(0.01)
+        os.chmod(p, 0o600)  # a new ctime (not mtime: the pages stay): relatime sets atime
+        os.stat(p)
+        assert _changes(p, lambda p=p, data=data: p.read_bytes() == data) == (True, False, False)
+        assert _changes(p, lambda p=p, data=data: p.read_bytes() == data) == (False, False, False)
+
+
 def test_atime_mount_options(make_fs: Callable[..., CloudFS]) -> None:
     """-o noatime: reads never touch atime; -o strictatime: every read does."""
     fs = make_fs(mount=False)
