@@ -245,6 +245,16 @@ class LocalStore(ObjectStore):
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+                # The store is read only on a cache miss, and its pages are clean now:
+                # drop them. Kept, every byte written would hold two copies in memory
+                # (this and the cache dir's block file), and the page cache would keep
+                # growing into fresh memory: on this test machine (a virtual machine,
+                # likely the host's page faults) the kernel's copy of written data into
+                # the page cache then took 40% of both processes' CPU (perf).
+                # 1 GiB written and flushed, six alternating pairs on this test
+                # machine's disk: the mount's system CPU 2.6-3.5 -> 1.7-2.1 s, the
+                # daemon's 3.9-4.6 -> 2.6-2.9 s, write + fsync 154-193 -> 217-251 MB/s.
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
             created: builtins.list[Path] = []
             for attempt in range(_RENAME_ATTEMPTS):
                 try:
