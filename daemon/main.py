@@ -43,6 +43,7 @@ from cloudfs.daemon.control import answers
 from cloudfs.daemon.service import DaemonService
 from cloudfs.tools._cli import add_storage_arguments, storage_options_from_args
 
+from cloudfs import malloc
 from cloudfs.cache import CacheConfig, CacheDir
 from cloudfs.codec.crypto import KEY_SIZE, Keys
 from cloudfs.config import Superblock, read_passphrase, read_superblock, unlock
@@ -331,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return DaemonError.exit_code
     _setup_logging(cache, opts.fg)
+    malloc.tune()
     try:
         sb, keys = _unlock_keys(opts, config)
         if opts.metadata_password_stdin:

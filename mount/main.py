@@ -27,7 +27,7 @@ from cloudfs.mount.history import HistoryOperations
 from cloudfs.mount.options import MountOptions, parse
 from cloudfs.tools._cli import hide_url_password, metadata_password, open_cli_store, run_cli
 
-from cloudfs import config, notify
+from cloudfs import config, malloc, notify
 from cloudfs.cache import CacheConfig, CacheDir, CacheSpace
 from cloudfs.chunking import ChunkerParams
 from cloudfs.clients import Client
@@ -787,6 +787,7 @@ def _setup_logging(cache: CacheDir, foreground: bool, debug: bool) -> None:
 
 def _mount(argv: list[str], *, command_line: bool = False) -> int:
     opts = parse(argv)
+    malloc.tune()
     if opts.metadata:
         metadata_password(opts.metadata, opts.mysql_password_file)  # given twice?
     if command_line:
