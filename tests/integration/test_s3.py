@@ -90,7 +90,11 @@ def test_300_mib_through_a_faulty_network(
     s3_bucket: Bucket, faulty_network: FaultProxy, make_fs: Callable[..., CloudFS]
 ) -> None:
     proxy = faulty_network
-    fs = make_fs(bucket=s3_bucket, endpoint=proxy.endpoint)
+    fs = make_fs(bucket=s3_bucket, endpoint=proxy.endpoint, mkfs=False, mount=False)
+    # 512 KiB blocks (2 MiB by default): ~600 objects to read back, so each kind of
+    # fault (2-3% of requests) surely comes again while reading (0.98^150 is 5%)
+    fs.mkfs("--chunk-size", "512K")
+    fs.mount()
     files = mixed_files(seed=300, total=300 * MiB)
     assert len(files) > 100
 
