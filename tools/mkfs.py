@@ -44,8 +44,9 @@ def _parser() -> argparse.ArgumentParser:
         "--compression-level", type=int, default=config.DEFAULT_LEVEL, help="zstd level (default 3)"
     )
     p.add_argument(
-        "--chunk-size", metavar="SIZE", default="2M",
-        help="average block size, a power of two (default 2M): files are cut into "
+        "--chunk-size", metavar="SIZE",
+        help=f"average block size, a power of two (default {config.DEFAULT_CHUNKER[1] >> 20}M):"
+        " files are cut into "
         "content-defined chunks of SIZE/4 to 4*SIZE. Larger: fewer, bigger objects "
         "(fewer requests, faster cold reads from S3); smaller: an edit re-stores less",
     )  # fmt: skip
@@ -63,7 +64,11 @@ def _parser() -> argparse.ArgumentParser:
 async def mkfs(args: argparse.Namespace) -> int:
     options = storage_options_from_args(args)
     policy = retention.parse_policy(args.retention or "")  # bad input fails before any change
-    chunker = config.chunker_for(parse_size(args.chunk_size, "chunk size"))
+    chunker = (
+        config.chunker_for(parse_size(args.chunk_size, "chunk size"))
+        if args.chunk_size is not None
+        else config.DEFAULT_CHUNKER
+    )
     store = open_cli_store(args.storage, options)
     meta: MetaStore | None = None
     try:
