@@ -324,6 +324,7 @@ class CacheDir:
         *,
         durable: bool,
         sync_soon: bool = False,
+        spare: bool = True,
     ) -> None:
         """Put a block's plaintext in place atomically (blocking; call from a thread).
 
@@ -336,17 +337,18 @@ class CacheDir:
         when 10% of memory is dirty). Not for a block under SYNC_SOON_MIN bytes (a small
         file, the tail of a big one): starting its writeback cost about as much CPU as
         the rest of writing it, and the fsync that may follow waits for little.
-        `sync_soon` writes also take their temporary file from `spares`."""
+        `sync_soon` writes also take their temporary file from `spares`, unless `spare`
+        is False (the daemon, which makes none)."""
         path = self.block_file(block_id)
-        spare = self.spares.take() if sync_soon else None
+        spare_file = self.spares.take() if sync_soon and spare else None
         fd = -1
-        if spare is not None:
+        if spare_file is not None:
             try:
-                fd = os.open(spare, os.O_WRONLY | os.O_TRUNC)
+                fd = os.open(spare_file, os.O_WRONLY | os.O_TRUNC)
             except FileNotFoundError:
                 pass  # removed meanwhile (by hand, say): make one
-        if spare is not None and fd >= 0:
-            tmp = spare
+        if spare_file is not None and fd >= 0:
+            tmp = spare_file
         else:
             tmp = f"{self._tmp_prefix}{block_id.hex()}.{os.getpid()}.{id(data):x}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -381,6 +383,28 @@ class CacheDir:
             return
         for _ in _sync_pool.get().map(_fsync_path, paths):
             pass  # the first failure is raised here, after all have run
+
+    def drop_pages(self, block_id: bytes) -> None:
+        """Let the kernel free the pages of a block file in its page cache, where the
+        file's data has another copy (blocking: call from a thread). Dirty pages stay:
+        call it once the file was written back (`sync_soon`, some time ago).
+
+        A fetched block, once its reader has read it, is in the kernel's page cache of
+        the file it belongs to; its block file is read again only when that page cache
+        misses. The second copy cost more than memory: the page cache kept growing
+        into pages not touched before, and on this test machine (a virtual machine;
+        likely the host's page faults) the kernel's copy of written data into such
+        pages took 75% of a plain write's system CPU (perf: copy_folio_from_iter_atomic),
+        where pages just freed take the copy several times faster. Freed block by
+        block, the pages of one block file are there for the next."""
+        try:
+            fd = os.open(self.block_file(block_id), os.O_RDONLY)
+        except OSError:
+            return  # evicted or collected meanwhile: nothing to free
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
     def hold_block(self, block_id: bytes) -> Path | None:
         """Hold on to a cached block's plaintext with a hard link in holds/, so that it

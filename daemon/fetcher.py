@@ -18,13 +18,15 @@ time it asks, never holds the read-ahead back.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
 
-from cloudfs.cache import CacheDir
+from cloudfs.cache import SYNC_SOON_MIN, CacheDir
 from cloudfs.errors import CloudfsError, CorruptBlock, DaemonError
+from cloudfs.files import READAHEAD_BLOCKS
 from cloudfs.objectstore.sealed import SealedStore
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,11 @@ class _Get:
     #: a read waits for this block, and no GET had started for it when it asked
     missed: bool = False
 
+
+#: the pages of this many of the last blocks fetched stay in the kernel's page cache;
+#: older ones are freed (`CacheDir.drop_pages`): by then their reader has read them
+#: (four read-ahead windows of one sequential reader)
+KEEP_PAGES_BLOCKS = 4 * READAHEAD_BLOCKS
 
 #: reused buffers grow in steps of this much (to the largest object or block seen)
 _BUFFER_STEP = 256 << 10
@@ -107,6 +114,8 @@ class Fetcher:
         #: buffers of GETs that ended, for the next ones (at most one per GET slot)
         self._free_buffers: list[_Buffers] = []
         self._max_buffers = fetches
+        #: blocks fetched whose pages may still be in the page cache, oldest first
+        self._paged: deque[bytes] = deque()
         #: GETs of missed blocks not done yet; prefetch GETs start only at 0
         self._misses = 0
         self._no_misses = trio.Event()
@@ -213,7 +222,14 @@ class Fetcher:
         """GET, open and write one block file; the plaintext's size."""
         buffers = self._free_buffers.pop() if self._free_buffers else _Buffers()
         body = await self.store.get_sealed_into(block_id, buffers.sealed)
-        size = await trio.to_thread.run_sync(self._open_and_write, block_id, body, buffers)
+        drop = []
+        while len(self._paged) >= KEEP_PAGES_BLOCKS:
+            drop.append(self._paged.popleft())
+        size = await trio.to_thread.run_sync(
+            self._open_and_write, block_id, body, buffers, drop
+        )
+        if size >= SYNC_SOON_MIN:
+            self._paged.append(block_id)
         # only now are the buffers surely free: a GET that failed or was cancelled may
         # have left a worker thread behind that still writes into them (a store's
         # abandoned call), so they go with it
@@ -221,11 +237,16 @@ class Fetcher:
             self._free_buffers.append(buffers)
         return size
 
-    def _open_and_write(self, block_id: bytes, body: memoryview, buffers: _Buffers) -> int:
-        """Verify and open the object, write the block file: one worker thread hop
-        per block instead of two. The plaintext's size."""
+    def _open_and_write(
+        self, block_id: bytes, body: memoryview, buffers: _Buffers, drop: list[bytes]
+    ) -> int:
+        """Verify and open the object, write the block file (its writeback started,
+        so that its pages can be freed later), and free the pages of the older block
+        files in `drop`: one worker thread hop per block. The plaintext's size."""
         plaintext = self.store.open_sealed_into(block_id, body, buffers.plain)
-        self.cache.write_block(block_id, plaintext, durable=False)
+        self.cache.write_block(block_id, plaintext, durable=False, sync_soon=True, spare=False)
+        for old in drop:
+            self.cache.drop_pages(old)
         buffers.fit(len(body), len(plaintext))  # new buffers: the views stay valid
         return len(plaintext)
 

@@ -1,12 +1,13 @@
 """Helpers of the POSIX tests on real mounts: errno checks, code run as another user in
 a forked child, the syscalls Python does not wrap (renameat2, utimensat with
-UTIME_OMIT, getxattr into a small buffer), and a look at the metadata database.
+UTIME_OMIT, getxattr into a small buffer, mincore), and a look at the metadata database.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import pickle
 import sys
@@ -69,6 +70,22 @@ def utimensat(path: str | Path, atime: tuple[int, int], mtime: tuple[int, int]) 
     or UTIME_OMIT."""
     times = (_Timespec * 2)(_Timespec(*atime), _Timespec(*mtime))
     _check(_libc.utimensat(AT_FDCWD, os.fsencode(path), times, 0))
+
+
+def cached_pages(fd: int, size: int) -> int:
+    """How many pages of the open file `fd` (`size` bytes) the kernel's page cache holds:
+    mincore on a private mapping, which reads nothing in."""
+    pages = -(-size // mmap.PAGESIZE)
+    m = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        start = ctypes.c_char.from_buffer(m)
+        vec = (ctypes.c_ubyte * pages)()
+        rc = _libc.mincore(ctypes.c_void_p(ctypes.addressof(start)), ctypes.c_size_t(size), vec)
+        del start  # the mapping cannot close while a ctypes object points into it
+        _check(rc)
+        return sum(v & 1 for v in vec)
+    finally:
+        m.close()
 
 
 def getxattr_size(path: str | Path, name: str, size: int) -> tuple[int, bytes]:

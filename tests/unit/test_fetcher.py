@@ -5,14 +5,18 @@ answers, so what is asserted is the order in which GETs start, not timing."""
 
 from __future__ import annotations
 
+import mmap
+import os
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
-from cloudfs.daemon.fetcher import Fetcher
+from cloudfs.daemon.fetcher import KEEP_PAGES_BLOCKS, Fetcher
+from posixutil import cached_pages
 
-from cloudfs.cache import CacheDir
+from cloudfs.cache import SYNC_SOON_MIN, CacheDir
 
 
 class GatedStore:
@@ -136,3 +140,55 @@ async def test_a_queued_read_ahead_that_a_read_needs_goes_first(tmp_path: Path) 
         await _until(lambda: all(cache.has_block(b) for b in blocks), "every block")
         assert set(store.started) == set(blocks)
         nursery.cancel_scope.cancel()
+
+
+class PlainStore:
+    """Answers every GET at once; the "object" is BODY bytes of the plaintext."""
+
+    BODY = 2 * SYNC_SOON_MIN
+
+    async def get_sealed_into(self, block_id: bytes, buffer: bytearray) -> memoryview:
+        return memoryview(block_id[:1] * self.BODY)
+
+    def open_sealed_into(self, block_id: bytes, body: memoryview, buffer: bytearray) -> memoryview:
+        return body
+
+
+async def test_the_pages_of_older_fetched_blocks_are_freed(tmp_path: Path) -> None:
+    """Once KEEP_PAGES_BLOCKS newer blocks came, a fetched block file's pages leave the
+    page cache (its reader has its own copy by then); the newer ones keep theirs."""
+    if _fs_type(tmp_path) == "tmpfs":
+        pytest.skip("tmpfs holds a file's data in its pages: they cannot be freed")
+    cache = CacheDir(tmp_path / "cache")
+    cache.create()
+    fetcher = Fetcher(cache, PlainStore(), fetches=1)  # type: ignore[arg-type]
+    blocks = [i.to_bytes(2, "big") * 16 for i in range(KEEP_PAGES_BLOCKS + 2)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fetcher.run)
+        for block in blocks[:KEEP_PAGES_BLOCKS]:
+            await fetcher.fetch([block])
+        os.sync()  # written back: only clean pages can go
+        for block in blocks[KEEP_PAGES_BLOCKS:]:
+            await fetcher.fetch([block])
+        nursery.cancel_scope.cancel()
+
+    def cached(block: bytes) -> int:
+        fd = os.open(cache.block_path(block), os.O_RDONLY)
+        try:
+            return cached_pages(fd, PlainStore.BODY)
+        finally:
+            os.close(fd)
+
+    pages = PlainStore.BODY // mmap.PAGESIZE
+    assert [cached(b) for b in (blocks[0], blocks[1], blocks[2], blocks[-1])] == [0, 0, pages, pages]
+
+
+def _fs_type(path: Path) -> str:
+    """The type of the filesystem holding `path` (from /proc/self/mounts)."""
+    best, kind = "", ""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _dev, point, fstype, *_ = line.split()
+            if str(path).startswith(point.rstrip("/") + "/") and len(point) > len(best):
+                best, kind = point, fstype
+    return kind
