@@ -23,6 +23,7 @@ from typing import Any
 import pyfuse3
 import trio
 from cloudfs.daemon.control import DaemonClient, ensure_daemon
+from cloudfs.mount import spin
 from cloudfs.mount.history import HistoryOperations
 from cloudfs.mount.options import MountOptions, parse
 from cloudfs.tools._cli import hide_url_password, metadata_password, open_cli_store, run_cli
@@ -640,7 +641,12 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
                 nursery.start_soon(_stop_on_signals)
                 if ready is not None:
                     _report_ready(ready, "ok")
-                await pyfuse3.main()
+                poller = spin.install(opts.poll_us / 1e6)
+                try:
+                    await pyfuse3.main()
+                finally:
+                    if poller is not None:
+                        trio.lowlevel.remove_instrument(poller)
                 nursery.cancel_scope.cancel()
             # leaving `last_closes` waits for the seals of files closed at the end
         ops.background = None

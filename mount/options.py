@@ -64,6 +64,9 @@ class MountOptions:
     #: seconds the kernel may trust names and attributes (None: an hour with SQLite
     #: metadata, where this mount makes every change; a second with MySQL)
     attr_timeout: float | None = None
+    #: microseconds the mount polls the FUSE device before it sleeps, while requests
+    #: come back to back (`cloudfs.mount.spin`); 0: never
+    poll_us: float = 100.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
                         "s3_region=REGION, s3_path_style, metadata=URL, "
                         "mysql_password_file=FILE, cache_size=SIZE, "
                         "cache_full_wait=SECONDS, upload=sync|async, redis=URL, "
-                        "redis_password_file=FILE, attr_timeout=SECONDS")  # fmt: skip
+                        "redis_password_file=FILE, attr_timeout=SECONDS, "
+                        "poll_us=MICROSECONDS")  # fmt: skip
     p.add_argument("-f", "--fg", "--foreground", dest="fg", action="store_true",
                    help="stay in the foreground")  # fmt: skip
     p.add_argument("--cachedir", help="cache dir (default ~/.cache/cloudfs/<fs uuid>)")
@@ -197,6 +201,13 @@ def parse(argv: list[str]) -> MountOptions:
                     raise UsageError(f"attr_timeout {value!r} is not a number of seconds") from None
                 if not 0 <= opts.attr_timeout < float("inf"):
                     raise UsageError("attr_timeout must be 0 or more seconds")
+            elif name == "poll_us":
+                try:
+                    opts.poll_us = float(value)
+                except ValueError:
+                    raise UsageError(f"poll_us {value!r} is not a number of microseconds") from None
+                if not 0 <= opts.poll_us <= 10_000:
+                    raise UsageError("poll_us must be 0 to 10000 microseconds")
             elif name == "upload":
                 if value not in ("async", "sync"):
                     raise UsageError(f"upload={value}: use upload=async or upload=sync")
