@@ -4,9 +4,9 @@ A request that finds the mount asleep costs a wakeup of its thread (and of the C
 sleeps on): on this test machine, a virtual machine whose idle CPUs halt, that wakeup
 was most of a request's round trip. A bare raw-/dev/fuse loop in Python answered 11,000
 GETATTRs/s, and 38,000/s once it polled the device for 50 us before sleeping; the
-mount's own GETATTR round trips (statx with AT_STATX_FORCE_SYNC) went from 7,300-10,800/s
-to 11,300-16,900/s with `FusePoller` (/proc's CPU times: the CPU per request did not
-grow, since sleeping and waking cost CPU too).
+mount's own GETATTR round trips (statx with AT_STATX_FORCE_SYNC, five alternating
+pairs) went from 3,700-8,400/s to 5,400-12,700/s with `FusePoller`. The CPU per
+request did not grow (/proc's CPU times): sleeping and waking cost CPU too.
 
 So while requests come back to back, the loop polls the device for up to `SPIN_S`
 before it sleeps; the next request of a caller that is working through a tree is
