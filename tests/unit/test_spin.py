@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import trio
 from cloudfs.mount import spin
 from cloudfs.mount.options import parse as mount_args
 
@@ -82,3 +83,37 @@ def test_poll_us_option() -> None:
     for bad in ("poll_us=soon", "poll_us=-1", "poll_us=1e9", "poll_us=nan"):
         with pytest.raises(UsageError, match="poll_us"):
             mount_args(["/s", "/m", "-o", bad])
+
+
+def test_anything_else_ready_ends_the_poll(pipe: tuple[int, int]) -> None:
+    r, _w = pipe
+    r2, w2 = os.pipe()
+    try:
+        poller = spin.FusePoller(r, spin_s=0.2, busy_s=10.0, also=r2)
+        poller._busy_until = time.perf_counter() + 10.0  # busy
+        os.write(w2, b"x")
+        assert _took(poller.before_io_wait, 1.0) < 0.1
+        assert poller.hits == poller.misses == 0  # no request came
+    finally:
+        os.close(r2)
+        os.close(w2)
+
+
+def test_a_worker_threads_result_is_not_held_back_by_the_poll(pipe: tuple[int, int]) -> None:
+    """In a running trio loop, with the poller busy and polling for 50 ms: 20 hops to a
+    worker thread and back take far less than 20 polls would (trio's epoll ends it)."""
+    r, _w = pipe
+
+    async def main() -> float:
+        poller = spin.FusePoller(r, spin_s=0.05, busy_s=60.0, also=spin._trio_epoll_fd())
+        poller._busy_until = time.perf_counter() + 60.0
+        trio.lowlevel.add_instrument(poller)
+        try:
+            start = time.perf_counter()
+            for _ in range(20):
+                await trio.to_thread.run_sync(time.sleep, 0.001)
+            return time.perf_counter() - start
+        finally:
+            trio.lowlevel.remove_instrument(poller)
+
+    assert trio.run(main) < 0.5  # 20 x 50 ms would be 1 s
