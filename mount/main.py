@@ -641,7 +641,7 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
                 nursery.start_soon(_stop_on_signals)
                 if ready is not None:
                     _report_ready(ready, "ok")
-                poller = spin.install(opts.poll_us / 1e6)
+                poller = spin.install(spin.poll_time(opts.poll_us, shared=shared))
                 try:
                     await pyfuse3.main()
                 finally:

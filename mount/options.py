@@ -65,8 +65,9 @@ class MountOptions:
     #: metadata, where this mount makes every change; a second with MySQL)
     attr_timeout: float | None = None
     #: microseconds the mount polls the FUSE device before it sleeps, while requests
-    #: come back to back (`cloudfs.mount.spin`); 0: never
-    poll_us: float = 100.0
+    #: come back to back (`cloudfs.mount.spin`); 0: never; None: 100 with SQLite
+    #: metadata, 0 with MySQL (whose round trips a poll would only spend CPU on)
+    poll_us: float | None = None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -203,10 +204,10 @@ def parse(argv: list[str]) -> MountOptions:
                     raise UsageError("attr_timeout must be 0 or more seconds")
             elif name == "poll_us":
                 try:
-                    opts.poll_us = float(value)
+                    opts.poll_us = poll_us = float(value)
                 except ValueError:
                     raise UsageError(f"poll_us {value!r} is not a number of microseconds") from None
-                if not 0 <= opts.poll_us <= 10_000:
+                if not 0 <= poll_us <= 10_000:
                     raise UsageError("poll_us must be 0 to 10000 microseconds")
             elif name == "upload":
                 if value not in ("async", "sync"):

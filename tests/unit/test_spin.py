@@ -77,7 +77,10 @@ def test_fuse_fd_finds_the_device() -> None:
 
 
 def test_poll_us_option() -> None:
-    assert mount_args(["/s", "/m"]).poll_us == spin.SPIN_S * 1e6
+    assert mount_args(["/s", "/m"]).poll_us is None  # the engine decides
+    assert spin.poll_time(None, shared=False) == spin.SPIN_S
+    assert spin.poll_time(None, shared=True) == 0
+    assert spin.poll_time(250, shared=True) == 250e-6
     assert mount_args(["/s", "/m", "-o", "poll_us=0"]).poll_us == 0
     assert mount_args(["/s", "/m", "-o", "poll_us=250"]).poll_us == 250
     for bad in ("poll_us=soon", "poll_us=-1", "poll_us=1e9", "poll_us=nan"):
