@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 import trio
+from cloudfs.mount import fuse
 from cloudfs.mount.operations import Operations, _caller, fuse_errors
 from cloudfs.mount.view import (
     DOT,
@@ -186,7 +187,7 @@ class HistoryOperations(Operations):
         def run() -> None:
             for ino in inodes:
                 try:
-                    pyfuse3.invalidate_inode(ino)
+                    fuse.invalidate_inode(ino)
                 except OSError:
                     pass  # the kernel does not know it
 
@@ -613,7 +614,7 @@ class HistoryOperations(Operations):
             return
         for name, attrs, next_cookie in await self.view.readdir(fh, start_id):
             entry = self._virtual_entry(attrs) if is_virtual(attrs.id) else self._entry(attrs)
-            if not pyfuse3.readdir_reply(token, name, entry, next_cookie):
+            if not fuse.readdir_reply(token, name, entry, next_cookie):
                 return
             if name not in (b".", b".."):
                 # readdirplus: an accepted entry gives the kernel a lookup reference

@@ -23,7 +23,7 @@ from typing import Any
 import pyfuse3
 import trio
 from cloudfs.daemon.control import DaemonClient, ensure_daemon
-from cloudfs.mount import spin
+from cloudfs.mount import fuse, spin
 from cloudfs.mount.history import HistoryOperations
 from cloudfs.mount.options import MountOptions, parse
 from cloudfs.tools._cli import hide_url_password, metadata_password, open_cli_store, run_cli
@@ -618,7 +618,7 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
     # resolved before the mount: once mounted, a lookup of the path asks this process
     mountpoint_path = os.path.realpath(opts.mountpoint)
     ops.after_init = lambda: _widen_kernel_readahead(mountpoint_path, KERNEL_READAHEAD_KIB)
-    pyfuse3.init(ops, opts.mountpoint, fuse_opts)
+    fuse.init(ops, opts.mountpoint, fuse_opts, loop=opts.fuse_loop)
     log.info("mounted %s on %s", opts.storage, opts.mountpoint)
     if notifier is not None:
         notifier.start()  # invalidations need the FUSE session
@@ -641,12 +641,7 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
                 nursery.start_soon(_stop_on_signals)
                 if ready is not None:
                     _report_ready(ready, "ok")
-                poller = spin.install(spin.poll_time(opts.poll_us, shared=shared))
-                try:
-                    await pyfuse3.main()
-                finally:
-                    if poller is not None:
-                        trio.lowlevel.remove_instrument(poller)
+                await fuse.main(spin.poll_time(opts.poll_us, shared=shared))
                 nursery.cancel_scope.cancel()
             # leaving `last_closes` waits for the seals of files closed at the end
         ops.background = None
@@ -663,7 +658,7 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
         if notifier is not None:
             await trio.to_thread.run_sync(notifier.stop)
         try:
-            pyfuse3.close(unmount=True)
+            fuse.close(unmount=True)
             unmounted = True
         except Exception as exc:  # noqa: BLE001 - unmount must be attempted whatever failed
             log.error("unmount failed: %s", exc)
@@ -701,7 +696,7 @@ def _invalidate_inode_quietly(ino: int) -> None:
     """Another mount changed `ino`: drop the kernel's attributes and cached data of it
     (on the notifier's thread: it may wait for the kernel's writeback)."""
     try:
-        pyfuse3.invalidate_inode(ino)
+        fuse.invalidate_inode(ino)
     except OSError:
         pass  # the kernel does not know it
 
@@ -728,7 +723,7 @@ def _resync_kernel(ops: HistoryOperations, token: trio.lowlevel.TrioToken) -> Ca
 
 def _invalidate_entry_quietly(parent: int, name: bytes) -> None:
     try:
-        pyfuse3.invalidate_entry(parent, name)
+        fuse.invalidate_entry(parent, name)
     except OSError:
         pass
 
@@ -748,7 +743,7 @@ async def _stop_on_signals() -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("got signal %d: unmounting", signum)
-            pyfuse3.terminate()
+            fuse.terminate()
             return
 
 

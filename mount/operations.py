@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 import trio
+from cloudfs.mount import fuse
 from cloudfs.tools.cloudfs import XATTR_CACHEDIR, XATTR_COMMAND
 
 from cloudfs.cache import CacheSpace
@@ -429,7 +430,7 @@ class Operations(pyfuse3.Operations):
             if not entries:
                 return
             for name, attrs, next_cookie in entries:
-                if not pyfuse3.readdir_reply(token, name, self._entry(attrs), next_cookie):
+                if not fuse.readdir_reply(token, name, self._entry(attrs), next_cookie):
                     return
                 if name not in (b".", b".."):
                     # readdirplus: an accepted entry gives the kernel a lookup reference
@@ -521,7 +522,7 @@ def _invalidate_attributes(ino: int) -> None:
     so never waits for writeback or for an answer of this process (a thread hop per
     first read of a written file cost more than the call)."""
     try:
-        pyfuse3.invalidate_inode(ino, attr_only=True)
+        fuse.invalidate_inode(ino, attr_only=True)
     except OSError:
         pass  # the kernel does not know the inode (any more)
 
@@ -530,6 +531,6 @@ def _invalidate_inodes(inodes: list[int]) -> None:
     """Drop the kernel's cached data and attributes of `inodes` (blocking)."""
     for ino in inodes:
         try:
-            pyfuse3.invalidate_inode(ino)
+            fuse.invalidate_inode(ino)
         except OSError:
             pass  # the kernel has forgotten it meanwhile

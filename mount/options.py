@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
+from cloudfs.mount import fuse
 from cloudfs.tools._cli import (
     add_metadata_arguments,
     add_storage_arguments,
@@ -68,6 +69,9 @@ class MountOptions:
     #: come back to back (`cloudfs.mount.spin`); 0: never; None: 100 with SQLite
     #: metadata, 0 with MySQL (whose round trips a poll would only spend CPU on)
     poll_us: float | None = None
+    #: which request loop answers the kernel: "direct" (cloudfs's own, on /dev/fuse)
+    #: or "pyfuse3" (libfuse's); see cloudfs.mount.fuse
+    fuse_loop: str = fuse.DEFAULT_LOOP
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
                         "mysql_password_file=FILE, cache_size=SIZE, "
                         "cache_full_wait=SECONDS, upload=sync|async, redis=URL, "
                         "redis_password_file=FILE, attr_timeout=SECONDS, "
-                        "poll_us=MICROSECONDS")  # fmt: skip
+                        "poll_us=MICROSECONDS, fuse_loop=direct|pyfuse3")  # fmt: skip
     p.add_argument("-f", "--fg", "--foreground", dest="fg", action="store_true",
                    help="stay in the foreground")  # fmt: skip
     p.add_argument("--cachedir", help="cache dir (default ~/.cache/cloudfs/<fs uuid>)")
@@ -209,6 +213,10 @@ def parse(argv: list[str]) -> MountOptions:
                     raise UsageError(f"poll_us {value!r} is not a number of microseconds") from None
                 if not 0 <= poll_us <= 10_000:
                     raise UsageError("poll_us must be 0 to 10000 microseconds")
+            elif name == "fuse_loop":
+                if value not in fuse.LOOPS:
+                    raise UsageError(f"fuse_loop={value}: use fuse_loop=direct or pyfuse3")
+                opts.fuse_loop = value
             elif name == "upload":
                 if value not in ("async", "sync"):
                     raise UsageError(f"upload={value}: use upload=async or upload=sync")
