@@ -111,6 +111,8 @@ class Operations(pyfuse3.Operations):
         self.wait_stored = wait_stored
         self._written: set[int] = set()  # handles written through since their last flush
         self._handles: dict[int, int] = {}  # file handle -> inode
+        #: inodes whose seal after the last close runs (set when it is done)
+        self._closing: dict[int, trio.Event] = {}
         self._next_fh = 1
         #: runs the seal after a last close, so release answers at once (the kernel
         #: does not wait for it, and at unmount it stops listening for the answer);
@@ -294,6 +296,9 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        closing = self._closing.get(inode)
+        if closing is not None:
+            await closing.wait()
         mark = self.files.commit_mark()
         attrs = await self.ns.getattr(inode)
         if stat.S_ISDIR(attrs.mode):
@@ -391,11 +396,24 @@ class Operations(pyfuse3.Operations):
         ):
             return  # nothing to seal (a file only read): no task for it
         if self.background is not None:
-            self.background.start_soon(self._after_last_close, ino)
+            # an open of the file waits for this seal: what was closed is a version of
+            # its own even when the file is opened again at once (a reopen before the
+            # seal would have found the file open and left its data unsealed)
+            done = self._closing[ino] = trio.Event()
+            self.background.start_soon(self._after_last_close, ino, done)
         else:
             await self._after_last_close(ino)
 
-    async def _after_last_close(self, ino: int) -> None:
+    async def _after_last_close(self, ino: int, done: trio.Event | None = None) -> None:
+        try:
+            await self._seal_closed(ino)
+        finally:
+            if done is not None:
+                if self._closing.get(ino) is done:
+                    del self._closing[ino]
+                done.set()
+
+    async def _seal_closed(self, ino: int) -> None:
         if self.ns.meta.fenced is not None:
             return  # nothing may be sealed or freed here any more
         try:
