@@ -14,7 +14,7 @@ import trio
 from . import kernel, spin
 
 LOOPS = ("direct", "pyfuse3")
-DEFAULT_LOOP = "pyfuse3"
+DEFAULT_LOOP = "direct"
 
 _session: kernel.Session | None = None
 
