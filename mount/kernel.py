@@ -100,7 +100,8 @@ _DO_READDIRPLUS = 1 << 13
 _ASYNC_DIO = 1 << 15
 _MAX_PAGES = 1 << 22
 #: what pyfuse3 (libfuse 3.14) asks of the kernel; the same here, so the kernel
-#: behaves the same whichever loop serves the mount
+#: behaves the same whichever loop serves the mount, except that auto_inval_data is
+#: left out when the handlers' `auto_inval_data` is false (Operations: a single mount)
 WANTED = (
     _ASYNC_READ | _ATOMIC_O_TRUNC | _EXPORT_SUPPORT | _BIG_WRITES | _AUTO_INVAL_DATA
     | _DO_READDIRPLUS | _ASYNC_DIO | _MAX_PAGES
@@ -408,6 +409,8 @@ class Session:
             raise OSError(errno.EPROTO, f"FUSE: kernel protocol {major}.{minor} is too old")
         self.proto_minor = min(minor, PROTOCOL_MINOR)
         want = flags & WANTED
+        if not getattr(self.ops, "auto_inval_data", True):
+            want &= ~_AUTO_INVAL_DATA
         if self.ops.enable_writeback_cache:
             want |= flags & (1 << 16)
         if self.debug:

@@ -98,6 +98,13 @@ class Operations(pyfuse3.Operations):
         if cache_timeout is None:
             cache_timeout = SHARED_TIMEOUT if shared else SINGLE_MOUNT_TIMEOUT
         self.timeout = cache_timeout
+        #: FUSE auto_inval_data (the direct loop asks for it only when this is true):
+        #: the kernel drops a file's page cache when a GETATTR shows a new mtime. A
+        #: single mount makes every change through the kernel's page cache itself and
+        #: invalidates what it changes behind its back (restore, drop-cache), so the
+        #: pages of a file it just wrote stay for the reads after; only shared mode,
+        #: where other machines change files, needs it
+        self.auto_inval_data = shared
         #: shared mode: the version of each file whose contents the kernel may cache
         self._cached_version: dict[int, int] = {}
         #: shared mode with Redis: tells the other mounts what changed here

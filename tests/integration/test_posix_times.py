@@ -275,6 +275,24 @@ def test_an_open_that_sets_atime_keeps_a_big_files_pages(fs: CloudFS) -> None:
     assert os.stat(p).st_atime_ns > atime
 
 
+def test_a_file_written_through_the_mount_keeps_its_pages(fs: CloudFS) -> None:
+    """A single mount asks the kernel for no auto_inval_data: the page cache of a file
+    it wrote survives the GETATTR that shows the file's new mtime, so the reads after
+    the write come from it (the daemon frees the block files' pages after the upload,
+    so a read through the mount would go to the disk). Shared mode keeps
+    auto_inval_data: other machines change files there."""
+    p = fs.mnt / "written"
+    data = fill(MiB, 5)
+    p.write_bytes(data)
+    fs.flush()
+    os.stat(p)  # a GETATTR: the write made the kernel's size and mtime stale
+    with open(p, "rb") as f:
+        pages = cached_pages(f.fileno(), len(data))
+        assert f.read() == data
+    if fs.metadata is None:
+        assert pages == len(data) // mmap.PAGESIZE
+
+
 def test_atime_mount_options(make_fs: Callable[..., CloudFS]) -> None:
     """-o noatime: reads never touch atime; -o strictatime: every read does."""
     fs = make_fs(mount=False)
