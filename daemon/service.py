@@ -107,6 +107,7 @@ class DaemonService:
         self.uploader = Uploader(
             meta, cache, store, keys, uploads=uploads,
             on_pending=self.evictor.pending_seen, on_stored=self.evictor.stored,
+            drop_pages=isinstance(meta, SqliteMetaStore),
         )  # fmt: skip
         self.fetcher = Fetcher(
             cache, store, fetches=fetches, on_fetched=self.evictor.fetched,

@@ -29,6 +29,7 @@ period; garbage collection never looks at objects without rows).
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import os
@@ -80,13 +81,18 @@ class Failure:
                 "attempts": self.attempts, "last": self.last_wall}  # fmt: skip
 
 
-def _read_verified(path: os.PathLike[str], keys: Keys, block_id: bytes, size: int) -> bytes:
+def _read_verified(
+    path: os.PathLike[str], keys: Keys, block_id: bytes, size: int, *, drop_pages: bool = False
+) -> bytes:
     """A block's plaintext from the cache dir, checked against its row and its id
     (blocking: runs in a worker thread). Uploading damaged plaintext would store an
-    object that can never open again; left pending, the damage is reported instead."""
+    object that can never open again; left pending, the damage is reported instead.
+    `drop_pages`: let the kernel free the file's clean pages once read (see Uploader)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
+            if drop_pages:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     except FileNotFoundError:
         raise BlockUnreadable(f"block {block_id.hex()}: not in the cache dir") from None
     except OSError as exc:
@@ -112,7 +118,16 @@ class Uploader:
         scan_interval: float = 1.0,
         on_pending: Callable[[bytes, int], None] | None = None,
         on_stored: Callable[[bytes, int], None] | None = None,
+        drop_pages: bool = False,
     ) -> None:
+        """`drop_pages`: free the page cache of a block file once it is read for its
+        upload. Set for a single mount (SQLite metadata): there the kernel keeps the
+        page cache of a file written through the mount (no FUSE auto_inval_data, see
+        cloudfs.mount.kernel), so the block file's pages are a second copy, and the
+        page cache kept growing into pages never touched before, which this test
+        machine makes dear (CacheDir.drop_pages). Not with shared metadata, where the
+        kernel drops a written file's pages at its next GETATTR and reads it again
+        through the mount from these block files."""
         if uploads < 1:
             raise ValueError("uploads must be >= 1")
         self.meta = meta
@@ -141,6 +156,7 @@ class Uploader:
         self._stopping = False
         #: PUTs of `store_now` in flight, all requests together
         self._store_slots = trio.CapacityLimiter(uploads)
+        self.drop_pages = drop_pages
 
     # --- control ----------------------------------------------------------------------
 
@@ -256,8 +272,11 @@ class Uploader:
 
     async def _upload(self, block_id: bytes, size: int) -> int:
         plaintext = await trio.to_thread.run_sync(
-            _read_verified, self.cache.block_path(block_id), self.keys, block_id, size
-        )
+            functools.partial(
+                _read_verified, self.cache.block_path(block_id), self.keys, block_id, size,
+                drop_pages=self.drop_pages,
+            )
+        )  # fmt: skip
         return await self.store.put_block(block_id, plaintext, verified=True)
 
     async def _failed(self, block_id: bytes, exc: Exception) -> None:
