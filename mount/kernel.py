@@ -259,6 +259,9 @@ class Session:
         self.spin_s = 0.0
         self._busy_until = 0.0
         self._poll: Any = None
+        #: what the polls ended with: a request, something else trio waits for, their
+        #: time, or no poll as other tasks were ready (logged at the end, debug)
+        self.spin_found = self.spin_other = self.spin_missed = self.spin_busy = 0
         self._handlers = {
             LOOKUP: self._lookup, GETATTR: self._getattr, SETATTR: self._setattr,
             READLINK: self._readlink, SYMLINK: self._symlink, MKNOD: self._mknod,
@@ -360,9 +363,9 @@ class Session:
             if unmount:
                 self.unmount()
         finally:
-            if self.fd >= 0:
-                os.close(self.fd)
-                self.fd = -1
+            fd, self.fd = self.fd, -1  # a notification from a thread now fails cleanly
+            if fd >= 0:
+                os.close(fd)
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -383,6 +386,9 @@ class Session:
                 self._spawn()
         finally:
             self._nursery = None
+            log.debug("FUSE loop: polls found %d requests; ended %d times by other events, "
+                      "%d times by their time; %d not polled (tasks ready)", self.spin_found,
+                      self.spin_other, self.spin_missed, self.spin_busy)  # fmt: skip
 
     def terminate(self) -> None:
         """End `serve` (the requests being handled are answered first)."""
@@ -515,6 +521,7 @@ class Session:
             return False
         stats = trio.lowlevel.current_statistics()
         if stats.tasks_runnable or stats.run_sync_soon_queue_size:
+            self.spin_busy += 1
             return False
         end = now + min(self.spin_s, stats.seconds_to_next_deadline)
         poll = self._poll.poll
@@ -522,7 +529,12 @@ class Session:
         while clock() < end:
             ready = poll(0)
             if ready:
-                return any(fd == self.fd for fd, _ in ready)
+                if any(fd == self.fd for fd, _ in ready):
+                    self.spin_found += 1
+                    return True
+                self.spin_other += 1
+                return False
+        self.spin_missed += 1
         return False
 
     async def _dispatch(self, req: memoryview) -> None:
