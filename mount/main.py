@@ -619,7 +619,7 @@ async def _serve(prep: Prepared, ready: os.PathLike[str] | int | None) -> None:
     mountpoint_path = os.path.realpath(opts.mountpoint)
     ops.after_init = lambda: _widen_kernel_readahead(mountpoint_path, KERNEL_READAHEAD_KIB)
     fuse.init(ops, opts.mountpoint, fuse_opts, loop=opts.fuse_loop)
-    log.info("mounted %s on %s", opts.storage, opts.mountpoint)
+    log.info("mounted %s on %s (FUSE loop: %s)", opts.storage, opts.mountpoint, opts.fuse_loop)
     if notifier is not None:
         notifier.start()  # invalidations need the FUSE session
         log.info("change notifications through %s", prep.redis.display() if prep.redis else "")
