@@ -213,12 +213,12 @@ class Uploader:
     async def _scan_pass(self, queue: trio.MemorySendChannel[tuple[bytes, int]]) -> None:
         if self.meta.fenced is not None:
             return  # fenced (DaemonService.fence): nothing more goes up
-        after = b""
+        after: object = None
         seen_failed: set[bytes] = set()
         while not self._stopping:
             try:
                 async with self.meta.transaction(write=False) as tx:
-                    rows = await tx.pending_blocks(SCAN_PAGE, after)
+                    rows, after = await tx.pending_page(SCAN_PAGE, after)
             except Exception:
                 log.exception("reading pending blocks failed")
                 return
@@ -236,9 +236,8 @@ class Uploader:
                     continue
                 self.in_flight.add(block_id)
                 await queue.send((block_id, size))  # waits while `uploads` are queued
-            if len(rows) < SCAN_PAGE:
+            if after is None:
                 break
-            after = rows[-1][0]
         if self._stopping:
             return
         # a complete pass: failures of blocks no longer pending are history

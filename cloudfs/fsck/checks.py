@@ -821,13 +821,10 @@ class Checker:
             self.found(f"{count} blocks ({size} bytes) wait for upload{why}", fixed=False)
             return
         uploaded = 0
-        after = b""
+        after: object = None
         while True:
             async with self.meta.reading() as tx:
-                rows = await tx.pending_blocks(PAGE, after)
-            if not rows:
-                break
-            after = rows[-1][0]
+                rows, after = await tx.pending_page(PAGE, after)
             for block_id, bsize in rows:
                 try:
                     data = self.cache.block_path(block_id).read_bytes()
@@ -845,6 +842,8 @@ class Checker:
                 uploaded += 1
                 if self.progress is not None:
                     self.progress("upload", uploaded, count)
+            if after is None:
+                break
         if count:
             self.found(f"{count} blocks waited for upload: uploaded")
 

@@ -625,6 +625,26 @@ class Txn:
         )
         return [(bytes(i), s) for i, s in rows]
 
+    async def pending_page(
+        self, limit: int, after: object = None
+    ) -> tuple[list[tuple[bytes, int]], object]:
+        """One page of the blocks waiting for upload, (id, size), and the cursor of the
+        next page (None after the last one). SQLite walks the pending blocks by rowid,
+        which its index on `state` holds in order; by id (`pending_blocks`) it fetched
+        and sorted every pending block for each page: with 30,000 pending, a pass of the
+        uploader over them cost more than the uploads. InnoDB's index on `state` holds
+        the primary key, so other engines walk by id."""
+        if self.dialect.name == "sqlite":
+            rows = await self.conn.query(
+                "SELECT rowid, id, size FROM blocks WHERE state = ? AND rowid > ?"
+                " ORDER BY rowid LIMIT ?",
+                (BLOCK_PENDING, -1 if after is None else after, limit),
+            )
+            page = [(bytes(i), s) for _r, i, s in rows]
+            return page, (rows[-1][0] if len(rows) == limit else None)
+        page = await self.pending_blocks(limit, b"" if after is None else after)  # type: ignore[arg-type]
+        return page, (page[-1][0] if len(page) == limit else None)
+
     async def mark_stored(self, block_id: bytes, stored_size: int) -> None:
         await self.conn.execute(
             "UPDATE blocks SET state = ?, stored_size = ? WHERE id = ? AND state = ?",
