@@ -57,9 +57,7 @@ ROOT_INODE = 1
 # --- the protocol (linux/fuse.h) ---------------------------------------------------------
 _IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid extlen pad
 _OUT_HEADER = struct.Struct("<IiQ")  # len error unique
-_ATTR = struct.Struct("<QQQqqqIIIIIIIIII")  # fuse_attr (88 bytes)
-_ENTRY_HEAD = struct.Struct("<QQQQII")  # fuse_entry_out before its fuse_attr
-_ENTRY = struct.Struct("<QQQQII" + "QQQqqqIIIIIIIIII")  # fuse_entry_out (128 bytes)
+_ENTRY = struct.Struct("<QQQQII" + "QQQqqqIIIIIIIIII")  # fuse_entry_out with its fuse_attr (128 B)
 _ATTR_OUT = struct.Struct("<QII" + "QQQqqqIIIIIIIIII")  # fuse_attr_out (104 bytes)
 _DIRENT = struct.Struct("<QQII")  # fuse_dirent before its name
 _OPEN_OUT = struct.Struct("<QII")
@@ -231,8 +229,20 @@ def _split_name(body: memoryview | bytes) -> bytes:
     return data if end < 0 else data[:end]
 
 
-class _Handled(Exception):
-    """An answer is on its way already (or none is due)."""
+def _handle_request(name: str, *, datasync: bool = False) -> Any:
+    """A Session method for a request that names a file handle (fuse_release_in,
+    fuse_flush_in, fuse_fsync_in all begin with it) and calls `Operations.<name>`."""
+
+    async def handler(self: Session, node: int, arg: memoryview, ctx: RequestContext) -> None:
+        if datasync:
+            fh, flags = _U64_U32.unpack_from(arg)
+            await getattr(self.ops, name)(fh, bool(flags & 1))
+        else:
+            (fh,) = _U64.unpack_from(arg)
+            await getattr(self.ops, name)(fh)
+
+    handler.__name__ = f"_{name}"
+    return handler
 
 
 class Session:
@@ -736,17 +746,12 @@ class Session:
         return _STATFS_OUT.pack(s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree,
                                 s.f_bsize, s.f_namemax, s.f_frsize, 0)  # fmt: skip
 
-    async def _release(self, node: int, arg: memoryview, ctx: RequestContext) -> None:
-        (fh,) = _U64.unpack_from(arg)
-        await self.ops.release(fh)
-
-    async def _flush(self, node: int, arg: memoryview, ctx: RequestContext) -> None:
-        (fh,) = _U64.unpack_from(arg)
-        await self.ops.flush(fh)
-
-    async def _fsync(self, node: int, arg: memoryview, ctx: RequestContext) -> None:
-        fh, flags = _U64_U32.unpack_from(arg)
-        await self.ops.fsync(fh, bool(flags & 1))
+    # requests that name a file handle and take an empty answer (fsync's carry a flag)
+    _release = _handle_request("release")
+    _flush = _handle_request("flush")
+    _fsync = _handle_request("fsync", datasync=True)
+    _releasedir = _handle_request("releasedir")
+    _fsyncdir = _handle_request("fsyncdir", datasync=True)
 
     async def _opendir(self, node: int, arg: memoryview, ctx: RequestContext) -> bytes:
         return _OPEN_OUT.pack(await self.ops.opendir(node, ctx), 0, 0)
@@ -762,14 +767,6 @@ class Session:
         token = ReaddirToken(size, plus)
         await self.ops.readdir(fh, offset, token)
         return b"".join(token.parts)
-
-    async def _releasedir(self, node: int, arg: memoryview, ctx: RequestContext) -> None:
-        (fh,) = _U64.unpack_from(arg)
-        await self.ops.releasedir(fh)
-
-    async def _fsyncdir(self, node: int, arg: memoryview, ctx: RequestContext) -> None:
-        fh, flags = _U64_U32.unpack_from(arg)
-        await self.ops.fsyncdir(fh, bool(flags & 1))
 
     async def _access(self, node: int, arg: memoryview, ctx: RequestContext) -> None:
         (mask,) = _U32.unpack_from(arg)
