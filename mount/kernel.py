@@ -25,7 +25,6 @@ import ctypes
 import errno
 import logging
 import os
-import select
 import socket
 import stat
 import struct
@@ -38,6 +37,8 @@ from typing import Any
 import pyfuse3
 import trio
 
+from . import spin
+
 log = logging.getLogger(__name__)
 
 #: the largest WRITE the kernel sends (max_pages 256 of 4 KiB)
@@ -46,13 +47,6 @@ MAX_WRITE = 1 << 20
 BUFFER_SIZE = MAX_WRITE + 8192
 #: at most this many requests are handled at once (the rest wait in the kernel)
 MAX_WORKERS = 99
-#: a worker that finds no request polls the device this long before it waits, while
-#: requests come back to back (`busy_s`) and nothing else is ready to run (spin.py
-#: explains why; here the poll runs in the worker, so a request it finds costs no
-#: pass through trio's scheduler either)
-SPIN_S = 100e-6
-BUSY_S = 0.002
-ROOT_INODE = 1
 
 # --- the protocol (linux/fuse.h) ---------------------------------------------------------
 _IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid extlen pad
@@ -61,13 +55,11 @@ _ENTRY = struct.Struct("<QQQQII" + "QQQqqqIIIIIIIIII")  # fuse_entry_out with it
 _ATTR_OUT = struct.Struct("<QII" + "QQQqqqIIIIIIIIII")  # fuse_attr_out (104 bytes)
 _DIRENT = struct.Struct("<QQII")  # fuse_dirent before its name
 _OPEN_OUT = struct.Struct("<QII")
-_WRITE_OUT = struct.Struct("<II")
 _STATFS_OUT = struct.Struct("<QQQQQIIII24x")
-_XATTR_SIZE_OUT = struct.Struct("<II")
 _INIT_IN = struct.Struct("<IIII")
 _INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")
 _U32 = struct.Struct("<I")
-_U32X2 = struct.Struct("<II")
+_U32X2 = struct.Struct("<II")  # also fuse_write_out and fuse_getxattr_out
 _U64 = struct.Struct("<Q")
 _U64_U32 = struct.Struct("<QI")
 _READ_IN = struct.Struct("<QQI")  # fh offset size (of fuse_read_in)
@@ -127,6 +119,11 @@ try:  # trio's own schedule point (trio.lowlevel.cancel_shielded_checkpoint) yie
 except ImportError:  # pragma: no cover - then every yield counts as a wait
     _SCHEDULE_POINT = object()
 
+try:
+    from trio._core._run import GLOBAL_RUN_CONTEXT as _GLOBAL_RUN_CONTEXT
+except ImportError:  # pragma: no cover
+    _GLOBAL_RUN_CONTEXT = None
+
 
 def _tasks_ready() -> bool:
     """Whether other tasks wait to run (trio's run queue is not empty). trio tells this
@@ -135,12 +132,6 @@ def _tasks_ready() -> bool:
         return bool(_GLOBAL_RUN_CONTEXT.runner.runq)
     except AttributeError:
         return trio.lowlevel.current_statistics().tasks_runnable > 0
-
-
-try:
-    from trio._core._run import GLOBAL_RUN_CONTEXT as _GLOBAL_RUN_CONTEXT
-except ImportError:  # pragma: no cover
-    _GLOBAL_RUN_CONTEXT = None
 
 
 class RequestContext:
@@ -265,7 +256,10 @@ class Session:
         self._standby = trio.lowlevel.ParkingLot()
         self._nursery: trio.Nursery | None = None
         self.proto_minor = 0
-        #: seconds a worker polls the device before it waits (0: never)
+        #: seconds a worker that finds no request polls the device before it waits (0:
+        #: never), while requests come back to back (the last within spin.BUSY_S) and
+        #: nothing else is ready to run (spin.py explains why; here the poll runs in the
+        #: worker, so a request it finds costs no pass through trio's scheduler either)
         self.spin_s = 0.0
         self._busy_until = 0.0
         self._poll: Any = None
@@ -383,13 +377,7 @@ class Session:
         """Answer requests until the file system is unmounted or `terminate` is called."""
         await self._init()
         if self.spin_s > 0:
-            from .spin import _trio_epoll_fd
-
-            self._poll = select.poll()
-            self._poll.register(self.fd, select.POLLIN)
-            loop_fd = _trio_epoll_fd()
-            if loop_fd is not None:  # whatever else the loop waits for ends a poll
-                self._poll.register(loop_fd, select.POLLIN)
+            self._poll = spin.device_poll(self.fd)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -513,7 +501,7 @@ class Session:
                         return
                     raise
                 if self._poll is not None:
-                    self._busy_until = time.perf_counter() + BUSY_S
+                    self._busy_until = time.perf_counter() + spin.BUSY_S
                 await self._inline(self._dispatch(view[:n]))
                 if _tasks_ready():
                     # a request that came at once is read without a pass through the
@@ -533,19 +521,16 @@ class Session:
         if stats.tasks_runnable or stats.run_sync_soon_queue_size:
             self.spin_busy += 1
             return False
-        end = now + min(self.spin_s, stats.seconds_to_next_deadline)
-        poll = self._poll.poll
-        clock = time.perf_counter
-        while clock() < end:
-            ready = poll(0)
-            if ready:
-                if any(fd == self.fd for fd, _ in ready):
-                    self.spin_found += 1
-                    return True
-                self.spin_other += 1
-                return False
-        self.spin_missed += 1
-        return False
+        found = spin.poll_until(
+            self._poll, self.fd, now + min(self.spin_s, stats.seconds_to_next_deadline)
+        )
+        if found:
+            self.spin_found += 1
+        elif found is None:
+            self.spin_missed += 1
+        else:
+            self.spin_other += 1
+        return bool(found)
 
     async def _dispatch(self, req: memoryview) -> None:
         _len, opcode, unique, node, uid, gid, pid, _ext, _pad = _IN_HEADER.unpack_from(req)
@@ -739,7 +724,7 @@ class Session:
     async def _write(self, node: int, arg: memoryview, ctx: RequestContext) -> bytes:
         fh, offset, size, _flags = _WRITE_IN.unpack_from(arg)
         data = bytes(arg[40 : 40 + size])
-        return _WRITE_OUT.pack(await self.ops.write(fh, offset, data), 0)
+        return _U32X2.pack(await self.ops.write(fh, offset, data), 0)
 
     async def _statfs(self, node: int, arg: memoryview, ctx: RequestContext) -> bytes:
         s = await self.ops.statfs(ctx)
@@ -794,7 +779,7 @@ class Session:
     @staticmethod
     def _xattr_answer(value: bytes, size: int) -> bytes:
         if size == 0:
-            return _XATTR_SIZE_OUT.pack(len(value), 0)
+            return _U32X2.pack(len(value), 0)
         if len(value) > size:
             raise pyfuse3.FUSEError(errno.ERANGE)
         return value

@@ -62,21 +62,40 @@ class FusePoller(trio.abc.Instrument):
         now = time.perf_counter()
         if now >= self._busy_until:
             return
-        end = now + min(timeout, self._spin_s)
-        poll = self._poll.poll
-        while time.perf_counter() < end:
-            ready = poll(0)
-            if ready:
-                if any(fd == self._fd for fd, _ in ready):
-                    self.hits += 1
-                    self._busy_until = time.perf_counter() + self._busy_s
-                return  # else something the loop waits for otherwise: no sleep either
-        self.misses += 1
+        found = poll_until(self._poll, self._fd, now + min(timeout, self._spin_s))
+        if found:
+            self.hits += 1
+            self._busy_until = time.perf_counter() + self._busy_s
+        elif found is None:
+            self.misses += 1
+        # (False: something the loop waits for otherwise is ready: no sleep either)
 
     def after_io_wait(self, timeout: float) -> None:
         if timeout > 0 and self._device.poll(0):
             # the sleep ended with a request: requests are coming
             self._busy_until = time.perf_counter() + self._busy_s
+
+
+def poll_until(poll: select.poll, fd: int, end: float) -> bool | None:
+    """Poll the descriptors registered with `poll` until `end` (time.perf_counter):
+    True once `fd` is readable, False once only another one is, None at `end`."""
+    clock = time.perf_counter
+    while clock() < end:
+        ready = poll.poll(0)
+        if ready:
+            return any(ready_fd == fd for ready_fd, _ in ready)
+    return None
+
+
+def device_poll(fd: int) -> select.poll:
+    """A poll object for the FUSE device `fd` and the running trio loop's epoll
+    descriptor, so that anything else the loop waits for ends a poll too."""
+    poll = select.poll()
+    poll.register(fd, select.POLLIN)
+    loop_fd = _trio_epoll_fd()
+    if loop_fd is not None:
+        poll.register(loop_fd, select.POLLIN)
+    return poll
 
 
 def fuse_fd() -> int | None:

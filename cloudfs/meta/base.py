@@ -642,7 +642,8 @@ class Txn:
             )
             page = [(bytes(i), s) for _r, i, s in rows]
             return page, (rows[-1][0] if len(rows) == limit else None)
-        page = await self.pending_blocks(limit, b"" if after is None else after)  # type: ignore[arg-type]
+        cursor = b"" if after is None else after
+        page = await self.pending_blocks(limit, cursor)  # type: ignore[arg-type]
         return page, (page[-1][0] if len(page) == limit else None)
 
     async def mark_stored(self, block_id: bytes, stored_size: int) -> None:
